@@ -1,0 +1,34 @@
+//! pyherd runs a supervised herd of Python worker processes and lets Rust call them.
+//!
+//! Workers start in parallel and speak a framed JSON protocol on dedicated pipes; calls
+//! wait in a bounded FIFO queue with a timeout; a worker that hangs past its deadline or
+//! dies is killed (with its whole process group) and replaced, failing only its own call.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), pyherd::Error> {
+//! use pyherd::{CallOptions, Pool};
+//! use std::time::Duration;
+//!
+//! let pool = Pool::builder().workers(4).handlers("examples/handlers.py").build().await?;
+//! let reply = pool
+//!     .execute_with("echo", serde_json::json!([1, 2, 3]), &CallOptions::new().timeout(Duration::from_secs(2)))
+//!     .await?;
+//! println!("{} answered {}", reply.worker_id(), reply.raw());
+//! pool.shutdown().await;
+//! # Ok(()) }
+//! ```
+#![deny(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod config;
+pub mod error;
+mod metrics;
+mod pool;
+mod protocol;
+mod python;
+mod worker;
+
+pub use config::PoolConfig;
+pub use error::{Category, Error, ErrorContext, ErrorKind};
+pub use pool::{CallOptions, Pool, PoolBuilder, PoolStats, Reply, WorkerInfo};
+pub use worker::WorkerState;

@@ -1,0 +1,661 @@
+//! The pool: admission, the FIFO queue, worker slots, stats and shutdown (DESIGN §2).
+
+mod job;
+mod slot;
+mod stats;
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fmt::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::job::Job;
+use self::slot::Slot;
+use self::stats::{Counters, SlotStatus, bump};
+pub use self::stats::{PoolStats, WorkerInfo};
+use crate::config::PoolConfig;
+use crate::error::{Error, ErrorKind};
+use crate::metrics::{self, Metrics, UNKNOWN_COMMAND};
+use crate::protocol::CALL_ENVELOPE_BYTES;
+use crate::worker::{LaunchSpec, Spawner, WorkerProcess, WorkerState};
+
+/// Options of one call; every field defaults to the pool's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CallOptions {
+    /// Execution timeout (default: [`PoolConfig::request_timeout`]).
+    pub timeout: Option<Duration>,
+    /// Queue timeout (default: [`PoolConfig::queue_timeout`]).
+    pub queue_timeout: Option<Duration>,
+    /// Session id passed to the handler as `ctx.session_id`.
+    pub session_id: Option<String>,
+}
+
+impl CallOptions {
+    /// Options that take every value from the pool.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the execution timeout.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the queue timeout.
+    #[must_use]
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.queue_timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the session id.
+    #[must_use]
+    pub fn session_id(mut self, id: impl Into<String>) -> Self {
+        self.session_id = Some(id.into());
+        self
+    }
+}
+
+/// A successful answer, with the worker that gave it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    result: Box<RawValue>,
+    worker_id: Arc<str>,
+    duration: Duration,
+}
+
+impl Reply {
+    /// The result as the worker wrote it (valid JSON).
+    pub fn raw(&self) -> &RawValue {
+        &self.result
+    }
+
+    /// The result parsed into a [`Value`].
+    ///
+    /// # Errors
+    /// Never for results from a worker (they are valid JSON); typed for completeness.
+    pub fn value(&self) -> Result<Value, Error> {
+        self.decode()
+    }
+
+    /// The result decoded into `T`.
+    ///
+    /// # Errors
+    /// `invalid_request/result_type_mismatch` when the result does not fit `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        serde_json::from_str(self.result.get()).map_err(|e| {
+            Error::new(
+                ErrorKind::ResultTypeMismatch,
+                format!(
+                    "the result does not fit {}: {e}",
+                    std::any::type_name::<T>()
+                ),
+            )
+        })
+    }
+
+    /// The id of the worker that answered.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Time from sending the call to the worker until its answer arrived.
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+}
+
+/// State shared by the pool handle and its slot tasks.
+pub(crate) struct Shared {
+    config: PoolConfig,
+    launch: LaunchSpec,
+    spawner: Spawner,
+    handlers: HashSet<String>,
+    slots: Vec<Arc<SlotStatus>>,
+    counters: Counters,
+    metrics: Metrics,
+    next_request: AtomicU64,
+    next_worker: AtomicU64,
+    /// Cancelled when shutdown's grace period is over (or the pool is dropped):
+    /// workers are killed, calls still running fail.
+    abort: CancellationToken,
+}
+
+impl Shared {
+    fn next_worker_id(&self) -> Arc<str> {
+        format!("w{}", self.next_worker.fetch_add(1, Ordering::Relaxed)).into()
+    }
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    queue: async_channel::Sender<Job>,
+    tracker: TaskTracker,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone without `shutdown`: stop every worker now.
+        self.queue.close();
+        self.shared.abort.cancel();
+    }
+}
+
+/// A supervised pool of Python workers. Cheap to clone; the workers stop when
+/// [`shutdown`](Pool::shutdown) is called or the last clone is dropped.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), pyherd::Error> {
+/// let pool = pyherd::Pool::builder().workers(2).build().await?;
+/// let answer = pool.execute("echo", serde_json::json!({"hello": "world"})).await?;
+/// assert_eq!(answer["hello"], "world");
+/// pool.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+/// Builds a [`Pool`]; every setting defaults to [`PoolConfig::default`].
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct PoolBuilder {
+    config: PoolConfig,
+}
+
+impl PoolBuilder {
+    /// A builder starting from `config`.
+    pub fn from_config(config: PoolConfig) -> Self {
+        Self { config }
+    }
+
+    /// Number of worker processes.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.workers = n;
+        self
+    }
+
+    /// The Python interpreter (a name on `PATH` or a path).
+    pub fn python(mut self, python: impl Into<PathBuf>) -> Self {
+        self.config.python = python.into();
+        self
+    }
+
+    /// Adds a handler module (`pkg.module` or `path/to/file.py`).
+    pub fn handlers(mut self, module: impl Into<String>) -> Self {
+        self.config.handlers.push(module.into());
+        self
+    }
+
+    /// Most calls waiting for a worker.
+    pub fn max_queue(mut self, n: usize) -> Self {
+        self.config.max_queue = n;
+        self
+    }
+
+    /// Longest wait in the queue.
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.config.queue_timeout = timeout;
+        self
+    }
+
+    /// Longest execution of a call.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// Longest start of a worker.
+    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
+        self.config.startup_timeout = timeout;
+        self
+    }
+
+    /// Grace period for calls in flight at shutdown.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.config.shutdown_grace = grace;
+        self
+    }
+
+    /// Largest frame in either direction.
+    pub fn max_frame_bytes(mut self, n: usize) -> Self {
+        self.config.max_frame_bytes = n;
+        self
+    }
+
+    /// Sets an environment variable for the workers.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.env.insert(key.into(), value.into());
+        self
+    }
+
+    /// Working directory of the workers.
+    pub fn working_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.working_dir = Some(dir.into());
+        self
+    }
+
+    /// Where the embedded worker package is written.
+    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.cache_dir = Some(dir.into());
+        self
+    }
+
+    /// Starts every worker concurrently and returns once all are ready.
+    ///
+    /// # Errors
+    /// `initialization/invalid_config` for a bad setting; otherwise the first worker's
+    /// start-up failure (`spawn_failed`, `startup_failed`, `startup_timeout`,
+    /// `handler_import_failed`, `protocol_error`) with its stderr tail. No process is
+    /// left running when this fails.
+    ///
+    /// # Panics
+    /// When called outside a tokio runtime.
+    pub async fn build(self) -> Result<Pool, Error> {
+        let config = self.config;
+        config.validate()?;
+        let began = Instant::now();
+        let python = crate::python::resolve(&config.python, config.startup_timeout).await?;
+        let package = crate::python::install(config.cache_dir.as_deref())?;
+        let launch = LaunchSpec {
+            python,
+            pythonpath: python_path(package, &config),
+            handlers: config.handlers.clone(),
+            max_frame_bytes: config.max_frame_bytes,
+            env: config.env.clone(),
+            working_dir: config.working_dir.clone(),
+            startup_timeout: config.startup_timeout,
+        };
+        let spawner = Spawner::start(tokio::runtime::Handle::current()).map_err(|e| {
+            Error::new(
+                ErrorKind::SpawnFailed,
+                format!("cannot start the spawner thread: {e}"),
+            )
+        })?;
+        let ids: Vec<Arc<str>> = (1..=config.workers).map(|i| format!("w{i}").into()).collect();
+        let started = futures::future::join_all(
+            ids.into_iter()
+                .map(|id| WorkerProcess::start(&launch, &spawner, id)),
+        )
+        .await;
+        let mut workers = Vec::with_capacity(started.len());
+        let mut failure = None;
+        for outcome in started {
+            match outcome {
+                Ok(worker) => workers.push(worker),
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
+        if let Some(error) = failure {
+            for worker in &mut workers {
+                worker.kill().await;
+            }
+            return Err(error);
+        }
+        let Some(first) = workers.first() else {
+            return Err(Error::new(ErrorKind::InvalidConfig, "a pool needs at least one worker"));
+        };
+        let hello = first.hello().clone();
+        tracing::info!(
+            workers = workers.len(),
+            ms = began.elapsed().as_millis() as u64,
+            python = %hello.python,
+            json = %hello.json,
+            handlers = ?hello.handlers,
+            "pool ready"
+        );
+        let slots: Vec<Arc<SlotStatus>> = workers
+            .iter()
+            .map(|w| Arc::new(SlotStatus::new(w.id().clone(), w.pid(), w.started())))
+            .collect();
+        let (queue, incoming) = async_channel::bounded(config.max_queue);
+        let next_worker = AtomicU64::new(config.workers as u64 + 1);
+        let shared = Arc::new(Shared {
+            config,
+            launch,
+            spawner,
+            handlers: hello.handlers.into_iter().collect(),
+            slots: slots.clone(),
+            counters: Counters::default(),
+            metrics: Metrics::default(),
+            next_request: AtomicU64::new(1),
+            next_worker,
+            abort: CancellationToken::new(),
+        });
+        let tracker = TaskTracker::new();
+        for (worker, status) in workers.into_iter().zip(slots) {
+            let slot = Slot {
+                status,
+                shared: shared.clone(),
+                queue: incoming.clone(),
+            };
+            tracker.spawn(slot.run(worker));
+        }
+        tracker.close();
+        Ok(Pool {
+            inner: Arc::new(Inner {
+                shared,
+                queue,
+                tracker,
+            }),
+        })
+    }
+}
+
+/// The workers' `PYTHONPATH`: the embedded package first, then what the caller had.
+fn python_path(package: PathBuf, config: &PoolConfig) -> OsString {
+    let inherited = config
+        .env
+        .get("PYTHONPATH")
+        .map(OsString::from)
+        .or_else(|| std::env::var_os("PYTHONPATH"));
+    let mut paths = vec![package];
+    if let Some(inherited) = inherited {
+        paths.extend(std::env::split_paths(&inherited));
+    }
+    std::env::join_paths(paths).unwrap_or_default()
+}
+
+impl Pool {
+    /// A builder with every setting at its default.
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::default()
+    }
+
+    /// Calls `command` with `args` and returns its result.
+    ///
+    /// # Errors
+    /// See [`execute_with`](Self::execute_with).
+    ///
+    /// # Cancel safety
+    /// Dropping the future before a worker takes the call removes it from the queue; after
+    /// that the call runs to its end and its answer is discarded.
+    pub async fn execute(&self, command: &str, args: Value) -> Result<Value, Error> {
+        self.execute_with(command, args, &CallOptions::default())
+            .await?
+            .value()
+    }
+
+    /// Calls `command` with `args` and `options`; the [`Reply`] says which worker answered.
+    ///
+    /// # Errors
+    /// - `invalid_request`: `unknown_command`, `payload_too_large` (over the frame limit),
+    ///   `malformed_request` (args cannot be serialised);
+    /// - `resource/pool_saturated` (queue full), `timeout/queue_timeout`,
+    ///   `timeout/execution_timeout` (the worker was killed and is being replaced);
+    /// - `communication/worker_crashed` (with exit status and stderr tail);
+    /// - `python/python_exception` (with `python_type` and `traceback`),
+    ///   `python/result_not_serializable`, `resource/result_too_large`;
+    /// - `system/shutting_down`.
+    ///
+    /// # Cancel safety
+    /// As for [`execute`](Self::execute).
+    pub async fn execute_with(
+        &self,
+        command: &str,
+        args: Value,
+        options: &CallOptions,
+    ) -> Result<Reply, Error> {
+        let args = serde_json::value::to_raw_value(&args)
+            .map_err(|e| Error::new(ErrorKind::MalformedRequest, format!("args: {e}")))?;
+        self.execute_raw(command, args, options).await
+    }
+
+    /// Calls `command` with any serialisable `args` and decodes the result into `R`.
+    ///
+    /// # Errors
+    /// As [`execute_with`](Self::execute_with), plus `invalid_request/malformed_request`
+    /// when `args` cannot be serialised and `invalid_request/result_type_mismatch` when
+    /// the result does not fit `R`.
+    pub async fn call<A, R>(&self, command: &str, args: &A) -> Result<R, Error>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.call_with(command, args, &CallOptions::default()).await
+    }
+
+    /// [`call`](Self::call) with options.
+    ///
+    /// # Errors
+    /// As [`call`](Self::call).
+    pub async fn call_with<A, R>(
+        &self,
+        command: &str,
+        args: &A,
+        options: &CallOptions,
+    ) -> Result<R, Error>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let args = serde_json::value::to_raw_value(args)
+            .map_err(|e| Error::new(ErrorKind::MalformedRequest, format!("args: {e}")))?;
+        self.execute_raw(command, args, options).await?.decode()
+    }
+
+    /// Calls `command` with arguments that are already JSON (as an HTTP body carries them).
+    ///
+    /// # Errors
+    /// As [`execute_with`](Self::execute_with).
+    pub async fn execute_raw(
+        &self,
+        command: &str,
+        args: Box<RawValue>,
+        options: &CallOptions,
+    ) -> Result<Reply, Error> {
+        let shared = &self.inner.shared;
+        let started = Instant::now();
+        let known = shared.handlers.contains(command);
+        let outcome = self.submit(command, known, args, options).await;
+        let outcome = outcome.map_err(|e| {
+            e.with_context(|c| {
+                c.command.get_or_insert_with(|| command.to_owned());
+                if c.session_id.is_none() {
+                    c.session_id.clone_from(&options.session_id);
+                }
+            })
+        });
+        bump(&shared.counters.requests);
+        let label = if known { command } else { UNKNOWN_COMMAND };
+        match &outcome {
+            Ok(_) => shared.metrics.observe(label, "ok", started.elapsed()),
+            Err(e) => {
+                bump(&shared.counters.errors);
+                if e.kind() == &ErrorKind::QueueTimeout {
+                    bump(&shared.counters.queue_timeouts);
+                }
+                shared.metrics.observe(label, e.kind().as_str(), started.elapsed());
+            }
+        }
+        outcome
+    }
+
+    async fn submit(
+        &self,
+        command: &str,
+        known: bool,
+        args: Box<RawValue>,
+        options: &CallOptions,
+    ) -> Result<Reply, Error> {
+        let shared = &self.inner.shared;
+        let queue = &self.inner.queue;
+        if queue.is_closed() {
+            return Err(shutting_down());
+        }
+        if !known {
+            let mut names: Vec<&str> = shared.handlers.iter().map(String::as_str).collect();
+            names.sort_unstable();
+            return Err(Error::new(
+                ErrorKind::UnknownCommand,
+                format!("no handler named {command:?} (known: {})", names.join(", ")),
+            ));
+        }
+        let session_id = options.session_id.as_deref();
+        let size = args.get().len()
+            + command.len()
+            + session_id.map_or(0, str::len)
+            + CALL_ENVELOPE_BYTES;
+        let limit = shared.config.max_frame_bytes;
+        if size > limit {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!("the call is {size} bytes, over the frame limit of {limit} bytes"),
+            )
+            .with_context(|c| c.limit_bytes = u64::try_from(limit).ok()));
+        }
+        let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let timeout = options.timeout.unwrap_or(shared.config.request_timeout);
+        let queue_timeout = options.queue_timeout.unwrap_or(shared.config.queue_timeout);
+        let (job, ticket, answer) = Job::new(id, command, args, session_id, timeout);
+        match queue.try_send(job) {
+            Ok(()) => {}
+            Err(async_channel::TrySendError::Full(_)) => {
+                return Err(Error::new(
+                    ErrorKind::PoolSaturated,
+                    format!(
+                        "all workers are busy and the queue is full ({} calls waiting)",
+                        shared.config.max_queue
+                    ),
+                ));
+            }
+            Err(async_channel::TrySendError::Closed(_)) => return Err(shutting_down()),
+        }
+        tokio::pin!(answer);
+        let answer = tokio::select! {
+            biased;
+            answer = &mut answer => answer,
+            () = tokio::time::sleep(queue_timeout) => {
+                if ticket.abandon() {
+                    let ms = u64::try_from(queue_timeout.as_millis()).unwrap_or(u64::MAX);
+                    return Err(Error::new(
+                        ErrorKind::QueueTimeout,
+                        format!("no worker became free within {ms} ms"),
+                    )
+                    .with_context(|c| c.timeout_ms = Some(ms)));
+                }
+                // A worker took the call at the last moment: it enforces the execution timeout.
+                answer.await
+            }
+        };
+        answer.unwrap_or_else(|_| Err(shutting_down()))
+    }
+
+    /// Counters and worker counts right now.
+    pub fn stats(&self) -> PoolStats {
+        let shared = &self.inner.shared;
+        let mut stats = PoolStats {
+            queued: self.inner.queue.len(),
+            requests: shared.counters.requests.load(Ordering::Relaxed),
+            errors: shared.counters.errors.load(Ordering::Relaxed),
+            queue_timeouts: shared.counters.queue_timeouts.load(Ordering::Relaxed),
+            restarts: shared.counters.restarts.load(Ordering::Relaxed),
+            ..PoolStats::default()
+        };
+        for slot in &shared.slots {
+            match slot.state() {
+                WorkerState::Ready => stats.available += 1,
+                WorkerState::Busy => stats.busy += 1,
+                WorkerState::Starting => stats.starting += 1,
+                WorkerState::Stopping | WorkerState::Stopped => continue,
+            }
+            stats.workers += 1;
+        }
+        stats
+    }
+
+    /// Every worker's id, pid, state, calls answered, RSS and uptime.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.inner
+            .shared
+            .slots
+            .iter()
+            .filter_map(|s| s.info())
+            .collect()
+    }
+
+    /// The handler names the workers announced, sorted.
+    pub fn handlers(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.inner.shared.handlers.iter().cloned().collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// True while at least one worker can take calls (ready or busy).
+    pub fn is_ready(&self) -> bool {
+        self.inner
+            .shared
+            .slots
+            .iter()
+            .any(|s| matches!(s.state(), WorkerState::Ready | WorkerState::Busy))
+    }
+
+    /// The configuration the pool runs with.
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.shared.config
+    }
+
+    /// Metrics in the Prometheus text format: requests and latency by command and
+    /// outcome, queue depth, workers by state, restarts.
+    pub fn render_metrics(&self) -> String {
+        let stats = self.stats();
+        let mut out = String::with_capacity(4096);
+        self.inner.shared.metrics.render(&mut out);
+        metrics::header(&mut out, "pyherd_queue_depth", "gauge", "Calls waiting for a worker.");
+        let _ = writeln!(out, "pyherd_queue_depth {}", stats.queued);
+        metrics::header(&mut out, "pyherd_queue_capacity", "gauge", "Most calls that may wait (max_queue).");
+        let _ = writeln!(out, "pyherd_queue_capacity {}", self.config().max_queue);
+        metrics::header(&mut out, "pyherd_workers", "gauge", "Worker slots by state.");
+        for state in WorkerState::ALL {
+            let n = self
+                .inner
+                .shared
+                .slots
+                .iter()
+                .filter(|s| s.state() == state)
+                .count();
+            let _ = writeln!(out, "pyherd_workers{{state=\"{}\"}} {n}", state.as_str());
+        }
+        metrics::header(&mut out, "pyherd_worker_restarts_total", "counter", "Replacement workers started after a worker died or was killed.");
+        let _ = writeln!(out, "pyherd_worker_restarts_total {}", stats.restarts);
+        out
+    }
+
+    /// Shuts down with the configured grace period; see [`shutdown_with`](Self::shutdown_with).
+    pub async fn shutdown(&self) {
+        self.shutdown_with(self.inner.shared.config.shutdown_grace)
+            .await;
+    }
+
+    /// Stops admitting calls (new ones fail with `system/shutting_down`), lets admitted
+    /// calls finish for up to `grace`, then stops every worker: EOF on its request pipe,
+    /// SIGTERM to its process group after `kill_timeout`, SIGKILL after another. Every
+    /// process is reaped before this returns. Calling it again waits for the same end.
+    pub async fn shutdown_with(&self, grace: Duration) {
+        let inner = &self.inner;
+        inner.queue.close();
+        if tokio::time::timeout(grace, inner.tracker.wait()).await.is_err() {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown grace period over: killing workers");
+            inner.shared.abort.cancel();
+            inner.tracker.wait().await;
+        }
+    }
+}
+
+fn shutting_down() -> Error {
+    Error::new(ErrorKind::ShuttingDown, "the pool is shutting down")
+}

@@ -1,0 +1,365 @@
+//! One Python worker process: spawn, handshake, one call at a time, and its end.
+//!
+//! Ending a worker always signals its whole process group (so its own children die
+//! too) and always reaps it: no zombies, no orphans.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::value::RawValue;
+use tokio::net::unix::pipe;
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+
+use super::spawner::Spawner;
+use super::stderr::{self, StderrTail};
+use crate::error::{Error, ErrorKind};
+use crate::protocol::{self, Hello, Message};
+
+/// How long a worker whose pipe closed gets to finish exiting before SIGKILL.
+const DYING_PATIENCE: Duration = Duration::from_secs(1);
+/// How long a killed worker gets to be reaped before it is left to tokio's orphan reaper.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for the last stderr lines of a worker that ended.
+const STDERR_FLUSH: Duration = Duration::from_millis(500);
+
+/// Everything needed to start a worker, fixed when the pool is built.
+pub(crate) struct LaunchSpec {
+    pub(crate) python: PathBuf,
+    pub(crate) pythonpath: OsString,
+    pub(crate) handlers: Vec<String>,
+    pub(crate) max_frame_bytes: usize,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) working_dir: Option<PathBuf>,
+    pub(crate) startup_timeout: Duration,
+}
+
+/// How a call on this worker ended.
+pub(crate) enum CallResult {
+    /// The worker answered (a result or a Python-side error); it is fine.
+    Answered(Result<Box<RawValue>, Error>),
+    /// The deadline passed: the worker must be killed.
+    TimedOut,
+    /// The pool is being torn down: the worker must be killed.
+    Aborted,
+    /// The worker died or broke the protocol; the error is for the caller.
+    Failed(Error),
+}
+
+/// A running Python worker.
+pub(crate) struct WorkerProcess {
+    id: Arc<str>,
+    pid: u32,
+    child: Child,
+    exit: Option<ExitStatus>,
+    requests: Option<FramedWrite<pipe::Sender, LengthDelimitedCodec>>,
+    replies: FramedRead<pipe::Receiver, LengthDelimitedCodec>,
+    tail: Arc<StderrTail>,
+    stderr_task: JoinHandle<()>,
+    hello: Hello,
+    started: Instant,
+}
+
+fn spawn_error(message: String) -> Error {
+    Error::new(ErrorKind::SpawnFailed, message)
+}
+
+impl WorkerProcess {
+    /// Starts a worker and waits for its `hello`.
+    ///
+    /// # Errors
+    /// An `initialization` error (`spawn_failed`, `startup_failed`, `startup_timeout`,
+    /// `handler_import_failed`, `protocol_error`) with the worker's stderr tail; the
+    /// process is killed and reaped before this returns.
+    pub(crate) async fn start(
+        spec: &LaunchSpec,
+        spawner: &Spawner,
+        id: Arc<str>,
+    ) -> Result<Self, Error> {
+        use nix::fcntl::OFlag;
+        let pipe_pair = || {
+            nix::unistd::pipe2(OFlag::O_CLOEXEC)
+                .map_err(|e| spawn_error(format!("cannot create a pipe: {e}")))
+        };
+        let (child_requests, host_requests) = pipe_pair()?;
+        let (host_replies, child_replies) = pipe_pair()?;
+        let wrap = |e: std::io::Error| spawn_error(format!("cannot register a pipe: {e}"));
+        let requests = pipe::Sender::from_owned_fd(host_requests).map_err(wrap)?;
+        let replies = pipe::Receiver::from_owned_fd(host_replies).map_err(wrap)?;
+
+        let mut command = Command::new(&spec.python);
+        command
+            .args(["-m", "pyherd_worker", "--worker-id", &id, "--max-frame-bytes"])
+            .arg(spec.max_frame_bytes.to_string());
+        for module in &spec.handlers {
+            command.arg("--handlers").arg(module);
+        }
+        command
+            .env("PYTHONPATH", &spec.pythonpath)
+            .env("PYTHONUNBUFFERED", "1")
+            .env("PYHERD_WORKER_ID", &*id)
+            .envs(&spec.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(dir) = &spec.working_dir {
+            command.current_dir(dir);
+        }
+        let mut child = spawner
+            .spawn(command, child_requests, child_replies)
+            .await
+            .map_err(|e| {
+                spawn_error(format!("cannot start {}: {e}", spec.python.display()))
+            })?;
+        let pid = child.id().unwrap_or(0);
+        let tail = Arc::new(StderrTail::default());
+        let stderr_task = match child.stderr.take() {
+            Some(err) => stderr::drain(err, id.clone(), tail.clone()),
+            None => tokio::spawn(async {}),
+        };
+        let codec = protocol::codec(spec.max_frame_bytes);
+        let mut worker = Self {
+            id,
+            pid,
+            child,
+            exit: None,
+            requests: Some(FramedWrite::new(requests, codec.clone())),
+            replies: FramedRead::new(replies, codec),
+            tail,
+            stderr_task,
+            hello: Hello {
+                pid,
+                handlers: Vec::new(),
+                python: String::new(),
+                json: String::new(),
+            },
+            started: Instant::now(),
+        };
+        match tokio::time::timeout(spec.startup_timeout, worker.replies.next()).await {
+            Ok(Some(Ok(frame))) => match protocol::decode(&frame) {
+                Ok(Message::Hello(hello)) => {
+                    worker.hello = hello;
+                    tracing::debug!(worker = %worker.id, pid, python = %worker.hello.python,
+                        json = %worker.hello.json, ms = worker.started.elapsed().as_millis() as u64,
+                        "worker ready");
+                    Ok(worker)
+                }
+                // A handler module raised at import: Python says why.
+                Ok(Message::Err { error, .. }) => Err(worker.fail_start(error).await),
+                Ok(Message::Ok { .. }) => Err(worker
+                    .fail_start(Error::new(
+                        ErrorKind::ProtocolError,
+                        "worker answered before saying hello",
+                    ))
+                    .await),
+                Err(e) => Err(worker.fail_start(e).await),
+            },
+            Ok(Some(Err(e))) => Err(worker
+                .fail_start(Error::new(
+                    ErrorKind::ProtocolError,
+                    format!("worker's first frame is unreadable: {e}"),
+                ))
+                .await),
+            Ok(None) => Err(worker
+                .fail_start(Error::new(
+                    ErrorKind::StartupFailed,
+                    "python exited before it was ready",
+                ))
+                .await),
+            Err(_) => Err(worker
+                .fail_start(Error::new(
+                    ErrorKind::StartupTimeout,
+                    format!("no hello within {:?}", spec.startup_timeout),
+                ))
+                .await),
+        }
+    }
+
+    async fn fail_start(mut self, error: Error) -> Error {
+        let exit = self.end(DYING_PATIENCE, None).await;
+        self.with_context(error, exit)
+    }
+
+    fn with_context(&self, error: Error, exit: Option<String>) -> Error {
+        error.with_context(|c| {
+            c.worker_id = Some(self.id.to_string());
+            c.pid = Some(self.pid);
+            c.exit_status = exit;
+            c.stderr_tail = self.tail.text();
+        })
+    }
+
+    /// The worker's id, e.g. `w3`.
+    pub(crate) fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    /// The Python process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// What the worker said in its `hello`.
+    pub(crate) fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// When the process was spawned.
+    pub(crate) fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Sends one call frame and waits for its answer until `deadline`.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a call abandoned half-way leaves the pipe mid-frame; end the
+    /// worker instead (the pool does, through `deadline` and `abort`).
+    pub(crate) async fn call(
+        &mut self,
+        frame: Bytes,
+        id: u64,
+        deadline: tokio::time::Instant,
+        abort: &CancellationToken,
+    ) -> CallResult {
+        let Some(requests) = self.requests.as_mut() else {
+            return CallResult::Failed(Error::new(
+                ErrorKind::WorkerCrashed,
+                "worker's request pipe is closed",
+            ));
+        };
+        let replies = &mut self.replies;
+        let exchange = async {
+            requests
+                .send(frame)
+                .await
+                .map_err(|e| Fault::Gone(format!("writing the call failed: {e}")))?;
+            match replies.next().await {
+                Some(Ok(body)) => match protocol::decode(&body) {
+                    Ok(Message::Ok { id: got, result }) if got == id => Ok(Ok(result)),
+                    Ok(Message::Err { id: got, error }) if got == id => Ok(Err(error)),
+                    Ok(other) => Err(Fault::Protocol(format!(
+                        "expected the answer to call {id}, got {other:?}"
+                    ))),
+                    Err(e) => Err(Fault::Protocol(e.message().to_owned())),
+                },
+                Some(Err(e)) => Err(Fault::Protocol(format!("unreadable frame: {e}"))),
+                None => Err(Fault::Gone("reply pipe closed".into())),
+            }
+        };
+        tokio::select! {
+            outcome = exchange => match outcome {
+                Ok(answer) => CallResult::Answered(answer),
+                Err(fault) => CallResult::Failed(self.crashed(fault).await),
+            },
+            () = tokio::time::sleep_until(deadline) => CallResult::TimedOut,
+            () = abort.cancelled() => CallResult::Aborted,
+        }
+    }
+
+    /// Waits while idle; returns the error describing how the worker went wrong
+    /// (it exited, or sent something unasked).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is read unless a whole frame arrived.
+    pub(crate) async fn idle_fault(&mut self) -> Error {
+        let fault = match self.replies.next().await {
+            None => Fault::Gone("exited while idle".into()),
+            Some(Ok(_)) => Fault::Protocol("sent a frame while idle".into()),
+            Some(Err(e)) => Fault::Protocol(format!("unreadable frame while idle: {e}")),
+        };
+        self.crashed(fault).await
+    }
+
+    /// Ends a worker that died or broke the protocol and describes it for the caller.
+    async fn crashed(&mut self, fault: Fault) -> Error {
+        let (message, patience) = match fault {
+            Fault::Gone(why) => (format!("worker {} died ({why})", self.id), DYING_PATIENCE),
+            Fault::Protocol(why) => (
+                format!("worker {} broke the protocol and was killed: {why}", self.id),
+                Duration::ZERO,
+            ),
+        };
+        let exit = self.end(patience, None).await;
+        self.with_context(Error::new(ErrorKind::WorkerCrashed, message), exit)
+    }
+
+    /// Kills the worker's process group now and reaps it.
+    pub(crate) async fn kill(&mut self) -> Option<String> {
+        self.end(Duration::ZERO, None).await
+    }
+
+    /// Stops an idle worker politely: closes its request pipe (it exits on EOF), then
+    /// SIGTERM to its group after `kill_timeout`, then SIGKILL after another.
+    pub(crate) async fn stop(&mut self, kill_timeout: Duration) -> Option<String> {
+        self.requests = None;
+        self.end(kill_timeout, Some(kill_timeout)).await
+    }
+
+    /// Waits `patience` for the process to exit by itself, then (optionally) SIGTERM and
+    /// `term_timeout`, then SIGKILL; reaps it; signals what is left of its group; flushes
+    /// its stderr. Returns how it exited.
+    async fn end(&mut self, patience: Duration, term_timeout: Option<Duration>) -> Option<String> {
+        if self.exit.is_none() && !self.wait_exit(patience).await {
+            let mut exited = false;
+            if let Some(term_timeout) = term_timeout {
+                self.signal(Signal::SIGTERM);
+                exited = self.wait_exit(term_timeout).await;
+            }
+            if !exited {
+                self.signal(Signal::SIGKILL);
+                self.wait_exit(REAP_TIMEOUT).await;
+            }
+        }
+        // Children the worker started share its process group: they end with it. PIDs are
+        // handed out in sequence, so the group id cannot have been reused in the instants
+        // since the leader was reaped.
+        self.signal(Signal::SIGKILL);
+        stderr::finish(&mut self.stderr_task, STDERR_FLUSH).await;
+        self.exit.map(|s| s.to_string())
+    }
+
+    async fn wait_exit(&mut self, within: Duration) -> bool {
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(Ok(status)) => {
+                self.exit = Some(status);
+                true
+            }
+            Ok(Err(_)) | Err(_) => false,
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
+        // killpg(0) would signal the host's own group: never without a real pid.
+        if let Ok(pgid @ 2..) = i32::try_from(self.pid) {
+            let _ = killpg(Pid::from_raw(pgid), signal);
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            // Dropped without being ended (pool dropped, task aborted): take the group
+            // down; tokio's orphan reaper collects the leader.
+            self.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+enum Fault {
+    /// The process is gone (pipe closed, write failed).
+    Gone(String),
+    /// The process sent something that is not the protocol.
+    Protocol(String),
+}

@@ -1,0 +1,158 @@
+"""Handler registration, the call context, built-in handlers and module loading."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Union
+
+Func = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A registered handler: the function and how to call it."""
+
+    name: str
+    func: Func
+    takes_ctx: bool
+    is_async: bool
+
+
+class Context:
+    """What a handler knows about its call."""
+
+    __slots__ = ("worker_id", "session_id", "request_id", "deadline", "log")
+
+    def __init__(
+        self,
+        worker_id: str,
+        session_id: Optional[str],
+        request_id: int,
+        deadline: Optional[float],
+        log: logging.Logger,
+    ) -> None:
+        self.worker_id = worker_id
+        self.session_id = session_id
+        self.request_id = request_id
+        #: Wall-clock time (``time.time()`` seconds) at which the host gives up on this call.
+        self.deadline = deadline
+        self.log = log
+
+    def remaining(self) -> Optional[float]:
+        """Seconds left before the deadline (negative once passed), or None without one."""
+        if self.deadline is None:
+            return None
+        return self.deadline - time.time()
+
+
+_REGISTRY: Dict[str, Handler] = {}
+
+
+def _register(name: str, func: Func) -> Func:
+    if not name:
+        raise ValueError("a handler name must not be empty")
+    params = [
+        p
+        for p in inspect.signature(func).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if not 1 <= len(params) <= 2:
+        raise TypeError(f"handler {name!r} must take (args) or (args, ctx), not {len(params)} parameters")
+    _REGISTRY[name] = Handler(name, func, len(params) == 2, inspect.iscoroutinefunction(func))
+    return func
+
+
+def handler(arg: Union[Func, str, None] = None) -> Any:
+    """Register a handler, under the function's name (``@handler``) or a given one (``@handler("name")``)."""
+    if callable(arg):
+        return _register(arg.__name__, arg)
+
+    def decorate(func: Func) -> Func:
+        return _register(arg or func.__name__, func)
+
+    return decorate
+
+
+def registry() -> Dict[str, Handler]:
+    """The handlers registered so far, by name."""
+    return _REGISTRY
+
+
+def load(spec: str) -> None:
+    """Import a handler module given as ``pkg.module`` or as a path to a ``.py`` file."""
+    if spec.endswith(".py") or os.sep in spec:
+        path = os.path.abspath(spec)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"handler file not found: {spec}")
+        directory = os.path.dirname(path)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+        name = os.path.splitext(os.path.basename(path))[0]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ImportError(f"cannot load handler file {spec}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        importlib.import_module(spec)
+
+
+_loop: Optional[asyncio.AbstractEventLoop] = None
+
+
+def invoke(h: Handler, args: Any, ctx: Context) -> Any:
+    """Run a handler and return its result (async handlers run on one event loop per worker)."""
+    result = h.func(args, ctx) if h.takes_ctx else h.func(args)
+    if h.is_async:
+        global _loop
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+        result = _loop.run_until_complete(result)
+    return result
+
+
+def _rss_bytes() -> Optional[int]:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_STARTED = time.time()
+
+
+@handler("ping")
+def _ping(args: Any, ctx: Context) -> Dict[str, Any]:
+    return {"pong": True, "worker_id": ctx.worker_id, "pid": os.getpid()}
+
+
+@handler("echo")
+def _echo(args: Any) -> Any:
+    return args
+
+
+@handler("info")
+def _info(args: Any, ctx: Context) -> Dict[str, Any]:
+    from . import runtime
+
+    handlers: List[str] = sorted(_REGISTRY)
+    return {
+        "worker_id": ctx.worker_id,
+        "pid": os.getpid(),
+        "rss_bytes": _rss_bytes(),
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "json": runtime.codec_name(),
+        "handlers": handlers,
+        "uptime_s": round(time.time() - _STARTED, 3),
+    }

@@ -1,0 +1,211 @@
+"""The worker loop: read a call, run its handler, write the reply; exit on EOF or parent death."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any, BinaryIO, Dict, List, Optional
+
+from . import PROTOCOL_VERSION, handlers, protocol
+
+REQUEST_FD = 3
+REPLY_FD = 4
+TRACEBACK_LIMIT = 16 * 1024
+PARENT_CHECK_INTERVAL_S = 0.25
+
+_codec_name = "json"
+log = logging.getLogger("pyherd.worker")
+
+
+def codec_name() -> str:
+    """The JSON library this worker encodes with ("orjson" or "json")."""
+    return _codec_name
+
+
+def _python_type(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def error_frame(request_id: int, category: str, kind: str, message: str, **extra: Any) -> Dict[str, Any]:
+    frame: Dict[str, Any] = {"t": "err", "id": request_id, "category": category, "kind": kind, "message": message}
+    frame.update(extra)
+    return frame
+
+
+def exception_frame(request_id: int, exc: BaseException, category: str = "python", kind: str = "python_exception") -> Dict[str, Any]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if len(tb) > TRACEBACK_LIMIT:
+        tb = "…" + tb[-TRACEBACK_LIMIT:]
+    return error_frame(
+        request_id,
+        category,
+        kind,
+        str(exc) or type(exc).__name__,
+        python_type=_python_type(exc),
+        traceback=tb,
+    )
+
+
+class Worker:
+    """One worker's state: its streams, codec, limits and handlers."""
+
+    def __init__(
+        self,
+        requests: BinaryIO,
+        replies: BinaryIO,
+        worker_id: str,
+        max_frame_bytes: int,
+        codec: Optional[tuple] = None,
+    ) -> None:
+        global _codec_name
+        self.requests = requests
+        self.replies = replies
+        self.worker_id = worker_id
+        self.max_frame_bytes = max_frame_bytes
+        _codec_name, self.dumps, self.loads = codec or protocol.select_codec()
+        self.handler_log = logging.getLogger("pyherd.handler")
+        self.handlers = handlers.registry()
+
+    def send(self, frame: Dict[str, Any]) -> None:
+        protocol.write_frame(self.replies, self.dumps(frame))
+
+    def hello(self) -> None:
+        self.send(
+            {
+                "t": "hello",
+                "id": 0,
+                "protocol": PROTOCOL_VERSION,
+                "pid": os.getpid(),
+                "worker_id": self.worker_id,
+                "handlers": sorted(handlers.registry()),
+                "python": sys.version.split()[0],
+                "json": _codec_name,
+            }
+        )
+
+    def reply_body(self, msg: Dict[str, Any]) -> bytes:
+        """Run one call and return the encoded reply (never raises for handler faults)."""
+        request_id = msg.get("id", 0)
+        name = msg.get("cmd")
+        h = self.handlers.get(name) if isinstance(name, str) else None
+        if h is None:
+            known = ", ".join(sorted(self.handlers))
+            frame = error_frame(request_id, "invalid_request", "unknown_command", f"no handler named {name!r} (known: {known})")
+            return self.dumps(frame)
+        deadline_ms = msg.get("deadline_ms")
+        ctx = handlers.Context(
+            self.worker_id,
+            msg.get("session_id"),
+            request_id,
+            deadline_ms / 1000.0 if deadline_ms is not None else None,
+            self.handler_log,
+        )
+        try:
+            result = handlers.invoke(h, msg.get("args"), ctx)
+        except Exception as exc:  # a handler's failure is the caller's answer, not the worker's end
+            return self.dumps(exception_frame(request_id, exc))
+        try:
+            body = self.dumps({"t": "ok", "id": request_id, "result": result})
+        except (TypeError, ValueError, OverflowError) as exc:
+            frame = error_frame(
+                request_id,
+                "python",
+                "result_not_serializable",
+                f"handler {name!r} returned a value that is not JSON-serialisable: {exc}",
+                python_type=_python_type(exc),
+            )
+            return self.dumps(frame)
+        if len(body) > self.max_frame_bytes:
+            frame = error_frame(
+                request_id,
+                "resource",
+                "result_too_large",
+                f"handler {name!r} returned {len(body)} bytes, over the frame limit of {self.max_frame_bytes}",
+            )
+            return self.dumps(frame)
+        return body
+
+    def serve(self) -> None:
+        """Answer calls until the request stream ends."""
+        read_frame, write_frame = protocol.read_frame, protocol.write_frame
+        loads, requests, replies = self.loads, self.requests, self.replies
+        while True:
+            body = read_frame(requests)
+            if body is None:
+                return
+            msg = loads(body)
+            if msg.get("t") != "call":
+                raise protocol.ProtocolError(f"unexpected message type {msg.get('t')!r}")
+            write_frame(replies, self.reply_body(msg))
+
+
+def watch_parent(interval: float = PARENT_CHECK_INTERVAL_S) -> None:
+    """Exit the process as soon as the parent that started it is gone."""
+    parent = os.getppid()
+
+    def check() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=check, name="pyherd-parent-watch", daemon=True).start()
+
+
+def _parse_args(argv: List[str]) -> Dict[str, Any]:
+    opts: Dict[str, Any] = {"worker_id": "w0", "max_frame_bytes": 64 * 1024 * 1024, "handlers": []}
+    it = iter(argv)
+    for flag in it:
+        value = next(it, None)
+        if value is None:
+            raise SystemExit(f"pyherd_worker: {flag} needs a value")
+        if flag == "--worker-id":
+            opts["worker_id"] = value
+        elif flag == "--max-frame-bytes":
+            opts["max_frame_bytes"] = int(value)
+        elif flag == "--handlers":
+            opts["handlers"].append(value)
+        else:
+            raise SystemExit(f"pyherd_worker: unknown option {flag}")
+    return opts
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``python -m pyherd_worker`` (run by the host with fds 3 and 4 open)."""
+    opts = _parse_args(sys.argv[1:] if argv is None else argv)
+    os.dup2(2, 1)  # print() and os.write(1, ...) land in the captured stderr, never in a frame
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    watch_parent()
+    try:
+        requests = os.fdopen(REQUEST_FD, "rb", buffering=1 << 16)
+        replies = os.fdopen(REPLY_FD, "wb", buffering=1 << 16)
+    except OSError as exc:
+        print(f"pyherd_worker: fds 3 and 4 must be the host's pipes: {exc}", file=sys.stderr)
+        return 2
+    worker = Worker(requests, replies, opts["worker_id"], opts["max_frame_bytes"])
+    for spec in opts["handlers"]:
+        try:
+            handlers.load(spec)
+        except BaseException as exc:  # includes SystemExit raised by a module at import
+            traceback.print_exc()
+            message = f"loading handlers {spec!r} failed: {type(exc).__name__}: {exc}"
+            try:
+                worker.send(exception_frame(0, exc, "initialization", "handler_import_failed") | {"message": message})
+            except OSError:
+                pass
+            return 3
+    worker.hello()
+    try:
+        worker.serve()
+    except (BrokenPipeError, ConnectionResetError):
+        return 0
+    except protocol.ProtocolError as exc:
+        print(f"pyherd_worker: {exc}", file=sys.stderr)
+        return 4
+    return 0

@@ -1,0 +1,83 @@
+"""Fault handlers for tests and benchmarks; loaded only with ``--handlers pyherd_worker.testing``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Any, Dict
+
+from .handlers import Context, handler
+
+
+@handler
+def sleep(args: Dict[str, Any]) -> Dict[str, Any]:
+    """Sleep ``seconds`` (a handler that hangs when given a long time)."""
+    time.sleep(float(args.get("seconds", 1.0)))
+    return {"slept": args.get("seconds", 1.0)}
+
+
+@handler
+def crash(args: Dict[str, Any]) -> None:
+    """Exit the worker process at once with ``code`` (default 1)."""
+    sys.stderr.write("testing.crash: exiting on purpose\n")
+    sys.stderr.flush()
+    os._exit(int(args.get("code", 1)))
+
+
+@handler
+def kill_self(args: Dict[str, Any]) -> None:
+    """SIGKILL the worker process from inside a call."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@handler
+def spam_stdout(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Print ``lines`` lines with print() and os.write(1, ...), then answer normally."""
+    lines = int(args.get("lines", 1000))
+    for i in range(lines):
+        print(f"spam {i} from {ctx.worker_id}")
+        os.write(1, b"raw spam line\n")
+    os.write(1, b"\x00\x00\x00\x10not a frame at all")
+    return {"printed": lines}
+
+
+@handler
+def not_json(args: Dict[str, Any]) -> Any:
+    """Return a value JSON cannot represent."""
+    return {"a set": {1, 2, 3}}
+
+
+@handler
+def raise_error(args: Dict[str, Any]) -> None:
+    """Raise ValueError with ``message``."""
+    raise ValueError(args.get("message", "raised on purpose"))
+
+
+@handler
+def garbage_frame(args: Dict[str, Any]) -> None:
+    """Write bytes that are not a valid frame straight onto the reply pipe, then hang."""
+    os.write(4, b"\x00\x00\x00\x0cnot json!!!!")
+    time.sleep(3600)
+
+
+@handler
+def big_result(args: Dict[str, Any]) -> str:
+    """Return a string of ``bytes`` characters."""
+    return "x" * int(args.get("bytes", 1024))
+
+
+@handler
+def cpu(args: Dict[str, Any]) -> int:
+    """CPU-bound work: sum(i*i for i in range(n)), n defaults to 20000."""
+    return sum(i * i for i in range(int(args.get("n", 20000))))
+
+
+@handler
+async def async_echo(args: Any) -> Any:
+    """An async handler: yields to the event loop once, then returns its args."""
+    import asyncio
+
+    await asyncio.sleep(0)
+    return args

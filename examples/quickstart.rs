@@ -33,19 +33,44 @@ async fn main() -> Result<(), pyherd::Error> {
 
     // Typed: any serde types.
     let counts: Counts = pool
-        .call("word_count", &Text { text: "the herd and the shepherd" })
+        .call(
+            "word_count",
+            &Text {
+                text: "the herd and the shepherd",
+            },
+        )
         .await?;
-    println!("word_count -> {} words, {} unique", counts.words, counts.unique);
+    println!(
+        "word_count -> {} words, {} unique",
+        counts.words, counts.unique
+    );
 
     // With options, and the reply's details.
     let reply = pool
-        .execute_with("echo", json!([1, 2, 3]), &CallOptions::new().timeout(Duration::from_secs(2)))
+        .execute_with(
+            "echo",
+            json!([1, 2, 3]),
+            &CallOptions::new().timeout(Duration::from_secs(2)),
+        )
         .await?;
-    println!("echo       -> {} from {} in {:?}", reply.raw(), reply.worker_id(), reply.duration());
+    println!(
+        "echo       -> {} from {} in {:?}",
+        reply.raw(),
+        reply.worker_id(),
+        reply.duration()
+    );
 
     // Errors are typed: category, kind, message, context.
-    let err = pool.execute("no_such_command", json!({})).await.unwrap_err();
-    println!("error      -> {}/{}: {}", err.category(), err.kind(), err.message());
+    let err = pool
+        .execute("no_such_command", json!({}))
+        .await
+        .unwrap_err();
+    println!(
+        "error      -> {}/{}: {}",
+        err.category(),
+        err.kind(),
+        err.message()
+    );
 
     // Many calls at once are queued fairly over the workers.
     let calls = (0..100).map(|i| pool.execute("echo", json!({ "i": i })));
@@ -54,7 +79,10 @@ async fn main() -> Result<(), pyherd::Error> {
 
     println!("stats      -> {:?}", pool.stats());
     for w in pool.workers() {
-        println!("worker     -> {} pid {:?} {:?} served {}", w.id, w.pid, w.state, w.requests);
+        println!(
+            "worker     -> {} pid {:?} {:?} served {}",
+            w.id, w.pid, w.state, w.requests
+        );
     }
     pool.shutdown().await;
     Ok(())

@@ -1,1 +1,92 @@
-fn main(){}
+//! `pyherd`: run a pool of Python workers as an HTTP service (`serve`), for one call
+//! (`exec`), or under load (`bench`).
+
+mod bench;
+mod exec;
+mod http;
+mod serve;
+mod settings;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pyherd::Category;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "pyherd",
+    version,
+    about = "A supervised herd of Python workers, callable over HTTP"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API until SIGTERM/SIGINT, then drain gracefully
+    Serve(serve::ServeArgs),
+    /// Start a pool, run one call, print its result (or its error on stderr)
+    Exec(exec::ExecArgs),
+    /// Start a pool and measure throughput and latency of one command
+    Bench(bench::BenchArgs),
+}
+
+/// Exit codes: 0 success, 1 other failure, 2 invalid request or usage, 3 workers could
+/// not start, 4 Python exception, 5 timeout, 6 worker crashed, 7 pool saturated.
+pub(crate) fn exit_code(category: Category) -> u8 {
+    match category {
+        Category::InvalidRequest => 2,
+        Category::Initialization => 3,
+        Category::Python => 4,
+        Category::Timeout => 5,
+        Category::Communication => 6,
+        Category::Resource => 7,
+        _ => 1,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        Command::Exec(_) | Command::Bench(_) => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            EnvFilter::try_from_env("PYHERD_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("pyherd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Exec(args) => exec::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    });
+    match outcome {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let code = e
+                .downcast_ref::<pyherd::Error>()
+                .map_or(1, |pe| exit_code(pe.category()));
+            eprintln!("pyherd: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}

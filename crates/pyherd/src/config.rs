@@ -161,10 +161,20 @@ mod tests {
         assert!(e.message().contains("workers"));
         c.workers = 1;
         c.max_frame_bytes = 10;
-        assert!(c.validate().unwrap_err().message().contains("max_frame_bytes"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .message()
+                .contains("max_frame_bytes")
+        );
         c.max_frame_bytes = MIN_FRAME_BYTES;
         c.queue_timeout = Duration::ZERO;
-        assert!(c.validate().unwrap_err().message().contains("queue_timeout"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .message()
+                .contains("queue_timeout")
+        );
         c.queue_timeout = Duration::from_millis(1);
         c.max_queue = 0;
         assert!(c.validate().unwrap_err().message().contains("max_queue"));

@@ -42,7 +42,13 @@ struct CommandSeries {
 
 impl CommandSeries {
     fn histogram(&self, outcome: &str) -> Option<Arc<Histogram>> {
-        if let Some((_, h)) = self.outcomes.read().ok()?.iter().find(|(o, _)| &**o == outcome) {
+        if let Some((_, h)) = self
+            .outcomes
+            .read()
+            .ok()?
+            .iter()
+            .find(|(o, _)| &**o == outcome)
+        {
             return Some(h.clone());
         }
         let mut outcomes = self.outcomes.write().ok()?;
@@ -99,23 +105,46 @@ impl Metrics {
         drop(commands);
         rows.sort_by(|a, b| a.0.cmp(&b.0));
 
-        header(out, "pyherd_requests_total", "counter", "Calls finished, by command and outcome (ok or the error kind).");
+        header(
+            out,
+            "pyherd_requests_total",
+            "counter",
+            "Calls finished, by command and outcome (ok or the error kind).",
+        );
         for (labels, h) in &rows {
-            let _ = writeln!(out, "pyherd_requests_total{{{labels}}} {}", h.count.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "pyherd_requests_total{{{labels}}} {}",
+                h.count.load(Ordering::Relaxed)
+            );
         }
-        header(out, "pyherd_request_duration_seconds", "histogram", "Time from submission to answer (queue wait plus execution), by command and outcome.");
+        header(
+            out,
+            "pyherd_request_duration_seconds",
+            "histogram",
+            "Time from submission to answer (queue wait plus execution), by command and outcome.",
+        );
         for (labels, h) in &rows {
             let mut cumulative = 0;
             for (bound, bucket) in BUCKETS_US.iter().zip(&h.buckets) {
                 cumulative += bucket.load(Ordering::Relaxed);
                 let le = *bound as f64 / 1e6;
-                let _ = writeln!(out, "pyherd_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+                let _ = writeln!(
+                    out,
+                    "pyherd_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+                );
             }
             let count = h.count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "pyherd_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}");
+            let _ = writeln!(
+                out,
+                "pyherd_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}"
+            );
             let sum = h.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
             let _ = writeln!(out, "pyherd_request_duration_seconds_sum{{{labels}}} {sum}");
-            let _ = writeln!(out, "pyherd_request_duration_seconds_count{{{labels}}} {count}");
+            let _ = writeln!(
+                out,
+                "pyherd_request_duration_seconds_count{{{labels}}} {count}"
+            );
         }
     }
 }
@@ -147,10 +176,18 @@ mod tests {
         m.render(&mut out);
         assert!(out.contains("pyherd_requests_total{command=\"echo\",outcome=\"ok\"} 2"));
         assert!(out.contains("pyherd_request_duration_seconds_bucket{command=\"echo\",outcome=\"ok\",le=\"0.0001\"} 1"));
-        assert!(out.contains("pyherd_request_duration_seconds_bucket{command=\"echo\",outcome=\"ok\",le=\"0.005\"} 2"));
-        assert!(out.contains("pyherd_request_duration_seconds_bucket{command=\"echo\",outcome=\"ok\",le=\"+Inf\"} 2"));
-        assert!(out.contains("pyherd_request_duration_seconds_count{command=\"echo\",outcome=\"queue_timeout\"} 1"));
-        assert!(out.contains("pyherd_request_duration_seconds_sum{command=\"echo\",outcome=\"queue_timeout\"} 5"));
+        assert!(out.contains(
+            "pyherd_request_duration_seconds_bucket{command=\"echo\",outcome=\"ok\",le=\"0.005\"} 2"
+        ));
+        assert!(out.contains(
+            "pyherd_request_duration_seconds_bucket{command=\"echo\",outcome=\"ok\",le=\"+Inf\"} 2"
+        ));
+        assert!(out.contains(
+            "pyherd_request_duration_seconds_count{command=\"echo\",outcome=\"queue_timeout\"} 1"
+        ));
+        assert!(out.contains(
+            "pyherd_request_duration_seconds_sum{command=\"echo\",outcome=\"queue_timeout\"} 5"
+        ));
     }
 
     #[test]

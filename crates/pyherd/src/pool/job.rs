@@ -81,7 +81,13 @@ mod tests {
     use super::*;
 
     fn job() -> (Job, Ticket, oneshot::Receiver<Result<Reply, Error>>) {
-        Job::new(1, "echo", RawValue::NULL.to_owned(), None, Duration::from_secs(1))
+        Job::new(
+            1,
+            "echo",
+            RawValue::NULL.to_owned(),
+            None,
+            Duration::from_secs(1),
+        )
     }
 
     #[test]

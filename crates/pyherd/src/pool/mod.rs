@@ -286,7 +286,9 @@ impl PoolBuilder {
                 format!("cannot start the spawner thread: {e}"),
             )
         })?;
-        let ids: Vec<Arc<str>> = (1..=config.workers).map(|i| format!("w{i}").into()).collect();
+        let ids: Vec<Arc<str>> = (1..=config.workers)
+            .map(|i| format!("w{i}").into())
+            .collect();
         let started = futures::future::join_all(
             ids.into_iter()
                 .map(|id| WorkerProcess::start(&launch, &spawner, id)),
@@ -307,7 +309,10 @@ impl PoolBuilder {
             return Err(error);
         }
         let Some(first) = workers.first() else {
-            return Err(Error::new(ErrorKind::InvalidConfig, "a pool needs at least one worker"));
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "a pool needs at least one worker",
+            ));
         };
         let hello = first.hello().clone();
         tracing::info!(
@@ -479,7 +484,9 @@ impl Pool {
                 if e.kind() == &ErrorKind::QueueTimeout {
                     bump(&shared.counters.queue_timeouts);
                 }
-                shared.metrics.observe(label, e.kind().as_str(), started.elapsed());
+                shared
+                    .metrics
+                    .observe(label, e.kind().as_str(), started.elapsed());
             }
         }
         outcome
@@ -506,10 +513,8 @@ impl Pool {
             ));
         }
         let session_id = options.session_id.as_deref();
-        let size = args.get().len()
-            + command.len()
-            + session_id.map_or(0, str::len)
-            + CALL_ENVELOPE_BYTES;
+        let size =
+            args.get().len() + command.len() + session_id.map_or(0, str::len) + CALL_ENVELOPE_BYTES;
         let limit = shared.config.max_frame_bytes;
         if size > limit {
             return Err(Error::new(
@@ -615,11 +620,26 @@ impl Pool {
         let stats = self.stats();
         let mut out = String::with_capacity(4096);
         self.inner.shared.metrics.render(&mut out);
-        metrics::header(&mut out, "pyherd_queue_depth", "gauge", "Calls waiting for a worker.");
+        metrics::header(
+            &mut out,
+            "pyherd_queue_depth",
+            "gauge",
+            "Calls waiting for a worker.",
+        );
         let _ = writeln!(out, "pyherd_queue_depth {}", stats.queued);
-        metrics::header(&mut out, "pyherd_queue_capacity", "gauge", "Most calls that may wait (max_queue).");
+        metrics::header(
+            &mut out,
+            "pyherd_queue_capacity",
+            "gauge",
+            "Most calls that may wait (max_queue).",
+        );
         let _ = writeln!(out, "pyherd_queue_capacity {}", self.config().max_queue);
-        metrics::header(&mut out, "pyherd_workers", "gauge", "Worker slots by state.");
+        metrics::header(
+            &mut out,
+            "pyherd_workers",
+            "gauge",
+            "Worker slots by state.",
+        );
         for state in WorkerState::ALL {
             let n = self
                 .inner
@@ -630,7 +650,12 @@ impl Pool {
                 .count();
             let _ = writeln!(out, "pyherd_workers{{state=\"{}\"}} {n}", state.as_str());
         }
-        metrics::header(&mut out, "pyherd_worker_restarts_total", "counter", "Replacement workers started after a worker died or was killed.");
+        metrics::header(
+            &mut out,
+            "pyherd_worker_restarts_total",
+            "counter",
+            "Replacement workers started after a worker died or was killed.",
+        );
         let _ = writeln!(out, "pyherd_worker_restarts_total {}", stats.restarts);
         out
     }
@@ -648,8 +673,14 @@ impl Pool {
     pub async fn shutdown_with(&self, grace: Duration) {
         let inner = &self.inner;
         inner.queue.close();
-        if tokio::time::timeout(grace, inner.tracker.wait()).await.is_err() {
-            tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown grace period over: killing workers");
+        if tokio::time::timeout(grace, inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "shutdown grace period over: killing workers"
+            );
             inner.shared.abort.cancel();
             inner.tracker.wait().await;
         }

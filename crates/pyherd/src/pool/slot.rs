@@ -99,7 +99,9 @@ impl Slot {
         let deadline_ms = SystemTime::now()
             .checked_add(job.timeout)
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(u64::MAX, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            .map_or(u64::MAX, |d| {
+                u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+            });
         let call = Call::new(
             job.id,
             &job.command,

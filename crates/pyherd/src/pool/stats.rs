@@ -161,6 +161,9 @@ mod tests {
         assert_eq!(slot.info().unwrap().requests, 1);
         slot.starting("w5".into());
         let info = slot.info().unwrap();
-        assert_eq!((info.id.as_str(), info.pid, info.state, info.requests), ("w5", None, WorkerState::Starting, 0));
+        assert_eq!(
+            (info.id.as_str(), info.pid, info.state, info.requests),
+            ("w5", None, WorkerState::Starting, 0)
+        );
     }
 }

@@ -100,7 +100,9 @@ fn protocol_error(msg: impl Into<String>) -> Error {
 pub(crate) fn decode(body: &[u8]) -> Result<Message, Error> {
     let frame: Incoming<'_> = serde_json::from_slice(body).map_err(|e| {
         let shown = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
-        protocol_error(format!("worker sent a frame that is not a message ({e}): {shown:?}"))
+        protocol_error(format!(
+            "worker sent a frame that is not a message ({e}): {shown:?}"
+        ))
     })?;
     match frame.t {
         "ok" => {

@@ -90,7 +90,10 @@ mod tests {
         std::fs::write(&exe, "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         let path_var = std::env::join_paths([Path::new("/nonexistent"), &dir]).unwrap();
-        assert_eq!(find(Path::new("fakepython"), Some(&path_var)), Some(exe.clone()));
+        assert_eq!(
+            find(Path::new("fakepython"), Some(&path_var)),
+            Some(exe.clone())
+        );
         assert_eq!(find(Path::new("missing-python"), Some(&path_var)), None);
         assert_eq!(find(&exe, None), Some(exe.clone()));
         assert!(is_script(&exe));

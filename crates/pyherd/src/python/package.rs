@@ -35,7 +35,11 @@ fn content_hash() -> u64 {
 
 /// The default cache directory (see [`PoolConfig::cache_dir`](crate::PoolConfig::cache_dir)).
 fn default_cache_dir() -> PathBuf {
-    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     var("PYHERD_CACHE_DIR")
         .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("pyherd")))
         .or_else(|| var("HOME").map(|d| d.join(".cache").join("pyherd")))

@@ -48,6 +48,9 @@ impl WorkerState {
     }
 
     pub(crate) fn from_u8(v: u8) -> Self {
-        Self::ALL.get(usize::from(v)).copied().unwrap_or(Self::Stopped)
+        Self::ALL
+            .get(usize::from(v))
+            .copied()
+            .unwrap_or(Self::Stopped)
     }
 }

@@ -99,7 +99,13 @@ impl WorkerProcess {
 
         let mut command = Command::new(&spec.python);
         command
-            .args(["-m", "pyherd_worker", "--worker-id", &id, "--max-frame-bytes"])
+            .args([
+                "-m",
+                "pyherd_worker",
+                "--worker-id",
+                &id,
+                "--max-frame-bytes",
+            ])
             .arg(spec.max_frame_bytes.to_string());
         for module in &spec.handlers {
             command.arg("--handlers").arg(module);
@@ -119,9 +125,7 @@ impl WorkerProcess {
         let mut child = spawner
             .spawn(command, child_requests, child_replies)
             .await
-            .map_err(|e| {
-                spawn_error(format!("cannot start {}: {e}", spec.python.display()))
-            })?;
+            .map_err(|e| spawn_error(format!("cannot start {}: {e}", spec.python.display())))?;
         let pid = child.id().unwrap_or(0);
         let tail = Arc::new(StderrTail::default());
         let stderr_task = match child.stderr.take() {
@@ -286,7 +290,10 @@ impl WorkerProcess {
         let (message, patience) = match fault {
             Fault::Gone(why) => (format!("worker {} died ({why})", self.id), DYING_PATIENCE),
             Fault::Protocol(why) => (
-                format!("worker {} broke the protocol and was killed: {why}", self.id),
+                format!(
+                    "worker {} broke the protocol and was killed: {why}",
+                    self.id
+                ),
                 Duration::ZERO,
             ),
         };

@@ -38,7 +38,13 @@ impl StderrTail {
     /// The kept lines joined by newlines, or `None` when the worker wrote nothing.
     pub(crate) fn text(&self) -> Option<String> {
         let lines = self.lines.lock().ok()?;
-        (!lines.is_empty()).then(|| lines.iter().map(String::as_str).collect::<Vec<_>>().join("\n"))
+        (!lines.is_empty()).then(|| {
+            lines
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
     }
 }
 
@@ -73,13 +79,19 @@ impl RateLimit {
 }
 
 /// Drains `stderr` until the worker closes it; the task ends by itself.
-pub(crate) fn drain(stderr: ChildStderr, worker_id: Arc<str>, tail: Arc<StderrTail>) -> JoinHandle<()> {
+pub(crate) fn drain(
+    stderr: ChildStderr,
+    worker_id: Arc<str>,
+    tail: Arc<StderrTail>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut stderr = stderr;
         let mut buf = Vec::with_capacity(8192);
         let mut limit = RateLimit::new();
         let emit = |bytes: &[u8], limit: &mut RateLimit| {
-            let line = String::from_utf8_lossy(bytes).trim_end_matches('\r').to_owned();
+            let line = String::from_utf8_lossy(bytes)
+                .trim_end_matches('\r')
+                .to_owned();
             if limit.allow(Instant::now()) {
                 if limit.suppressed > 0 {
                     tracing::warn!(target: "pyherd::python", worker = %worker_id, suppressed = limit.suppressed, "python output was rate-limited");

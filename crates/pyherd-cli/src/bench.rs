@@ -1,0 +1,184 @@
+//! `pyherd bench`: start a pool, send N calls from C concurrent callers, report
+//! throughput and latency percentiles (text, or one JSON object with `--json`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use pyherd::{CallOptions, Pool, PoolBuilder};
+use serde_json::value::RawValue;
+
+use crate::settings::PoolArgs;
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    pool: PoolArgs,
+    /// Calls to send
+    #[arg(long, default_value_t = 10_000)]
+    requests: u64,
+    /// Callers sending at once
+    #[arg(long, default_value_t = 64)]
+    concurrency: u64,
+    /// The handler to call
+    #[arg(long, default_value = "echo")]
+    command: String,
+    /// Its arguments as JSON
+    #[arg(long, default_value = "{}")]
+    args: String,
+    /// Print one JSON object instead of text
+    #[arg(long)]
+    json: bool,
+}
+
+/// What one run measured.
+struct Report {
+    requests: u64,
+    errors: u64,
+    first_error: Option<String>,
+    seconds: f64,
+    latency: Histogram<u64>,
+    startup: Duration,
+}
+
+pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<u8> {
+    anyhow::ensure!(args.requests > 0, "--requests must be at least 1");
+    anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    let call_args = RawValue::from_string(args.args.clone()).context("--args is not valid JSON")?;
+    let settings = args.pool.resolve()?;
+    let workers = settings.pool.workers;
+    let began = Instant::now();
+    let pool = PoolBuilder::from_config(settings.pool).build().await?;
+    let startup = began.elapsed();
+    let report = load(&pool, &args, call_args, startup).await;
+    pool.shutdown().await;
+    let report = report?;
+    if args.json {
+        println!("{}", report.json());
+    } else {
+        report.print(&args, workers);
+    }
+    Ok(if report.errors == 0 { 0 } else { 1 })
+}
+
+async fn load(
+    pool: &Pool,
+    args: &BenchArgs,
+    call_args: Box<RawValue>,
+    startup: Duration,
+) -> anyhow::Result<Report> {
+    let progress = ProgressBar::new(args.requests);
+    progress.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} calls  {per_sec}  eta {eta}")
+            .context("progress bar template")?,
+    );
+    let next = Arc::new(AtomicU64::new(0));
+    let command: Arc<str> = args.command.as_str().into();
+    let began = Instant::now();
+    let callers: Vec<_> = (0..args.concurrency.min(args.requests))
+        .map(|_| {
+            let (pool, next, command, call_args, progress) = (
+                pool.clone(),
+                next.clone(),
+                command.clone(),
+                call_args.clone(),
+                progress.clone(),
+            );
+            let total = args.requests;
+            tokio::spawn(async move {
+                let mut latency = new_histogram()?;
+                let mut errors = 0u64;
+                let mut first_error = None;
+                let options = CallOptions::new();
+                while next.fetch_add(1, Ordering::Relaxed) < total {
+                    let sent = Instant::now();
+                    let raw = call_args.clone();
+                    match pool.execute_raw(&command, raw, &options).await {
+                        Ok(_) => {
+                            let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+                            latency.saturating_record(us.max(1));
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            first_error.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                    progress.inc(1);
+                }
+                anyhow::Ok((latency, errors, first_error))
+            })
+        })
+        .collect();
+    let mut latency = new_histogram()?;
+    let mut errors = 0;
+    let mut first_error = None;
+    for caller in callers {
+        let (h, e, first) = caller.await.context("a bench caller panicked")??;
+        latency.add(&h).context("merging latency histograms")?;
+        errors += e;
+        first_error = first_error.or(first);
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+    Ok(Report {
+        requests: args.requests,
+        errors,
+        first_error,
+        seconds,
+        latency,
+        startup,
+    })
+}
+
+fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).context("latency histogram")
+}
+
+impl Report {
+    fn throughput(&self) -> f64 {
+        self.requests as f64 / self.seconds.max(f64::EPSILON)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let q = |p: f64| self.latency.value_at_quantile(p);
+        serde_json::json!({
+            "requests": self.requests,
+            "errors": self.errors,
+            "seconds": self.seconds,
+            "throughput_rps": self.throughput(),
+            "latency_us": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": self.latency.max()},
+            "startup_ms": self.startup.as_secs_f64() * 1e3,
+        })
+    }
+
+    fn print(&self, args: &BenchArgs, workers: usize) {
+        let q = |p: f64| self.latency.value_at_quantile(p);
+        println!(
+            "{} × {} with {} callers on {workers} workers (ready in {:.0} ms)",
+            self.requests,
+            args.command,
+            args.concurrency,
+            self.startup.as_secs_f64() * 1e3
+        );
+        println!(
+            "  {:.2} s, {:.0} calls/s, {} errors",
+            self.seconds,
+            self.throughput(),
+            self.errors
+        );
+        println!(
+            "  latency µs: p50 {}  p90 {}  p99 {}  max {}",
+            q(0.5),
+            q(0.9),
+            q(0.99),
+            self.latency.max()
+        );
+        if let Some(e) = &self.first_error {
+            println!("  first error: {e}");
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! `pyherd exec`: one call; the result JSON on stdout, or the error JSON on stderr.
+
+use clap::Args;
+use pyherd::{CallOptions, Error, ErrorKind, PoolBuilder};
+use serde_json::value::RawValue;
+
+use crate::settings::PoolArgs;
+
+#[derive(Args)]
+pub(crate) struct ExecArgs {
+    #[command(flatten)]
+    pool: PoolArgs,
+    /// The handler to call
+    command: String,
+    /// Its arguments as JSON [default: {}]
+    args: Option<String>,
+}
+
+pub(crate) async fn run(args: ExecArgs) -> anyhow::Result<u8> {
+    let mut settings = args.pool.resolve()?;
+    if args.pool.workers.is_none() {
+        // One call needs one worker unless asked otherwise.
+        settings.pool.workers = 1;
+    }
+    let outcome = call(settings.pool, &args.command, args.args.as_deref()).await;
+    match outcome {
+        Ok(result) => {
+            println!("{}", result.get());
+            Ok(0)
+        }
+        Err(error) => {
+            eprintln!(
+                "{}",
+                serde_json::json!({"ok": false, "error": error.to_json()})
+            );
+            Ok(crate::exit_code(error.category()))
+        }
+    }
+}
+
+async fn call(
+    config: pyherd::PoolConfig,
+    command: &str,
+    args: Option<&str>,
+) -> Result<Box<RawValue>, Error> {
+    let args = RawValue::from_string(args.unwrap_or("{}").to_owned()).map_err(|e| {
+        Error::new(
+            ErrorKind::MalformedRequest,
+            format!("ARGS_JSON is not valid JSON: {e}"),
+        )
+    })?;
+    let pool = PoolBuilder::from_config(config).build().await?;
+    let outcome = pool.execute_raw(command, args, &CallOptions::new()).await;
+    pool.shutdown().await;
+    Ok(outcome?.raw().to_owned())
+}

@@ -1,0 +1,115 @@
+//! Every error leaves the API as `{"ok": false, "error": {category, kind, message,
+//! retryable, context}}` with a status code chosen here and nowhere else.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use pyherd::{Category, Error, ErrorKind};
+use serde_json::json;
+
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+/// An error on its way to the client.
+pub(crate) struct ApiError {
+    status: StatusCode,
+    body: serde_json::Value,
+}
+
+impl ApiError {
+    /// An error of the API itself (no pool error behind it), e.g. an unknown route.
+    pub(crate) fn new(status: StatusCode, kind: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: json!({
+                "category": "invalid_request",
+                "kind": kind,
+                "message": message.into(),
+                "retryable": false,
+                "context": {},
+            }),
+        }
+    }
+
+    /// A malformed request (400).
+    pub(crate) fn malformed(message: impl Into<String>) -> Self {
+        Self::from(Error::new(ErrorKind::MalformedRequest, message))
+    }
+}
+
+/// The status code for a pool error.
+pub(crate) fn status_of(error: &Error) -> StatusCode {
+    match error.kind() {
+        ErrorKind::UnknownCommand => StatusCode::NOT_FOUND,
+        ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::QueueTimeout | ErrorKind::PoolSaturated | ErrorKind::ShuttingDown => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ErrorKind::ExecutionTimeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::WorkerCrashed => StatusCode::BAD_GATEWAY,
+        _ => match error.category() {
+            Category::InvalidRequest => StatusCode::BAD_REQUEST,
+            Category::Communication => StatusCode::BAD_GATEWAY,
+            Category::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Category::Initialization => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        },
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(error: Error) -> Self {
+        Self {
+            status: status_of(&error),
+            body: error.to_json(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"ok": false, "error": self.body});
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_has_its_documented_status() {
+        let cases = [
+            (ErrorKind::MalformedRequest, 400),
+            (ErrorKind::UnknownCommand, 404),
+            (ErrorKind::PayloadTooLarge, 413),
+            (ErrorKind::PythonException, 500),
+            (ErrorKind::ResultNotSerializable, 500),
+            (ErrorKind::ResultTooLarge, 500),
+            (ErrorKind::WorkerCrashed, 502),
+            (ErrorKind::PoolSaturated, 503),
+            (ErrorKind::QueueTimeout, 503),
+            (ErrorKind::ShuttingDown, 503),
+            (ErrorKind::ExecutionTimeout, 504),
+            (ErrorKind::StartupFailed, 503),
+        ];
+        for (kind, status) in cases {
+            let e = Error::new(kind.clone(), "x");
+            assert_eq!(status_of(&e).as_u16(), status, "{kind}");
+        }
+    }
+
+    #[test]
+    fn a_503_says_when_to_retry() {
+        let r = ApiError::from(Error::new(ErrorKind::PoolSaturated, "full")).into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], RETRY_AFTER_SECONDS);
+        let r = ApiError::from(Error::new(ErrorKind::ExecutionTimeout, "slow")).into_response();
+        assert!(r.headers().get(header::RETRY_AFTER).is_none());
+    }
+}

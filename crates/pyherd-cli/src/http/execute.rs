@@ -1,0 +1,105 @@
+//! `POST /v1/execute`: one call through the pool.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use pyherd::{CallOptions, Error, ErrorKind};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::AppState;
+use super::error::ApiError;
+
+/// Longest `timeout_ms` a request may ask for (one day).
+const MAX_TIMEOUT_MS: u64 = 86_400_000;
+
+/// The request body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ExecuteRequest {
+    command: String,
+    #[serde(default = "empty_object")]
+    args: Box<RawValue>,
+    session_id: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
+fn empty_object() -> Box<RawValue> {
+    serde_json::value::to_raw_value(&serde_json::Map::new())
+        .unwrap_or_else(|_| RawValue::NULL.to_owned())
+}
+
+/// The success body; `result` is passed through as the worker wrote it.
+#[derive(Serialize)]
+struct ExecuteResponse<'a> {
+    ok: bool,
+    result: &'a RawValue,
+    worker_id: &'a str,
+    duration_us: u64,
+}
+
+impl ExecuteRequest {
+    fn options(&self) -> Result<CallOptions, ApiError> {
+        let mut options = CallOptions::new();
+        if let Some(ms) = self.timeout_ms {
+            if !(1..=MAX_TIMEOUT_MS).contains(&ms) {
+                return Err(ApiError::malformed(format!(
+                    "timeout_ms must be 1..={MAX_TIMEOUT_MS}, not {ms}"
+                )));
+            }
+            options = options.timeout(Duration::from_millis(ms));
+        }
+        if let Some(id) = &self.session_id {
+            options = options.session_id(id.clone());
+        }
+        Ok(options)
+    }
+}
+
+/// Parses the body, refusing what is malformed (400) or over the body limit (413).
+pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::from(Error::new(
+                ErrorKind::PayloadTooLarge,
+                "the request body is over the frame limit",
+            ))
+        } else {
+            ApiError::malformed(format!("cannot read the request body: {rejection}"))
+        }
+    })?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::malformed(format!("the request body is not valid: {e}")))
+}
+
+pub(crate) async fn execute(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match run(&state, body).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn run(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let request: ExecuteRequest = parse_body(body)?;
+    let options = request.options()?;
+    let reply = state
+        .pool
+        .execute_raw(&request.command, request.args, &options)
+        .await?;
+    let body = ExecuteResponse {
+        ok: true,
+        result: reply.raw(),
+        worker_id: reply.worker_id(),
+        duration_us: u64::try_from(reply.duration().as_micros()).unwrap_or(u64::MAX),
+    };
+    Ok(axum::Json(body).into_response())
+}

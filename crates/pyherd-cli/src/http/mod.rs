@@ -1,0 +1,37 @@
+//! The HTTP API of `pyherd serve`, by concern: calls (`execute`), operations (`admin`),
+//! and the one mapping from errors to status codes (`error`).
+
+mod admin;
+mod error;
+mod execute;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use pyherd::Pool;
+
+/// Room for the JSON envelope of `/v1/execute` around a body of frame size: a body
+/// over `max_frame_bytes + BODY_SLACK` is refused before it is read whole.
+const BODY_SLACK: usize = 4096;
+
+/// What every route can reach.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) pool: Pool,
+}
+
+/// Every route of the API.
+pub(crate) fn router(pool: Pool) -> Router {
+    let body_limit = pool.config().max_frame_bytes + BODY_SLACK;
+    Router::new()
+        .route("/v1/execute", post(execute::execute))
+        .route("/v1/stats", get(admin::stats))
+        .route("/v1/workers", get(admin::workers))
+        .route("/healthz", get(admin::healthz))
+        .route("/readyz", get(admin::readyz))
+        .route("/metrics", get(admin::metrics))
+        .fallback(admin::not_found)
+        .method_not_allowed_fallback(admin::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(AppState { pool })
+}

@@ -1,0 +1,163 @@
+//! Settings of the pool and server. Precedence, highest first: command-line flag,
+//! `PYHERD_*` environment variable, `pyherd.toml`, built-in default. A file key has the flag's name with underscores
+//! (`--max-queue` is `max_queue`); an unknown key is an error that names it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use pyherd::PoolConfig;
+
+/// The default address of `serve`.
+pub(crate) const DEFAULT_BIND: &str = "127.0.0.1:7878";
+/// The file read when `--config` is not given (if it exists).
+const DEFAULT_FILE: &str = "pyherd.toml";
+
+/// Pool flags shared by `serve`, `exec` and `bench`.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct PoolArgs {
+    /// Configuration file [default: ./pyherd.toml when it exists]
+    #[arg(long, env = "PYHERD_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    /// Number of worker processes [default: number of CPUs]
+    #[arg(long, env = "PYHERD_WORKERS")]
+    pub(crate) workers: Option<usize>,
+    /// Handler module to load, `pkg.module` or `path/to/file.py` (repeatable; env: comma-separated)
+    #[arg(long = "handlers", env = "PYHERD_HANDLERS", value_delimiter = ',')]
+    pub(crate) handlers: Vec<String>,
+    /// Python interpreter, a name on PATH or a path [default: python3]
+    #[arg(long, env = "PYHERD_PYTHON")]
+    pub(crate) python: Option<PathBuf>,
+    /// Most calls waiting for a worker [default: 1000]
+    #[arg(long, env = "PYHERD_MAX_QUEUE")]
+    pub(crate) max_queue: Option<usize>,
+    /// Longest wait in the queue, ms [default: 5000]
+    #[arg(long, env = "PYHERD_QUEUE_TIMEOUT_MS")]
+    pub(crate) queue_timeout_ms: Option<u64>,
+    /// Longest execution of a call, ms; the worker is then killed and replaced [default: 30000]
+    #[arg(long, env = "PYHERD_REQUEST_TIMEOUT_MS")]
+    pub(crate) request_timeout_ms: Option<u64>,
+    /// Longest start of a worker, ms [default: 30000]
+    #[arg(long, env = "PYHERD_STARTUP_TIMEOUT_MS")]
+    pub(crate) startup_timeout_ms: Option<u64>,
+    /// Grace period for calls in flight at shutdown, ms [default: 30000]
+    #[arg(long, env = "PYHERD_SHUTDOWN_GRACE_MS")]
+    pub(crate) shutdown_grace_ms: Option<u64>,
+    /// Largest frame either side may send, bytes [default: 67108864]
+    #[arg(long, env = "PYHERD_MAX_FRAME_BYTES")]
+    pub(crate) max_frame_bytes: Option<usize>,
+}
+
+/// What the configuration file may hold besides the pool's keys.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct FileSettings {
+    pub(crate) pool: PoolConfig,
+    pub(crate) bind: Option<String>,
+}
+
+impl PoolArgs {
+    /// The pool configuration and the file's `bind`, with flags and environment applied.
+    pub(crate) fn resolve(&self) -> anyhow::Result<FileSettings> {
+        let mut settings = match &self.config {
+            Some(path) => read_file(path)?,
+            None if Path::new(DEFAULT_FILE).is_file() => read_file(Path::new(DEFAULT_FILE))?,
+            None => FileSettings::default(),
+        };
+        self.apply(&mut settings.pool);
+        settings.pool.validate().context("invalid pool settings")?;
+        Ok(settings)
+    }
+
+    fn apply(&self, pool: &mut PoolConfig) {
+        let ms = Duration::from_millis;
+        if let Some(v) = self.workers {
+            pool.workers = v;
+        }
+        if !self.handlers.is_empty() {
+            pool.handlers.clone_from(&self.handlers);
+        }
+        if let Some(v) = &self.python {
+            pool.python.clone_from(v);
+        }
+        if let Some(v) = self.max_queue {
+            pool.max_queue = v;
+        }
+        if let Some(v) = self.queue_timeout_ms {
+            pool.queue_timeout = ms(v);
+        }
+        if let Some(v) = self.request_timeout_ms {
+            pool.request_timeout = ms(v);
+        }
+        if let Some(v) = self.startup_timeout_ms {
+            pool.startup_timeout = ms(v);
+        }
+        if let Some(v) = self.shutdown_grace_ms {
+            pool.shutdown_grace = ms(v);
+        }
+        if let Some(v) = self.max_frame_bytes {
+            pool.max_frame_bytes = v;
+        }
+    }
+}
+
+/// Reads a `pyherd.toml`: the pool's keys plus `bind`.
+pub(crate) fn read_file(path: &Path) -> anyhow::Result<FileSettings> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
+    parse_file(&text).with_context(|| format!("in the configuration file {}", path.display()))
+}
+
+fn parse_file(text: &str) -> anyhow::Result<FileSettings> {
+    let mut table: toml::Table = toml::from_str(text)?;
+    let bind = match table.remove("bind") {
+        None => None,
+        Some(toml::Value::String(s)) => Some(s),
+        Some(other) => bail!("`bind` must be a string like \"{DEFAULT_BIND}\", not {other}"),
+    };
+    let pool: PoolConfig = toml::Value::Table(table).try_into()?;
+    Ok(FileSettings { pool, bind })
+}
+
+/// Picks the address: flag/env, then the file, then the default.
+pub(crate) fn bind_address(flag: Option<&str>, file: Option<&str>) -> anyhow::Result<SocketAddr> {
+    let text = flag.or(file).unwrap_or(DEFAULT_BIND);
+    text.parse()
+        .with_context(|| format!("`{text}` is not an address like {DEFAULT_BIND}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_keys_flags_and_defaults_combine_in_order() {
+        let mut file = parse_file(
+            "bind = \"0.0.0.0:9000\"\nworkers = 3\nqueue_timeout_ms = 250\nhandlers = [\"a.py\"]\n",
+        )
+        .unwrap();
+        assert_eq!(file.bind.as_deref(), Some("0.0.0.0:9000"));
+        assert_eq!(file.pool.workers, 3);
+        let args = PoolArgs {
+            workers: Some(5),
+            handlers: vec!["b.py".into()],
+            ..PoolArgs::default()
+        };
+        args.apply(&mut file.pool);
+        assert_eq!(file.pool.workers, 5);
+        assert_eq!(file.pool.handlers, vec!["b.py".to_owned()]);
+        assert_eq!(file.pool.queue_timeout, Duration::from_millis(250));
+        assert_eq!(file.pool.max_queue, 1000);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let e = parse_file("wrokers = 2\n").unwrap_err();
+        assert!(format!("{e:#}").contains("wrokers"), "{e:#}");
+        let e = parse_file("bind = 7\n").unwrap_err();
+        assert!(e.to_string().contains("bind"));
+        assert!(bind_address(Some("nonsense"), None).is_err());
+        assert_eq!(bind_address(None, None).unwrap().port(), 7878);
+    }
+}

@@ -81,3 +81,25 @@ async def async_echo(args: Any) -> Any:
 
     await asyncio.sleep(0)
     return args
+
+
+@handler
+def ctx_info(args: Any, ctx: Context) -> Dict[str, Any]:
+    """Return what the call context holds."""
+    return {
+        "worker_id": ctx.worker_id,
+        "session_id": ctx.session_id,
+        "request_id": ctx.request_id,
+        "deadline": ctx.deadline,
+        "remaining": ctx.remaining(),
+        "pid": os.getpid(),
+    }
+
+
+@handler
+def spawn_child(args: Dict[str, Any]) -> Dict[str, int]:
+    """Start a long ``sleep`` child process (a grandchild of the host) and return its pid."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", str(args.get("seconds", 600))])
+    return {"pid": child.pid}

@@ -86,8 +86,8 @@ pub enum ErrorKind {
     StartupTimeout,
     /// A handler module raised while being imported.
     HandlerImportFailed,
-    /// The worker broke the wire protocol (garbage frame, wrong version, wrong id).
-    ProtocolError,
+    /// The worker's first frame was not a valid `hello` (garbage, another protocol version).
+    HandshakeFailed,
     /// Waited in the queue past the queue timeout.
     QueueTimeout,
     /// Ran past the execution timeout; the worker was killed and replaced.
@@ -125,7 +125,7 @@ impl ErrorKind {
             Self::StartupFailed => "startup_failed",
             Self::StartupTimeout => "startup_timeout",
             Self::HandlerImportFailed => "handler_import_failed",
-            Self::ProtocolError => "protocol_error",
+            Self::HandshakeFailed => "handshake_failed",
             Self::QueueTimeout => "queue_timeout",
             Self::ExecutionTimeout => "execution_timeout",
             Self::PoolSaturated => "pool_saturated",
@@ -149,8 +149,9 @@ impl ErrorKind {
             | Self::SpawnFailed
             | Self::StartupFailed
             | Self::StartupTimeout
-            | Self::HandlerImportFailed => Category::Initialization,
-            Self::ProtocolError | Self::WorkerCrashed => Category::Communication,
+            | Self::HandlerImportFailed
+            | Self::HandshakeFailed => Category::Initialization,
+            Self::WorkerCrashed => Category::Communication,
             Self::QueueTimeout | Self::ExecutionTimeout => Category::Timeout,
             Self::PoolSaturated | Self::ResultTooLarge => Category::Resource,
             Self::UnknownCommand
@@ -166,7 +167,7 @@ impl ErrorKind {
     pub fn default_retryable(&self) -> bool {
         matches!(
             self,
-            Self::QueueTimeout | Self::PoolSaturated | Self::WorkerCrashed | Self::ProtocolError
+            Self::QueueTimeout | Self::PoolSaturated | Self::WorkerCrashed
         )
     }
 

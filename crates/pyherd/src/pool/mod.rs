@@ -260,7 +260,7 @@ impl PoolBuilder {
     /// # Errors
     /// `initialization/invalid_config` for a bad setting; otherwise the first worker's
     /// start-up failure (`spawn_failed`, `startup_failed`, `startup_timeout`,
-    /// `handler_import_failed`, `protocol_error`) with its stderr tail. No process is
+    /// `handler_import_failed`, `handshake_failed`) with its stderr tail. No process is
     /// left running when this fails.
     ///
     /// # Panics

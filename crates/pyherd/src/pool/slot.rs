@@ -81,9 +81,8 @@ impl Slot {
                 continue;
             }
             self.status.set_state(WorkerState::Busy);
-            match self.run_job(worker, job).await {
-                Some(ending) => return ending,
-                None => self.status.served(),
+            if let Some(ending) = self.run_job(worker, job).await {
+                return ending;
             }
         }
     }
@@ -125,6 +124,9 @@ impl Slot {
             .await;
         match outcome {
             CallResult::Answered(answer) => {
+                // Ready before the caller hears back, so stats read after an answer are current.
+                self.status.served();
+                self.status.set_state(WorkerState::Ready);
                 let answer = match answer {
                     Ok(result) => Ok(Reply {
                         result,

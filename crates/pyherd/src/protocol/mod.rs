@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_util::codec::LengthDelimitedCodec;
 
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
 
 /// The protocol version this host speaks; a worker announcing another is refused.
 pub(crate) const PROTOCOL_VERSION: u32 = 1;
@@ -92,17 +92,11 @@ pub(crate) enum Message {
     Err { id: u64, error: Error },
 }
 
-fn protocol_error(msg: impl Into<String>) -> Error {
-    Error::new(ErrorKind::ProtocolError, msg)
-}
-
-/// Decodes one frame body sent by a worker.
-pub(crate) fn decode(body: &[u8]) -> Result<Message, Error> {
+/// Decodes one frame body sent by a worker; the error says how it breaks the protocol.
+pub(crate) fn decode(body: &[u8]) -> Result<Message, String> {
     let frame: Incoming<'_> = serde_json::from_slice(body).map_err(|e| {
         let shown = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
-        protocol_error(format!(
-            "worker sent a frame that is not a message ({e}): {shown:?}"
-        ))
+        format!("worker sent a frame that is not a message ({e}): {shown:?}")
     })?;
     match frame.t {
         "ok" => {
@@ -134,10 +128,10 @@ pub(crate) fn decode(body: &[u8]) -> Result<Message, Error> {
         "hello" => {
             let version = frame.protocol.unwrap_or(0);
             if version != PROTOCOL_VERSION {
-                return Err(protocol_error(format!(
+                return Err(format!(
                     "worker speaks protocol {version}, this host speaks {PROTOCOL_VERSION} \
                      (mismatched pyherd_worker package?)"
-                )));
+                ));
             }
             Ok(Message::Hello(Hello {
                 pid: frame.pid.unwrap_or(0),
@@ -146,9 +140,7 @@ pub(crate) fn decode(body: &[u8]) -> Result<Message, Error> {
                 json: frame.json.unwrap_or_default(),
             }))
         }
-        other => Err(protocol_error(format!(
-            "worker sent an unexpected message type {other:?}"
-        ))),
+        other => Err(format!("worker sent an unexpected message type {other:?}")),
     }
 }
 
@@ -188,7 +180,7 @@ mod tests {
         match decode(br#"{"t":"err","id":5,"category":"python","kind":"python_exception","message":"boom","python_type":"ValueError","traceback":"tb"}"#).unwrap() {
             Message::Err { id, error } => {
                 assert_eq!(id, 5);
-                assert_eq!(error.kind(), &ErrorKind::PythonException);
+                assert_eq!(error.kind(), &crate::ErrorKind::PythonException);
                 assert_eq!(error.context().python_type.as_deref(), Some("ValueError"));
             }
             other => panic!("{other:?}"),
@@ -200,7 +192,7 @@ mod tests {
     }
 
     #[test]
-    fn garbage_and_wrong_versions_are_protocol_errors() {
+    fn garbage_and_wrong_versions_are_refused() {
         for body in [
             &b"not json!!!!"[..],
             br#"{"t":"ok"}"#,
@@ -208,7 +200,7 @@ mod tests {
             br#"{"t":"hello","id":0,"protocol":2}"#,
         ] {
             let e = decode(body).unwrap_err();
-            assert_eq!(e.kind(), &ErrorKind::ProtocolError, "{body:?}");
+            assert!(e.starts_with("worker "), "{body:?}: {e}");
         }
     }
 }

@@ -79,7 +79,7 @@ impl WorkerProcess {
     ///
     /// # Errors
     /// An `initialization` error (`spawn_failed`, `startup_failed`, `startup_timeout`,
-    /// `handler_import_failed`, `protocol_error`) with the worker's stderr tail; the
+    /// `handler_import_failed`, `handshake_failed`) with the worker's stderr tail; the
     /// process is killed and reaped before this returns.
     pub(crate) async fn start(
         spec: &LaunchSpec,
@@ -163,15 +163,17 @@ impl WorkerProcess {
                 Ok(Message::Err { error, .. }) => Err(worker.fail_start(error).await),
                 Ok(Message::Ok { .. }) => Err(worker
                     .fail_start(Error::new(
-                        ErrorKind::ProtocolError,
+                        ErrorKind::HandshakeFailed,
                         "worker answered before saying hello",
                     ))
                     .await),
-                Err(e) => Err(worker.fail_start(e).await),
+                Err(why) => Err(worker
+                    .fail_start(Error::new(ErrorKind::HandshakeFailed, why))
+                    .await),
             },
             Ok(Some(Err(e))) => Err(worker
                 .fail_start(Error::new(
-                    ErrorKind::ProtocolError,
+                    ErrorKind::HandshakeFailed,
                     format!("worker's first frame is unreadable: {e}"),
                 ))
                 .await),
@@ -255,7 +257,7 @@ impl WorkerProcess {
                     Ok(other) => Err(Fault::Protocol(format!(
                         "expected the answer to call {id}, got {other:?}"
                     ))),
-                    Err(e) => Err(Fault::Protocol(e.message().to_owned())),
+                    Err(why) => Err(Fault::Protocol(why)),
                 },
                 Some(Err(e)) => Err(Fault::Protocol(format!("unreadable frame: {e}"))),
                 None => Err(Fault::Gone("reply pipe closed".into())),

@@ -1,0 +1,67 @@
+//! Helpers shared by the integration tests: real pools of real Python workers.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use pyherd::{Pool, PoolBuilder};
+
+/// A fixture module under `tests/fixtures`.
+pub fn fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A builder with the fault handlers of `pyherd_worker.testing` loaded.
+pub fn testing_pool(workers: usize) -> PoolBuilder {
+    Pool::builder()
+        .workers(workers)
+        .handlers("pyherd_worker.testing")
+        .startup_timeout(Duration::from_secs(20))
+}
+
+/// Polls `cond` every 10 ms until it holds; panics with `what` after `limit`.
+pub async fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The process exists in the process table (running or a zombie not yet reaped).
+pub fn exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The process is running (exists and is not a zombie).
+pub fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Every worker pid of the pool right now.
+pub fn worker_pids(pool: &Pool) -> Vec<u32> {
+    pool.workers().iter().filter_map(|w| w.pid).collect()
+}
+
+/// SIGKILLs a process from outside.
+pub fn sigkill(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits i32")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+}

@@ -1,0 +1,191 @@
+//! Workers that hang, crash, kill themselves, write garbage or are killed from outside:
+//! only the call in flight fails, the worker is replaced, and the pool keeps serving.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{exists, running, sigkill, testing_pool, wait_until, worker_pids};
+use pyherd::{CallOptions, Category, ErrorKind, Pool, WorkerState};
+use serde_json::json;
+
+async fn replaced(pool: &Pool, restarts: u64) {
+    wait_until(Duration::from_secs(10), "the replacement worker", || {
+        let s = pool.stats();
+        s.restarts == restarts && s.available + s.busy == s.workers
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_call_times_out_on_time_and_its_worker_is_killed_and_replaced() {
+    let pool = testing_pool(1).build().await.unwrap();
+    let old_pid = worker_pids(&pool)[0];
+    let t = Instant::now();
+    let e = pool
+        .execute_with(
+            "sleep",
+            json!({"seconds": 600}),
+            &CallOptions::new().timeout(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap_err();
+    let took = t.elapsed();
+    assert_eq!(e.kind(), &ErrorKind::ExecutionTimeout);
+    assert_eq!(e.category(), Category::Timeout);
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(900),
+        "{took:?}"
+    );
+    assert_eq!(e.context().timeout_ms, Some(300));
+    assert_eq!(e.context().pid, Some(old_pid));
+    wait_until(Duration::from_secs(5), "the hung worker to be gone", || {
+        !exists(old_pid)
+    })
+    .await;
+    replaced(&pool, 1).await;
+    let new_pid = worker_pids(&pool)[0];
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(
+        pool.execute("echo", json!("alive")).await.unwrap(),
+        json!("alive")
+    );
+    assert_eq!(pool.workers()[0].id, "w2");
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_execution_timeout_applies_without_options() {
+    let pool = testing_pool(1)
+        .request_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let e = pool
+        .execute("sleep", json!({"seconds": 60}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::ExecutionTimeout);
+    replaced(&pool, 1).await;
+    pool.shutdown().await;
+}
+
+async fn crash_case(command: &str, args: serde_json::Value, exit: &str, stderr: Option<&str>) {
+    let pool = testing_pool(2).build().await.unwrap();
+    let e = pool.execute(command, args).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
+    assert_eq!(e.category(), Category::Communication);
+    assert!(e.is_retryable());
+    let ctx = e.context();
+    let dead = ctx.pid.unwrap();
+    assert!(!exists(dead), "the dead worker {dead} was reaped");
+    assert_eq!(ctx.exit_status.as_deref(), Some(exit), "{e}");
+    if let Some(words) = stderr {
+        assert!(
+            ctx.stderr_tail.as_deref().unwrap_or("").contains(words),
+            "{e}"
+        );
+    }
+    replaced(&pool, 1).await;
+    for i in 0..10 {
+        assert_eq!(pool.execute("echo", json!(i)).await.unwrap(), json!(i));
+    }
+    let stats = pool.stats();
+    assert_eq!((stats.errors, stats.restarts), (1, 1));
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_exits_mid_call_fails_only_that_call() {
+    crash_case(
+        "crash",
+        json!({"code": 7}),
+        "exit status: 7",
+        Some("exiting on purpose"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_sigkills_itself_mid_call_fails_only_that_call() {
+    crash_case("kill_self", json!({}), "signal: 9 (SIGKILL)", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_writes_a_garbage_frame_is_killed_and_replaced() {
+    crash_case("garbage_frame", json!({}), "signal: 9 (SIGKILL)", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_does_not_touch_calls_on_other_workers() {
+    let pool = testing_pool(2).build().await.unwrap();
+    let slow = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.execute("sleep", json!({"seconds": 0.5})).await }
+    });
+    wait_until(Duration::from_secs(5), "the slow call to run", || {
+        pool.stats().busy == 1
+    })
+    .await;
+    let e = pool.execute("crash", json!({})).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::WorkerCrashed);
+    assert_eq!(slow.await.unwrap().unwrap(), json!({"slept": 0.5}));
+    replaced(&pool, 1).await;
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_from_outside_while_idle_is_replaced() {
+    let pool = testing_pool(2).build().await.unwrap();
+    let victim = worker_pids(&pool)[0];
+    sigkill(victim);
+    replaced(&pool, 1).await;
+    assert!(!exists(victim));
+    assert!(!worker_pids(&pool).contains(&victim));
+    let answers = futures::future::join_all((0..20).map(|i| pool.execute("echo", json!(i)))).await;
+    assert!(answers.iter().all(Result::is_ok));
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdout_spam_goes_to_the_log_and_never_corrupts_frames() {
+    let pool = testing_pool(1).build().await.unwrap();
+    let v = pool
+        .execute("spam_stdout", json!({"lines": 5000}))
+        .await
+        .unwrap();
+    assert_eq!(v, json!({"printed": 5000}));
+    for i in 0..20 {
+        assert_eq!(
+            pool.execute("echo", json!({"i": i})).await.unwrap(),
+            json!({"i": i})
+        );
+    }
+    assert_eq!(pool.stats().restarts, 0);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_takes_its_own_children_with_it() {
+    let pool = testing_pool(1).build().await.unwrap();
+    let child = pool.execute("spawn_child", json!({})).await.unwrap()["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    assert!(running(child));
+    let e = pool
+        .execute_with(
+            "sleep",
+            json!({"seconds": 60}),
+            &CallOptions::new().timeout(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::ExecutionTimeout);
+    wait_until(Duration::from_secs(5), "the grandchild to die", || {
+        !running(child)
+    })
+    .await;
+    replaced(&pool, 1).await;
+    assert_eq!(pool.workers()[0].state, WorkerState::Ready);
+    pool.shutdown().await;
+}

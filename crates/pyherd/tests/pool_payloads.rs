@@ -1,0 +1,92 @@
+//! What crosses the pipes arrives intact: large unicode payloads, call context, both
+//! JSON codecs, async handlers, handler files given by path.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::testing_pool;
+use pyherd::{CallOptions, Pool};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_mebibyte_unicode_payload_round_trips_unchanged() {
+    let pool = testing_pool(2).build().await.unwrap();
+    // Two-, three- and four-byte UTF-8, escapes and control characters, > 1 MiB encoded.
+    let unit = "héllo wörld — 漢字かな 🦀🐍 \"quoted\" back\\slash\ttab\nnewline\u{1}";
+    let text = unit.repeat((1 << 20) / unit.len() + 1);
+    assert!(text.len() > 1 << 20);
+    let args = json!({"text": text, "nested": [{"k": "ü"}, null, 1.5, -7, true]});
+    let reply = pool.execute("echo", args.clone()).await.unwrap();
+    assert_eq!(reply, args);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handler_sees_its_worker_session_request_and_deadline() {
+    let pool = testing_pool(1).build().await.unwrap();
+    let before = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let opts = CallOptions::new()
+        .session_id("session-42")
+        .timeout(Duration::from_secs(10));
+    let reply = pool
+        .execute_with("ctx_info", json!({}), &opts)
+        .await
+        .unwrap();
+    let ctx = reply.value().unwrap();
+    assert_eq!(ctx["worker_id"], "w1");
+    assert_eq!(reply.worker_id(), "w1");
+    assert_eq!(ctx["session_id"], "session-42");
+    assert!(ctx["request_id"].as_u64().unwrap() >= 1);
+    let deadline = ctx["deadline"].as_f64().unwrap();
+    assert!(
+        deadline > before + 9.0 && deadline < before + 11.0,
+        "{deadline} vs {before}"
+    );
+    let remaining = ctx["remaining"].as_f64().unwrap();
+    assert!(remaining > 8.0 && remaining <= 10.0, "{remaining}");
+    let plain = pool.execute("ctx_info", json!({})).await.unwrap();
+    assert!(plain["session_id"].is_null());
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stdlib_json_codec_works_when_orjson_is_absent_or_disabled() {
+    let pool = testing_pool(1)
+        .env("PYHERD_JSON", "stdlib")
+        .build()
+        .await
+        .unwrap();
+    let info = pool.execute("info", json!({})).await.unwrap();
+    assert_eq!(info["json"], "json");
+    let args = json!({"text": "ünïcödé 🐍", "n": [1, 2.5, null]});
+    assert_eq!(pool.execute("echo", args.clone()).await.unwrap(), args);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_handlers_and_handler_files_by_path_work() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/handlers.py");
+    let pool: Pool = testing_pool(1).handlers(examples).build().await.unwrap();
+    assert_eq!(
+        pool.execute("async_echo", json!([1, 2])).await.unwrap(),
+        json!([1, 2])
+    );
+    let greeting = pool
+        .execute("greet", json!({"name": "herd"}))
+        .await
+        .unwrap();
+    assert_eq!(greeting["greeting"], "hello, herd");
+    let counts = pool
+        .execute("word_count", json!({"text": "a b a"}))
+        .await
+        .unwrap();
+    assert_eq!(counts, json!({"words": 3, "unique": 2}));
+    let info = pool.execute("info", json!({})).await.unwrap();
+    let rss = info["rss_bytes"].as_u64().unwrap();
+    assert!(rss > 1 << 20);
+    pool.shutdown().await;
+}

@@ -1,0 +1,154 @@
+//! The queue: bounded (saturation), timed (queue timeout), first in first out, and
+//! many concurrent callers all answered correctly.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{testing_pool, wait_until};
+use pyherd::{CallOptions, Category, ErrorKind};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_at_once_with_pool_saturated() {
+    let pool = testing_pool(1).max_queue(1).build().await.unwrap();
+    let busy = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.execute("sleep", json!({"seconds": 0.6})).await }
+    });
+    wait_until(Duration::from_secs(5), "the worker to be busy", || {
+        pool.stats().busy == 1
+    })
+    .await;
+    let queued = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.execute("echo", json!("queued")).await }
+    });
+    wait_until(Duration::from_secs(5), "one queued call", || {
+        pool.stats().queued == 1
+    })
+    .await;
+    let t = Instant::now();
+    let e = pool.execute("echo", json!("refused")).await.unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "refusal must not wait"
+    );
+    assert_eq!(e.kind(), &ErrorKind::PoolSaturated);
+    assert_eq!(e.category(), Category::Resource);
+    assert!(e.is_retryable());
+    // Nothing admitted was lost.
+    assert!(busy.await.unwrap().is_ok());
+    assert_eq!(queued.await.unwrap().unwrap(), json!("queued"));
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_past_the_queue_timeout_gets_queue_timeout_and_never_runs() {
+    let pool = testing_pool(1)
+        .queue_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let busy = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.execute("sleep", json!({"seconds": 1.0})).await }
+    });
+    wait_until(Duration::from_secs(5), "the worker to be busy", || {
+        pool.stats().busy == 1
+    })
+    .await;
+    let t = Instant::now();
+    let e = pool.execute("ctx_info", json!({})).await.unwrap_err();
+    let waited = t.elapsed();
+    assert_eq!(e.kind(), &ErrorKind::QueueTimeout);
+    assert_eq!(e.category(), Category::Timeout);
+    assert_eq!(e.context().timeout_ms, Some(200));
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_millis(800),
+        "{waited:?}"
+    );
+    assert!(busy.await.unwrap().is_ok());
+    // The abandoned call was skipped: the worker served the sleep and nothing else.
+    assert_eq!(pool.workers()[0].requests, 1);
+    let stats = pool.stats();
+    assert_eq!(stats.queue_timeouts, 1);
+    // A per-call queue timeout overrides the pool's.
+    let opts = CallOptions::new().queue_timeout(Duration::from_secs(5));
+    assert!(pool.execute_with("echo", json!(1), &opts).await.is_ok());
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_served_in_the_order_they_arrived() {
+    let pool = testing_pool(1).build().await.unwrap();
+    let blocker = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.execute("sleep", json!({"seconds": 0.3})).await }
+    });
+    wait_until(Duration::from_secs(5), "the worker to be busy", || {
+        pool.stats().busy == 1
+    })
+    .await;
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        let caller = pool.clone();
+        calls.push(tokio::spawn(async move {
+            caller
+                .execute("ctx_info", json!({}))
+                .await
+                .map(|v| (i, v["request_id"].as_u64()))
+        }));
+        let expected = i + 1;
+        wait_until(Duration::from_secs(5), "the call to be queued", || {
+            pool.stats().queued == expected
+        })
+        .await;
+    }
+    blocker.await.unwrap().unwrap();
+    let mut served: Vec<(usize, Option<u64>)> = Vec::new();
+    for c in calls {
+        served.push(c.await.unwrap().unwrap());
+    }
+    // Request ids are handed out at submission; served in arrival order means ids ascend.
+    let ids: Vec<u64> = served.iter().map(|(_, id)| id.unwrap()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    assert_eq!(ids, sorted);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_calls_on_four_workers_are_all_answered_correctly() {
+    let pool = testing_pool(4).build().await.unwrap();
+    let calls = (0..200).map(|i| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let reply = pool
+                .execute_with(
+                    "echo",
+                    json!({"i": i, "pad": "x".repeat(i * 10)}),
+                    &CallOptions::new(),
+                )
+                .await?;
+            Ok::<_, pyherd::Error>((i, reply.value()?, reply.worker_id().to_owned()))
+        })
+    });
+    let mut by_worker = std::collections::HashMap::new();
+    for call in futures::future::join_all(calls).await {
+        let (i, value, worker) = call.unwrap().unwrap();
+        assert_eq!(value["i"], i);
+        assert_eq!(value["pad"].as_str().unwrap().len(), i * 10);
+        *by_worker.entry(worker).or_insert(0) += 1;
+    }
+    assert_eq!(by_worker.values().sum::<i32>(), 200);
+    assert!(
+        by_worker.len() >= 2,
+        "calls spread over workers: {by_worker:?}"
+    );
+    let stats = pool.stats();
+    assert_eq!((stats.requests, stats.errors, stats.queued), (200, 0, 0));
+    let served: u64 = pool.workers().iter().map(|w| w.requests).sum();
+    assert_eq!(served, 200);
+    pool.shutdown().await;
+}

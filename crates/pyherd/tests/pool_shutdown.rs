@@ -1,0 +1,107 @@
+//! Shutdown: admitted calls finish within the grace period, later ones are refused,
+//! every process (and its children) ends and is reaped; dropping a pool ends it too.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{exists, running, testing_pool, wait_until, worker_pids};
+use pyherd::{ErrorKind, WorkerState};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_finish_and_every_worker_is_reaped() {
+    let pool = testing_pool(3).build().await.unwrap();
+    let pids = worker_pids(&pool);
+    let child = pool.execute("spawn_child", json!({})).await.unwrap()["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    let in_flight = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.execute("sleep", json!({"seconds": 0.4})).await }
+    });
+    wait_until(Duration::from_secs(5), "the call to run", || {
+        pool.stats().busy == 1
+    })
+    .await;
+    let t = Instant::now();
+    pool.shutdown().await;
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(in_flight.await.unwrap().unwrap(), json!({"slept": 0.4}));
+    for pid in pids {
+        assert!(!exists(pid), "worker {pid} left behind (running or zombie)");
+    }
+    assert!(
+        !running(child),
+        "a worker's child {child} outlived the pool"
+    );
+    assert!(
+        pool.workers()
+            .iter()
+            .all(|w| w.state == WorkerState::Stopped)
+    );
+    assert!(!pool.is_ready());
+    let e = pool.execute("echo", json!(1)).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::ShuttingDown);
+    // A second shutdown returns at once.
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_still_running_when_the_grace_ends_fail_and_their_workers_are_killed() {
+    let pool = testing_pool(1).build().await.unwrap();
+    let pid = worker_pids(&pool)[0];
+    let stuck = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.execute("sleep", json!({"seconds": 600})).await }
+    });
+    wait_until(Duration::from_secs(5), "the call to run", || {
+        pool.stats().busy == 1
+    })
+    .await;
+    let t = Instant::now();
+    pool.shutdown_with(Duration::from_millis(300)).await;
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let e = stuck.await.unwrap().unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::ShuttingDown);
+    assert!(!exists(pid));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_calls_are_still_served_during_the_drain() {
+    let pool = testing_pool(1).build().await.unwrap();
+    let first = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.execute("sleep", json!({"seconds": 0.3})).await }
+    });
+    wait_until(Duration::from_secs(5), "the call to run", || {
+        pool.stats().busy == 1
+    })
+    .await;
+    let queued = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.execute("echo", json!("admitted")).await }
+    });
+    wait_until(Duration::from_secs(5), "a queued call", || {
+        pool.stats().queued == 1
+    })
+    .await;
+    pool.shutdown().await;
+    assert!(first.await.unwrap().is_ok());
+    assert_eq!(queued.await.unwrap().unwrap(), json!("admitted"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_stops_every_worker() {
+    let pool = testing_pool(2).build().await.unwrap();
+    let pids = worker_pids(&pool);
+    drop(pool);
+    wait_until(Duration::from_secs(5), "the workers to end", || {
+        pids.iter().all(|&p| !exists(p))
+    })
+    .await;
+}

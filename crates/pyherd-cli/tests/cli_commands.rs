@@ -1,0 +1,129 @@
+//! `pyherd exec` and `pyherd bench` as a user runs them.
+
+mod common;
+
+use common::pyherd;
+use serde_json::Value;
+
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = pyherd(None).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn exec_prints_the_result_on_stdout() {
+    let (code, stdout, _) = run(&["exec", "echo", r#"{"a": [1, "ü"]}"#]);
+    assert_eq!(code, Some(0));
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v, serde_json::json!({"a": [1, "ü"]}));
+    let (code, stdout, _) = run(&["exec", "ping"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("\"pong\":true"), "{stdout}");
+}
+
+#[test]
+fn exec_prints_errors_as_json_on_stderr_with_an_exit_code_per_category() {
+    let cases: [(&[&str], i32, &str); 4] = [
+        (&["exec", "no_such"], 2, "unknown_command"),
+        (&["exec", "echo", "{broken"], 2, "malformed_request"),
+        (
+            &["exec", "--handlers", "pyherd_worker.testing", "raise_error"],
+            4,
+            "python_exception",
+        ),
+        (
+            &[
+                "exec",
+                "--handlers",
+                "pyherd_worker.testing",
+                "--request-timeout-ms",
+                "200",
+                "sleep",
+                r#"{"seconds": 30}"#,
+            ],
+            5,
+            "execution_timeout",
+        ),
+    ];
+    for (args, exit, kind) in cases {
+        let (code, stdout, stderr) = run(args);
+        assert_eq!(code, Some(exit), "{args:?}: {stderr}");
+        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+        let line = stderr.lines().last().unwrap();
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["error"]["kind"], kind, "{args:?}");
+    }
+}
+
+#[test]
+fn bench_reports_throughput_and_latency_as_json() {
+    let (code, stdout, stderr) = run(&[
+        "bench",
+        "--workers",
+        "2",
+        "--requests",
+        "500",
+        "--concurrency",
+        "8",
+        "--command",
+        "echo",
+        "--args",
+        r#"{"x": 1}"#,
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["requests"], 500);
+    assert_eq!(v["errors"], 0);
+    assert!(v["seconds"].as_f64().unwrap() > 0.0);
+    assert!(v["throughput_rps"].as_f64().unwrap() > 0.0);
+    let lat = &v["latency_us"];
+    let (p50, p90, p99, max) = (
+        lat["p50"].as_u64().unwrap(),
+        lat["p90"].as_u64().unwrap(),
+        lat["p99"].as_u64().unwrap(),
+        lat["max"].as_u64().unwrap(),
+    );
+    assert!(0 < p50 && p50 <= p90 && p90 <= p99 && p99 <= max, "{lat}");
+    assert!(v["startup_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_text_output_and_failing_calls() {
+    let (code, stdout, _) = run(&[
+        "bench",
+        "--workers",
+        "1",
+        "--requests",
+        "50",
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains("calls/s") && stdout.contains("p99"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = run(&[
+        "bench",
+        "--workers",
+        "1",
+        "--requests",
+        "20",
+        "--command",
+        "nope",
+    ]);
+    assert_eq!(code, Some(1), "errors make bench fail");
+    assert!(
+        stdout.contains("20 errors") && stdout.contains("unknown_command"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = run(&["bench", "--requests", "0"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("--requests"), "{stderr}");
+}

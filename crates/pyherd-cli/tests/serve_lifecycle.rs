@@ -1,0 +1,228 @@
+//! `pyherd serve` as a process: graceful drain on SIGTERM/SIGINT, a clear non-zero exit
+//! when workers cannot start, and settings from file < environment < flags.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{Server, execute, exists, fixture, get_json, pyherd, wait_exit, wait_until};
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+#[tokio::test]
+async fn sigterm_lets_the_call_in_flight_finish_then_exits_zero_leaving_no_worker() {
+    let server = Server::start(&["--workers", "2", "--handlers", "pyherd_worker.testing"]);
+    let workers = get_json(&server.url("/v1/workers")).await;
+    let pids: Vec<u32> = workers["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .collect();
+    let url = server.url("/v1/execute");
+    let in_flight = tokio::spawn(async move {
+        let r = reqwest::Client::new()
+            .post(url)
+            .json(&json!({"command": "sleep", "args": {"seconds": 0.5}}))
+            .send()
+            .await
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.json::<serde_json::Value>().await.unwrap(),
+        )
+    });
+    let stats = server.url("/v1/stats");
+    wait_until(Duration::from_secs(5), "the call to run", || async {
+        get_json(&stats).await["busy"] == 1
+    })
+    .await;
+    let status = tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let (code, body) = in_flight.await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["result"], json!({"slept": 0.5}));
+    for pid in pids {
+        assert!(!exists(pid), "worker {pid} outlived the server");
+    }
+}
+
+#[tokio::test]
+async fn sigint_also_drains_and_exits_zero() {
+    let server = Server::start(&["--workers", "1"]);
+    assert_eq!(execute(&server, json!({"command": "ping"})).await.0, 200);
+    common::signal(server.pid(), Signal::SIGINT);
+    let mut server = server;
+    let status = tokio::task::spawn_blocking(move || server.wait(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("exit after SIGINT");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn workers_that_cannot_start_make_serve_exit_non_zero_with_the_python_error() {
+    let began = Instant::now();
+    let mut child = pyherd(None)
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--startup-timeout-ms",
+            "20000",
+        ])
+        .args(["--handlers", &fixture("raise_at_import.py")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = common::drain(child.stderr.take().unwrap());
+    let status = wait_exit(&mut child, Duration::from_secs(25)).expect("serve must exit");
+    assert!(began.elapsed() < Duration::from_secs(20));
+    assert_eq!(status.code(), Some(3), "initialization failures exit 3");
+    let text = stderr.lock().unwrap().clone();
+    assert!(text.contains("OPENAI_API_KEY is not set"), "{text}");
+    assert!(text.contains("handler_import_failed"), "{text}");
+}
+
+#[tokio::test]
+async fn settings_come_from_file_then_environment_then_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("pyherd.toml"),
+        "workers = 3\nmax_queue = 7\nqueue_timeout_ms = 1234\n",
+    )
+    .unwrap();
+    let workers = |server: &Server| {
+        let url = server.url("/v1/stats");
+        async move { get_json(&url).await["workers"].as_u64().unwrap() }
+    };
+    let capacity = |server: &Server| {
+        let url = server.url("/metrics");
+        async move {
+            let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+            text.lines()
+                .find(|l| l.starts_with("pyherd_queue_capacity "))
+                .unwrap()
+                .to_owned()
+        }
+    };
+    // File only.
+    let server = Server::start_with(pyherd(Some(dir.path())), &[]);
+    assert_eq!(workers(&server).await, 3);
+    assert_eq!(capacity(&server).await, "pyherd_queue_capacity 7");
+    drop(server);
+    // Environment over file.
+    let mut cmd = pyherd(Some(dir.path()));
+    cmd.env("PYHERD_WORKERS", "2");
+    let server = Server::start_with(cmd, &[]);
+    assert_eq!(workers(&server).await, 2);
+    assert_eq!(capacity(&server).await, "pyherd_queue_capacity 7");
+    drop(server);
+    // Flag over environment.
+    let mut cmd = pyherd(Some(dir.path()));
+    cmd.env("PYHERD_WORKERS", "2");
+    let server = Server::start_with(cmd, &["--workers", "1", "--max-queue", "9"]);
+    assert_eq!(workers(&server).await, 1);
+    assert_eq!(capacity(&server).await, "pyherd_queue_capacity 9");
+}
+
+#[test]
+fn an_unknown_key_or_bad_value_in_the_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("pyherd.toml"),
+        "workers = 2\nmax_qeue = 5\n",
+    )
+    .unwrap();
+    let out = pyherd(Some(dir.path()))
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("max_qeue") && text.contains("pyherd.toml"),
+        "{text}"
+    );
+    let out = pyherd(None)
+        .args(["serve", "--workers", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("workers"));
+    let out = pyherd(None)
+        .args(["serve", "--bind", "not-an-address"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not-an-address"));
+}
+
+/// Pids of the processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1));
+        if ppid == Some(parent.to_string().as_str()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn sigterm_while_workers_start_exits_zero_and_kills_them() {
+    let mut child = pyherd(None)
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--startup-timeout-ms",
+            "60000",
+        ])
+        .args(["--handlers", &fixture("hang_at_import.py")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let began = Instant::now();
+    let workers = loop {
+        let workers = children_of(child.id());
+        if workers.len() == 2 {
+            break workers;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(20),
+            "workers never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    common::signal(child.id(), Signal::SIGTERM);
+    let status = wait_exit(&mut child, Duration::from_secs(10)).expect("serve must exit");
+    assert!(status.success(), "{status}");
+    let began = Instant::now();
+    while workers.iter().any(|&pid| common::running(pid)) {
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "starting workers outlived the server"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -2,17 +2,8 @@
 
 mod common;
 
-use common::pyherd;
+use common::run;
 use serde_json::Value;
-
-fn run(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = pyherd(None).args(args).output().unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn exec_prints_the_result_on_stdout() {

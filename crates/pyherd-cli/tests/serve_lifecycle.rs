@@ -164,27 +164,6 @@ fn an_unknown_key_or_bad_value_in_the_file_is_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not-an-address"));
 }
 
-/// Pids of the processes whose parent is `parent`.
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let ppid = stat
-            .rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().nth(1));
-        if ppid == Some(parent.to_string().as_str()) {
-            found.push(pid);
-        }
-    }
-    found
-}
-
 #[test]
 fn sigterm_while_workers_start_exits_zero_and_kills_them() {
     let mut child = pyherd(None)
@@ -204,7 +183,7 @@ fn sigterm_while_workers_start_exits_zero_and_kills_them() {
         .unwrap();
     let began = Instant::now();
     let workers = loop {
-        let workers = children_of(child.id());
+        let workers = common::children_of(child.id());
         if workers.len() == 2 {
             break workers;
         }

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: real pools of real Python workers.
-#![allow(dead_code, unreachable_pub)]
+// Test harness code: a failed step panics, which fails the test that called it.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

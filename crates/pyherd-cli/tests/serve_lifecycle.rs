@@ -205,3 +205,27 @@ fn sigterm_while_workers_start_exits_zero_and_kills_them() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[tokio::test]
+async fn a_server_killed_with_sigkill_leaves_no_worker_behind() {
+    let server = Server::start(&["--workers", "3"]);
+    let pids: Vec<u32> = get_json(&server.url("/v1/workers")).await["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .collect();
+    let children = common::children_of(server.pid());
+    assert!(
+        pids.iter().all(|p| children.contains(p)),
+        "{pids:?} are the server's children {children:?}"
+    );
+    common::signal(server.pid(), Signal::SIGKILL);
+    drop(server);
+    wait_until(
+        Duration::from_secs(2),
+        "the orphaned workers to exit",
+        || async { pids.iter().all(|&pid| !common::running(pid)) },
+    )
+    .await;
+}

@@ -73,7 +73,7 @@ async fn load(
 ) -> anyhow::Result<Report> {
     let progress = ProgressBar::new(args.requests);
     progress.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} calls  {per_sec}  eta {eta}")
+        ProgressStyle::with_template("{bar:40} {pos}/{len} calls  {elapsed} elapsed, eta {eta}")
             .context("progress bar template")?,
     );
     let next = Arc::new(AtomicU64::new(0));

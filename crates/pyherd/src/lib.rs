@@ -32,3 +32,8 @@ pub use config::PoolConfig;
 pub use error::{Category, Error, ErrorContext, ErrorKind};
 pub use pool::{CallOptions, Pool, PoolBuilder, PoolStats, Reply, WorkerInfo};
 pub use worker::WorkerState;
+
+/// The README's Rust examples compile as doc tests, so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeExamples;

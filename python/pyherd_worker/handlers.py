@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import importlib.util
 import inspect
@@ -106,15 +105,20 @@ def load(spec: str) -> None:
         importlib.import_module(spec)
 
 
-_loop: Optional[asyncio.AbstractEventLoop] = None
+_loop: Any = None
 
 
 def invoke(h: Handler, args: Any, ctx: Context) -> Any:
-    """Run a handler and return its result (async handlers run on one event loop per worker)."""
+    """Run a handler and return its result (async handlers run on one event loop per worker).
+
+    asyncio is imported on the first async call only: it costs ~30 ms of every start.
+    """
     result = h.func(args, ctx) if h.takes_ctx else h.func(args)
     if h.is_async:
         global _loop
         if _loop is None:
+            import asyncio
+
             _loop = asyncio.new_event_loop()
         result = _loop.run_until_complete(result)
     return result

@@ -61,16 +61,15 @@ async fn main() -> Result<(), pyherd::Error> {
     );
 
     // Errors are typed: category, kind, message, context.
-    let err = pool
-        .execute("no_such_command", json!({}))
-        .await
-        .unwrap_err();
-    println!(
-        "error      -> {}/{}: {}",
-        err.category(),
-        err.kind(),
-        err.message()
-    );
+    match pool.execute("no_such_command", json!({})).await {
+        Err(err) => println!(
+            "error      -> {}/{}: {}",
+            err.category(),
+            err.kind(),
+            err.message()
+        ),
+        Ok(value) => println!("unexpected -> {value}"),
+    }
 
     // Many calls at once are queued fairly over the workers.
     let calls = (0..100).map(|i| pool.execute("echo", json!({ "i": i })));

@@ -1,5 +1,6 @@
 //! `pyherd`: run a pool of Python workers as an HTTP service (`serve`), for one call
 //! (`exec`), or under load (`bench`).
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod bench;
 mod exec;

@@ -159,18 +159,9 @@ async fn an_execution_timeout_is_504() {
     assert_eq!(execute(&server, json!({"command": "ping"})).await.0, 200);
 }
 
-async fn occupy(server: &Server, seconds: f64) -> tokio::task::JoinHandle<(u16, Value)> {
-    let url = server.url("/v1/execute");
+fn occupy(server: &Server, seconds: f64) -> tokio::task::JoinHandle<(u16, Value)> {
     let body = json!({"command": "sleep", "args": {"seconds": seconds}});
-    tokio::spawn(async move {
-        let r = reqwest::Client::new()
-            .post(url)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
-    })
+    tokio::spawn(common::post_execute(server.url("/v1/execute"), body))
 }
 
 #[tokio::test]
@@ -186,12 +177,12 @@ async fn saturation_and_queue_timeout_are_503_with_retry_after() {
         TESTING[1],
     ]);
     let stats = server.url("/v1/stats");
-    let busy = occupy(&server, 1.5).await;
+    let busy = occupy(&server, 1.5);
     wait_until(Duration::from_secs(5), "a busy worker", || async {
         get_json(&stats).await["busy"] == 1
     })
     .await;
-    let queued = occupy(&server, 0.0).await;
+    let queued = occupy(&server, 0.0);
     wait_until(Duration::from_secs(5), "a queued call", || async {
         get_json(&stats).await["queued"] == 1
     })

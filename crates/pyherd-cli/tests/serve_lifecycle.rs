@@ -20,19 +20,8 @@ async fn sigterm_lets_the_call_in_flight_finish_then_exits_zero_leaving_no_worke
         .iter()
         .map(|w| w["pid"].as_u64().unwrap() as u32)
         .collect();
-    let url = server.url("/v1/execute");
-    let in_flight = tokio::spawn(async move {
-        let r = reqwest::Client::new()
-            .post(url)
-            .json(&json!({"command": "sleep", "args": {"seconds": 0.5}}))
-            .send()
-            .await
-            .unwrap();
-        (
-            r.status().as_u16(),
-            r.json::<serde_json::Value>().await.unwrap(),
-        )
-    });
+    let body = json!({"command": "sleep", "args": {"seconds": 0.5}});
+    let in_flight = tokio::spawn(common::post_execute(server.url("/v1/execute"), body));
     let stats = server.url("/v1/stats");
     wait_until(Duration::from_secs(5), "the call to run", || async {
         get_json(&stats).await["busy"] == 1

@@ -1,6 +1,5 @@
 //! Runs the real `pyherd` binary: a server on a free loopback port, or one command.
-// Test harness code: a failed step panics, which fails the test that called it.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -183,8 +182,13 @@ pub async fn get_json(url: &str) -> serde_json::Value {
 
 /// POST a JSON body to /v1/execute; status and body.
 pub async fn execute(server: &Server, body: serde_json::Value) -> (u16, serde_json::Value) {
+    post_execute(server.url("/v1/execute"), body).await
+}
+
+/// POST a JSON body to `url`; status and body (owned arguments, for spawned tasks).
+pub async fn post_execute(url: String, body: serde_json::Value) -> (u16, serde_json::Value) {
     let response = reqwest::Client::new()
-        .post(server.url("/v1/execute"))
+        .post(url)
         .json(&body)
         .send()
         .await

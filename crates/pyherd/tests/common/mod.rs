@@ -1,6 +1,5 @@
 //! Helpers shared by the integration tests: real pools of real Python workers.
-// Test harness code: a failed step panics, which fails the test that called it.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

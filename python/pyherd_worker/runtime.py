@@ -112,7 +112,7 @@ class Worker:
             return self.dumps(exception_frame(request_id, exc))
         try:
             body = self.dumps({"t": "ok", "id": request_id, "result": result})
-        except (TypeError, ValueError, OverflowError) as exc:
+        except Exception as exc:  # TypeError, ValueError, RecursionError (too deep), ...
             frame = error_frame(
                 request_id,
                 "python",

@@ -50,6 +50,15 @@ def not_json(args: Dict[str, Any]) -> Any:
 
 
 @handler
+def deep_result(args: Dict[str, Any]) -> Any:
+    """Return lists nested ``depth`` deep (default 100 000: deeper than any encoder goes)."""
+    value: Any = []
+    for _ in range(int(args.get("depth", 100_000))):
+        value = [value]
+    return value
+
+
+@handler
 def raise_error(args: Dict[str, Any]) -> None:
     """Raise ValueError with ``message``."""
     raise ValueError(args.get("message", "raised on purpose"))

@@ -80,6 +80,19 @@ async fn a_result_json_cannot_hold_is_an_error_not_a_dead_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_nested_too_deep_is_an_error_with_either_codec() {
+    for codec in ["stdlib", "auto"] {
+        let pool = testing_pool(1).env("PYHERD_JSON", codec).build().await.unwrap();
+        let pid = pool.workers()[0].pid;
+        let e = pool.execute("deep_result", json!({})).await.unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::ResultNotSerializable, "{codec}: {e}");
+        still_serves(&pool).await;
+        assert_eq!(pool.workers()[0].pid, pid, "{codec}: the worker survived");
+        pool.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_frames_are_refused_on_the_side_that_would_send_them() {
     let pool = testing_pool(1)
         .max_frame_bytes(64 * 1024)

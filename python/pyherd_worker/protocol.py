@@ -19,12 +19,29 @@ class ProtocolError(Exception):
 
 
 def _stdlib_codec() -> Tuple[str, Callable[[Any], bytes], Callable[[bytes], Any]]:
-    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    from json import encoder as json_encoder
 
-    def dumps(obj: Any) -> bytes:
-        return encoder.encode(obj).encode("utf-8")
+    settings = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    decoder = json.JSONDecoder()
+    c_make_encoder = getattr(json_encoder, "c_make_encoder", None)
+    if c_make_encoder is None:
+        def dumps(obj: Any) -> bytes:
+            return settings.encode(obj).encode("utf-8")
+    else:
+        # One C encoder for the worker's life (JSONEncoder.encode builds one per call).
+        # No circular-reference table: a table shared across calls could keep stale
+        # entries after a failed call; a cycle ends in RecursionError instead.
+        encode_chunks = c_make_encoder(
+            None, settings.default, json_encoder.encode_basestring, None, ":", ",", False, False, False
+        )
 
-    return "json", dumps, json.loads
+        def dumps(obj: Any) -> bytes:
+            return "".join(encode_chunks(obj, 0)).encode("utf-8")
+
+    def loads(body: bytes) -> Any:
+        return decoder.decode(body.decode("utf-8"))
+
+    return "json", dumps, loads
 
 
 def _orjson_codec() -> Optional[Tuple[str, Callable[[Any], bytes], Callable[[bytes], Any]]]:

@@ -82,7 +82,11 @@ async fn a_result_json_cannot_hold_is_an_error_not_a_dead_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_nested_too_deep_is_an_error_with_either_codec() {
     for codec in ["stdlib", "auto"] {
-        let pool = testing_pool(1).env("PYHERD_JSON", codec).build().await.unwrap();
+        let pool = testing_pool(1)
+            .env("PYHERD_JSON", codec)
+            .build()
+            .await
+            .unwrap();
         let pid = pool.workers()[0].pid;
         let e = pool.execute("deep_result", json!({})).await.unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::ResultNotSerializable, "{codec}: {e}");
@@ -115,6 +119,18 @@ async fn oversize_frames_are_refused_on_the_side_that_would_send_them() {
         .unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::ResultTooLarge);
     assert!(e.message().contains("over the frame limit of 65536"), "{e}");
+    // Escaping can make a call grow past the limit after admission: still refused, and
+    // the worker is kept.
+    let pid = pool.workers()[0].pid;
+    let opts = CallOptions::new().session_id("\u{1}".repeat(20_000));
+    let e = pool
+        .execute_with("echo", json!({}), &opts)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::PayloadTooLarge, "{e}");
+    assert!(e.message().contains("once encoded"), "{e}");
+    assert_eq!(pool.workers()[0].pid, pid);
+    assert_eq!(pool.stats().restarts, 0);
     let fits = pool
         .execute("big_result", json!({"bytes": 60_000}))
         .await

@@ -90,3 +90,25 @@ async fn async_handlers_and_handler_files_by_path_work() {
     assert!(rss > 1 << 20);
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pythonpath_given_to_the_workers_is_added_to_the_package_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("extra_handlers.py"),
+        "from pyherd_worker import handler\n\n@handler\ndef extra(args):\n    return 'found'\n",
+    )
+    .unwrap();
+    let pool = Pool::builder()
+        .workers(1)
+        .env("PYTHONPATH", dir.path().to_string_lossy())
+        .handlers("extra_handlers")
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(
+        pool.execute("extra", json!({})).await.unwrap(),
+        json!("found")
+    );
+    pool.shutdown().await;
+}

@@ -118,6 +118,21 @@ impl Slot {
                 return None;
             }
         };
+        // Admission estimated the size; escaping (of a session id, say) can add to it. A
+        // frame the codec would refuse must not reach the pipe, or the worker would be lost.
+        let limit = self.shared.config.max_frame_bytes;
+        if frame.len() > limit {
+            let error = Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "the call is {} bytes once encoded, over the frame limit of {limit} bytes",
+                    frame.len()
+                ),
+            )
+            .with_context(|c| c.limit_bytes = u64::try_from(limit).ok());
+            job.answer(Err(error));
+            return None;
+        }
         let started = Instant::now();
         let outcome = worker
             .call(frame, job.id, started + job.timeout, &self.shared.abort)

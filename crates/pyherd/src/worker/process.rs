@@ -110,11 +110,12 @@ impl WorkerProcess {
         for module in &spec.handlers {
             command.arg("--handlers").arg(module);
         }
+        // The caller's variables first: PYTHONPATH already has theirs after the package's.
         command
+            .envs(&spec.env)
             .env("PYTHONPATH", &spec.pythonpath)
             .env("PYTHONUNBUFFERED", "1")
             .env("PYHERD_WORKER_ID", &*id)
-            .envs(&spec.env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,6 +1,7 @@
 //! `pyherd serve`: the HTTP API over a pool, with graceful shutdown on SIGTERM/SIGINT.
 
 use std::io::Write;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -50,9 +51,14 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
         _ = interrupt.recv() => tracing::info!("SIGINT: draining"),
     }
-    // Stop taking connections and calls at once; calls in flight finish within the grace.
+    // Stop taking connections and calls at once; calls in flight finish within the grace,
+    // unless a second signal says not to wait.
     stop.cancel();
-    pool.shutdown().await;
+    tokio::select! {
+        () = pool.shutdown() => {}
+        _ = terminate.recv() => pool.shutdown_with(Duration::ZERO).await,
+        _ = interrupt.recv() => pool.shutdown_with(Duration::ZERO).await,
+    }
     server
         .await
         .context("the HTTP server task failed")?

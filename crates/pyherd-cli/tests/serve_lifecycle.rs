@@ -52,6 +52,60 @@ async fn sigint_also_drains_and_exits_zero() {
     assert!(status.success(), "{status}");
 }
 
+#[tokio::test]
+async fn a_second_signal_ends_the_grace_period_at_once() {
+    let server = Server::start(&["--workers", "2", "--handlers", "pyherd_worker.testing"]);
+    let body = json!({"command": "sleep", "args": {"seconds": 600}});
+    let stuck = tokio::spawn(common::post_execute(server.url("/v1/execute"), body));
+    let stats = server.url("/v1/stats");
+    wait_until(Duration::from_secs(5), "the call to run", || async {
+        get_json(&stats).await["busy"] == 1
+    })
+    .await;
+    let workers = get_json(&server.url("/v1/workers")).await;
+    let pid_in = |state: &str| {
+        workers["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["state"] == state)
+            .map(|w| w["pid"].as_u64().unwrap() as u32)
+            .unwrap()
+    };
+    let (busy, idle) = (pid_in("busy"), pid_in("ready"));
+    let pid = server.pid();
+    common::signal(pid, Signal::SIGTERM);
+    // Draining (the grace is 30 s): the idle worker is stopped, the busy one keeps its call.
+    wait_until(
+        Duration::from_secs(10),
+        "the idle worker to stop",
+        || async { !common::running(idle) },
+    )
+    .await;
+    assert!(common::running(busy));
+    assert!(!stuck.is_finished());
+    let began = Instant::now();
+    common::signal(pid, Signal::SIGTERM);
+    let (code, body) = tokio::time::timeout(Duration::from_secs(10), stuck)
+        .await
+        .expect("the second signal ends the call")
+        .unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["error"]["kind"], "shutting_down");
+    let mut server = server;
+    let status = tokio::task::spawn_blocking(move || server.wait(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("exit after the second signal");
+    assert!(status.success(), "{status}");
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(!common::running(busy));
+}
+
 #[test]
 fn workers_that_cannot_start_make_serve_exit_non_zero_with_the_python_error() {
     let began = Instant::now();

@@ -145,9 +145,16 @@ class Worker:
             write_frame(replies, self.reply_body(msg))
 
 
-def watch_parent(interval: float = PARENT_CHECK_INTERVAL_S) -> None:
-    """Exit the process as soon as the parent that started it is gone."""
-    parent = os.getppid()
+def watch_parent(parent: Optional[int], interval: float = PARENT_CHECK_INTERVAL_S) -> None:
+    """Exit the process as soon as the parent that started it is gone.
+
+    `parent` is the pid the host says it has: if the host died before this process got
+    here, the parent is already someone else (a reaper) and the worker exits at once.
+    """
+    if parent is None:
+        parent = os.getppid()
+    if os.getppid() != parent:
+        os._exit(0)
 
     def check() -> None:
         while True:
@@ -159,7 +166,7 @@ def watch_parent(interval: float = PARENT_CHECK_INTERVAL_S) -> None:
 
 
 def _parse_args(argv: List[str]) -> Dict[str, Any]:
-    opts: Dict[str, Any] = {"worker_id": "w0", "max_frame_bytes": 64 * 1024 * 1024, "handlers": []}
+    opts: Dict[str, Any] = {"worker_id": "w0", "max_frame_bytes": 64 * 1024 * 1024, "handlers": [], "parent_pid": None}
     it = iter(argv)
     for flag in it:
         value = next(it, None)
@@ -171,6 +178,8 @@ def _parse_args(argv: List[str]) -> Dict[str, Any]:
             opts["max_frame_bytes"] = int(value)
         elif flag == "--handlers":
             opts["handlers"].append(value)
+        elif flag == "--parent-pid":
+            opts["parent_pid"] = int(value)
         else:
             raise SystemExit(f"pyherd_worker: unknown option {flag}")
     return opts
@@ -181,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     opts = _parse_args(sys.argv[1:] if argv is None else argv)
     os.dup2(2, 1)  # print() and os.write(1, ...) land in the captured stderr, never in a frame
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    watch_parent()
+    watch_parent(opts["parent_pid"])
     try:
         requests = os.fdopen(REQUEST_FD, "rb", buffering=1 << 16)
         replies = os.fdopen(REPLY_FD, "wb", buffering=1 << 16)

@@ -106,7 +106,9 @@ impl WorkerProcess {
                 &id,
                 "--max-frame-bytes",
             ])
-            .arg(spec.max_frame_bytes.to_string());
+            .arg(spec.max_frame_bytes.to_string())
+            .arg("--parent-pid")
+            .arg(std::process::id().to_string());
         for module in &spec.handlers {
             command.arg("--handlers").arg(module);
         }

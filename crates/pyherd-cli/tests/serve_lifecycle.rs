@@ -3,22 +3,19 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Server, execute, exists, fixture, get_json, pyherd, wait_exit, wait_until};
+use common::{Server, execute, exists, get_json, pyherd, wait_exit, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
 #[tokio::test]
 async fn sigterm_lets_the_call_in_flight_finish_then_exits_zero_leaving_no_worker() {
     let server = Server::start(&["--workers", "2", "--handlers", "pyherd_worker.testing"]);
-    let workers = get_json(&server.url("/v1/workers")).await;
-    let pids: Vec<u32> = workers["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["pid"].as_u64().unwrap() as u32)
+    let pids: Vec<u32> = common::workers(&server)
+        .await
+        .into_iter()
+        .map(|(pid, _)| pid)
         .collect();
     let body = json!({"command": "sleep", "args": {"seconds": 0.5}});
     let in_flight = tokio::spawn(common::post_execute(server.url("/v1/execute"), body));
@@ -62,14 +59,12 @@ async fn a_second_signal_ends_the_grace_period_at_once() {
         get_json(&stats).await["busy"] == 1
     })
     .await;
-    let workers = get_json(&server.url("/v1/workers")).await;
+    let workers = common::workers(&server).await;
     let pid_in = |state: &str| {
-        workers["workers"]
-            .as_array()
-            .unwrap()
+        workers
             .iter()
-            .find(|w| w["state"] == state)
-            .map(|w| w["pid"].as_u64().unwrap() as u32)
+            .find(|(_, s)| s == state)
+            .map(|(pid, _)| *pid)
             .unwrap()
     };
     let (busy, idle) = (pid_in("busy"), pid_in("ready"));
@@ -109,21 +104,7 @@ async fn a_second_signal_ends_the_grace_period_at_once() {
 #[test]
 fn workers_that_cannot_start_make_serve_exit_non_zero_with_the_python_error() {
     let began = Instant::now();
-    let mut child = pyherd(None)
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--startup-timeout-ms",
-            "20000",
-        ])
-        .args(["--handlers", &fixture("raise_at_import.py")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_serve_with_fixture("raise_at_import.py", 20_000);
     let stderr = common::drain(child.stderr.take().unwrap());
     let status = wait_exit(&mut child, Duration::from_secs(25)).expect("serve must exit");
     assert!(began.elapsed() < Duration::from_secs(20));
@@ -209,21 +190,7 @@ fn an_unknown_key_or_bad_value_in_the_file_is_named() {
 
 #[test]
 fn sigterm_while_workers_start_exits_zero_and_kills_them() {
-    let mut child = pyherd(None)
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--startup-timeout-ms",
-            "60000",
-        ])
-        .args(["--handlers", &fixture("hang_at_import.py")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_serve_with_fixture("hang_at_import.py", 60_000);
     let began = Instant::now();
     let workers = loop {
         let workers = common::children_of(child.id());
@@ -252,11 +219,10 @@ fn sigterm_while_workers_start_exits_zero_and_kills_them() {
 #[tokio::test]
 async fn a_server_killed_with_sigkill_leaves_no_worker_behind() {
     let server = Server::start(&["--workers", "3"]);
-    let pids: Vec<u32> = get_json(&server.url("/v1/workers")).await["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["pid"].as_u64().unwrap() as u32)
+    let pids: Vec<u32> = common::workers(&server)
+        .await
+        .into_iter()
+        .map(|(pid, _)| pid)
         .collect();
     let children = common::children_of(server.pid());
     assert!(

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{exists, running, sigkill, testing_pool, wait_until, worker_pids};
+use common::{exists, running, sigkill, spawn_call, testing_pool, wait_until, worker_pids};
 use pyherd::{CallOptions, Category, ErrorKind, Pool, WorkerState};
 use serde_json::json;
 
@@ -119,10 +119,7 @@ async fn a_worker_that_writes_a_garbage_frame_is_killed_and_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_does_not_touch_calls_on_other_workers() {
     let pool = testing_pool(2).build().await.unwrap();
-    let slow = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.execute("sleep", json!({"seconds": 0.5})).await }
-    });
+    let slow = spawn_call(&pool, "sleep", json!({"seconds": 0.5}));
     wait_until(Duration::from_secs(5), "the slow call to run", || {
         pool.stats().busy == 1
     })

@@ -5,25 +5,19 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{testing_pool, wait_until};
+use common::{spawn_call, testing_pool, wait_until};
 use pyherd::{CallOptions, Category, ErrorKind};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_refuses_at_once_with_pool_saturated() {
     let pool = testing_pool(1).max_queue(1).build().await.unwrap();
-    let busy = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.execute("sleep", json!({"seconds": 0.6})).await }
-    });
+    let busy = spawn_call(&pool, "sleep", json!({"seconds": 0.6}));
     wait_until(Duration::from_secs(5), "the worker to be busy", || {
         pool.stats().busy == 1
     })
     .await;
-    let queued = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.execute("echo", json!("queued")).await }
-    });
+    let queued = spawn_call(&pool, "echo", json!("queued"));
     wait_until(Duration::from_secs(5), "one queued call", || {
         pool.stats().queued == 1
     })
@@ -50,10 +44,7 @@ async fn a_call_waiting_past_the_queue_timeout_gets_queue_timeout_and_never_runs
         .build()
         .await
         .unwrap();
-    let busy = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.execute("sleep", json!({"seconds": 1.0})).await }
-    });
+    let busy = spawn_call(&pool, "sleep", json!({"seconds": 1.0}));
     wait_until(Duration::from_secs(5), "the worker to be busy", || {
         pool.stats().busy == 1
     })
@@ -82,10 +73,7 @@ async fn a_call_waiting_past_the_queue_timeout_gets_queue_timeout_and_never_runs
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_are_served_in_the_order_they_arrived() {
     let pool = testing_pool(1).build().await.unwrap();
-    let blocker = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.execute("sleep", json!({"seconds": 0.3})).await }
-    });
+    let blocker = spawn_call(&pool, "sleep", json!({"seconds": 0.3}));
     wait_until(Duration::from_secs(5), "the worker to be busy", || {
         pool.stats().busy == 1
     })

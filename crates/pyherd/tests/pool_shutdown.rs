@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{exists, running, testing_pool, wait_until, worker_pids};
+use common::{exists, running, spawn_call, testing_pool, wait_until, worker_pids};
 use pyherd::{ErrorKind, WorkerState};
 use serde_json::json;
 
@@ -16,10 +16,7 @@ async fn calls_in_flight_finish_and_every_worker_is_reaped() {
     let child = pool.execute("spawn_child", json!({})).await.unwrap()["pid"]
         .as_u64()
         .unwrap() as u32;
-    let in_flight = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.execute("sleep", json!({"seconds": 0.4})).await }
-    });
+    let in_flight = spawn_call(&pool, "sleep", json!({"seconds": 0.4}));
     wait_until(Duration::from_secs(5), "the call to run", || {
         pool.stats().busy == 1
     })
@@ -51,10 +48,7 @@ async fn calls_in_flight_finish_and_every_worker_is_reaped() {
 async fn calls_still_running_when_the_grace_ends_fail_and_their_workers_are_killed() {
     let pool = testing_pool(1).build().await.unwrap();
     let pid = worker_pids(&pool)[0];
-    let stuck = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.execute("sleep", json!({"seconds": 600})).await }
-    });
+    let stuck = spawn_call(&pool, "sleep", json!({"seconds": 600}));
     wait_until(Duration::from_secs(5), "the call to run", || {
         pool.stats().busy == 1
     })
@@ -74,18 +68,12 @@ async fn calls_still_running_when_the_grace_ends_fail_and_their_workers_are_kill
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_calls_are_still_served_during_the_drain() {
     let pool = testing_pool(1).build().await.unwrap();
-    let first = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.execute("sleep", json!({"seconds": 0.3})).await }
-    });
+    let first = spawn_call(&pool, "sleep", json!({"seconds": 0.3}));
     wait_until(Duration::from_secs(5), "the call to run", || {
         pool.stats().busy == 1
     })
     .await;
-    let queued = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.execute("echo", json!("admitted")).await }
-    });
+    let queued = spawn_call(&pool, "echo", json!("admitted"));
     wait_until(Duration::from_secs(5), "a queued call", || {
         pool.stats().queued == 1
     })

@@ -242,3 +242,31 @@ pub fn run(args: &[&str]) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// `pyherd serve` with 2 workers loading `fixture`, stderr piped: for servers that are
+/// not expected to come up.
+pub fn spawn_serve_with_fixture(fixture_name: &str, startup_timeout_ms: u64) -> Child {
+    pyherd(None)
+        .args(["serve", "--bind", "127.0.0.1:0", "--workers", "2"])
+        .args(["--startup-timeout-ms", &startup_timeout_ms.to_string()])
+        .args(["--handlers", &fixture(fixture_name)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pyherd serve")
+}
+
+/// (pid, state) of every worker, from `/v1/workers`.
+pub async fn workers(server: &Server) -> Vec<(u32, String)> {
+    get_json(&server.url("/v1/workers")).await["workers"]
+        .as_array()
+        .expect("a workers array")
+        .iter()
+        .map(|w| {
+            (
+                w["pid"].as_u64().expect("a pid") as u32,
+                w["state"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}

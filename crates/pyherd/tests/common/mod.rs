@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use pyherd::{Pool, PoolBuilder};
+use serde_json::Value;
+use tokio::task::JoinHandle;
 
 /// A fixture module under `tests/fixtures`.
 pub fn fixture(name: &str) -> String {
@@ -64,4 +66,14 @@ pub fn sigkill(pid: u32) {
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill");
+}
+
+/// Runs `pool.execute(command, args)` in its own task.
+pub fn spawn_call(
+    pool: &Pool,
+    command: &'static str,
+    args: Value,
+) -> JoinHandle<Result<Value, pyherd::Error>> {
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.execute(command, args).await })
 }

@@ -322,21 +322,23 @@ impl WorkerProcess {
     /// `term_timeout`, then SIGKILL; reaps it; signals what is left of its group; flushes
     /// its stderr. Returns how it exited.
     async fn end(&mut self, patience: Duration, term_timeout: Option<Duration>) -> Option<String> {
-        if self.exit.is_none() && !self.wait_exit(patience).await {
-            let mut exited = false;
-            if let Some(term_timeout) = term_timeout {
-                self.signal(Signal::SIGTERM);
-                exited = self.wait_exit(term_timeout).await;
+        if self.exit.is_none() {
+            if !self.wait_exit(patience).await {
+                let mut exited = false;
+                if let Some(term_timeout) = term_timeout {
+                    self.signal(Signal::SIGTERM);
+                    exited = self.wait_exit(term_timeout).await;
+                }
+                if !exited {
+                    self.signal(Signal::SIGKILL);
+                    self.wait_exit(REAP_TIMEOUT).await;
+                }
             }
-            if !exited {
-                self.signal(Signal::SIGKILL);
-                self.wait_exit(REAP_TIMEOUT).await;
-            }
+            // Children the worker started share its process group: they end with it. PIDs
+            // are handed out in sequence, so the group id cannot have been reused in the
+            // instants since the leader was reaped (and only this first end signals it).
+            self.signal(Signal::SIGKILL);
         }
-        // Children the worker started share its process group: they end with it. PIDs are
-        // handed out in sequence, so the group id cannot have been reused in the instants
-        // since the leader was reaped.
-        self.signal(Signal::SIGKILL);
         stderr::finish(&mut self.stderr_task, STDERR_FLUSH).await;
         self.exit.map(|s| s.to_string())
     }

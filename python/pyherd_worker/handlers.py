@@ -75,7 +75,7 @@ def handler(arg: Union[Func, str, None] = None) -> Any:
         return _register(arg.__name__, arg)
 
     def decorate(func: Func) -> Func:
-        return _register(arg or func.__name__, func)
+        return _register(func.__name__ if arg is None else arg, func)
 
     return decorate
 
@@ -95,6 +95,11 @@ def load(spec: str) -> None:
         if directory not in sys.path:
             sys.path.insert(0, directory)
         name = os.path.splitext(os.path.basename(path))[0]
+        already = sys.modules.get(name)
+        if already is not None and os.path.abspath(getattr(already, "__file__", "") or "") != path:
+            raise ImportError(
+                f"handler file {spec} is named like the module {name!r}, which is already imported; rename the file"
+            )
         module_spec = importlib.util.spec_from_file_location(name, path)
         if module_spec is None or module_spec.loader is None:
             raise ImportError(f"cannot load handler file {spec}")

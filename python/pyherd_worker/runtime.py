@@ -38,15 +38,29 @@ def error_frame(request_id: int, category: str, kind: str, message: str, **extra
     return frame
 
 
+def _text(value: str) -> str:
+    """`value` as text both codecs can write: a lone surrogate (from surrogateescape'd
+    bytes, say) becomes a visible \\udcxx escape instead of failing the encoding."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception:  # an exception class whose __str__ itself fails
+        text = ""
+    return _text(text) or type(exc).__name__
+
+
 def exception_frame(request_id: int, exc: BaseException, category: str = "python", kind: str = "python_exception") -> Dict[str, Any]:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = _text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     if len(tb) > TRACEBACK_LIMIT:
         tb = "…" + tb[-TRACEBACK_LIMIT:]
     return error_frame(
         request_id,
         category,
         kind,
-        str(exc) or type(exc).__name__,
+        _message(exc),
         python_type=_python_type(exc),
         traceback=tb,
     )
@@ -139,9 +153,13 @@ class Worker:
             body = read_frame(requests)
             if body is None:
                 return
-            msg = loads(body)
-            if msg.get("t") != "call":
-                raise protocol.ProtocolError(f"unexpected message type {msg.get('t')!r}")
+            try:
+                msg = loads(body)
+            except ValueError as exc:
+                raise protocol.ProtocolError(f"a frame that is not JSON: {exc}") from exc
+            if not isinstance(msg, dict) or msg.get("t") != "call":
+                kind = msg.get("t") if isinstance(msg, dict) else type(msg).__name__
+                raise protocol.ProtocolError(f"unexpected message type {kind!r}")
             write_frame(replies, self.reply_body(msg))
 
 
@@ -203,9 +221,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             handlers.load(spec)
         except BaseException as exc:  # includes SystemExit raised by a module at import
             traceback.print_exc()
-            message = f"loading handlers {spec!r} failed: {type(exc).__name__}: {exc}"
+            frame = exception_frame(0, exc, "initialization", "handler_import_failed")
+            frame["message"] = f"loading handlers {spec!r} failed: {type(exc).__name__}: {frame['message']}"
             try:
-                worker.send(exception_frame(0, exc, "initialization", "handler_import_failed") | {"message": message})
+                worker.send(frame)
             except OSError:
                 pass
             return 3

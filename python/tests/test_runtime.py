@@ -1,11 +1,27 @@
-"""The worker loop over in-memory streams: replies, errors, and the worker surviving them."""
+"""The worker loop over in-memory streams: replies, errors, and the worker surviving them.
+
+Every test runs with both codecs.
+"""
 
 import io
 import json
+import os
+import sys
 
 import pytest
 
-from pyherd_worker import handler, protocol, runtime
+from pyherd_worker import PROTOCOL_VERSION, handler, handlers, protocol, runtime
+
+CODECS = ["stdlib", "orjson"]
+
+
+class CustomError(Exception):
+    pass
+
+
+class UnprintableError(Exception):
+    def __str__(self):
+        raise RuntimeError("__str__ is broken too")
 
 
 @handler("rt_fail")
@@ -13,9 +29,41 @@ def _fail(args):
     raise KeyError("missing thing")
 
 
+@handler("rt_custom_fail")
+def _custom_fail(args):
+    raise CustomError("custom failure")
+
+
+@handler("rt_empty_fail")
+def _empty_fail(args):
+    raise ValueError()
+
+
+@handler("rt_long_fail")
+def _long_fail(args):
+    raise ValueError("start " + "m" * 50_000 + " end-of-message")
+
+
+@handler("rt_surrogate_fail")
+def _surrogate_fail(args):
+    # What a surrogateescape'd file name from os.listdir() looks like in a message.
+    raise ValueError("cannot read b'\udcff.txt'")
+
+
+@handler("rt_unprintable_fail")
+def _unprintable_fail(args):
+    raise UnprintableError()
+
+
 @handler("rt_ctx")
 def _ctx(args, ctx):
-    return {"worker": ctx.worker_id, "session": ctx.session_id, "request": ctx.request_id, "deadline": ctx.deadline}
+    return {
+        "worker": ctx.worker_id,
+        "session": ctx.session_id,
+        "request": ctx.request_id,
+        "deadline": ctx.deadline,
+        "has_log": hasattr(ctx.log, "info"),
+    }
 
 
 @handler("rt_set")
@@ -23,80 +71,310 @@ def _set(args):
     return {1, 2}
 
 
+@handler("rt_surrogate_result")
+def _surrogate_result(args):
+    return "\udcff"
+
+
+@handler("rt_cycle")
+def _cycle(args):
+    cycle = []
+    cycle.append(cycle)
+    return cycle
+
+
+@handler("rt_deep")
+def _deep(args):
+    value = []
+    for _ in range(100_000):
+        value = [value]
+    return value
+
+
+SHARED = {"inner": [1, 2], "bad": None}
+
+
+@handler("rt_shared")
+def _shared(args):
+    """Returns the same object every time; with args["bad"], one that cannot be encoded."""
+    SHARED["bad"] = {1} if args.get("bad") else None
+    return SHARED
+
+
 @handler("rt_big")
 def _big(args):
     return "x" * args["n"]
 
 
-@pytest.fixture(params=["stdlib", "orjson"])
-def worker(request):
-    codec = protocol.select_codec(request.param)
-    return runtime.Worker(io.BytesIO(), io.BytesIO(), "w1", 4096, codec)
+@handler("rt_args")
+def _args(args):
+    return {"args": args}
 
 
-def call(worker, cmd, args=None, **extra):
-    msg = {"t": "call", "id": 7, "cmd": cmd, "args": args if args is not None else {}}
+LIMIT = 4096
+
+
+@pytest.fixture(params=CODECS)
+def codec(request):
+    return protocol.select_codec(request.param)
+
+
+@pytest.fixture
+def worker(codec):
+    return runtime.Worker(io.BytesIO(), io.BytesIO(), "w1", LIMIT, codec)
+
+
+def call(worker, cmd, args=None, request_id=7, **extra):
+    msg = {"t": "call", "id": request_id, "cmd": cmd, "args": args if args is not None else {}}
     msg.update(extra)
-    return json.loads(worker.reply_body(msg))
+    body = worker.reply_body(msg)
+    assert isinstance(body, bytes)
+    return json.loads(body.decode("utf-8"))
+
+
+def assert_alive(worker):
+    assert call(worker, "echo", {"still": "alive"}, request_id=99) == {"t": "ok", "id": 99, "result": {"still": "alive"}}
+
+
+# --- ok ---------------------------------------------------------------------
 
 
 def test_a_call_is_answered_with_ok_and_its_id(worker):
     assert call(worker, "echo", {"a": "é"}) == {"t": "ok", "id": 7, "result": {"a": "é"}}
+    assert call(worker, "echo", [1], request_id=2**53) == {"t": "ok", "id": 2**53, "result": [1]}
 
 
-def test_an_unknown_command_is_an_invalid_request(worker):
-    reply = call(worker, "nope")
-    assert (reply["t"], reply["category"], reply["kind"]) == ("err", "invalid_request", "unknown_command")
-    assert "nope" in reply["message"] and "echo" in reply["message"]
+def test_the_reply_body_is_compact_utf8(worker):
+    assert worker.reply_body({"t": "call", "id": 1, "cmd": "echo", "args": {"k": "漢"}}) == (
+        '{"t":"ok","id":1,"result":{"k":"漢"}}'.encode("utf-8")
+    )
+
+
+def test_a_call_without_args_gets_none(worker):
+    body = worker.reply_body({"t": "call", "id": 4, "cmd": "rt_args"})
+    assert json.loads(body) == {"t": "ok", "id": 4, "result": {"args": None}}
+
+
+def test_a_success_never_carries_an_error(worker):
+    reply = call(worker, "echo", {"category": "x"})
+    assert set(reply) == {"t", "id", "result"}
+
+
+# --- errors -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cmd", ["nope", "", None, 12, ["echo"]])
+def test_an_unknown_command_is_an_invalid_request(worker, cmd):
+    reply = call(worker, cmd, request_id=8)
+    assert (reply["t"], reply["id"], reply["category"], reply["kind"]) == (
+        "err", 8, "invalid_request", "unknown_command")
+    assert repr(cmd) in reply["message"]
+    assert "echo" in reply["message"] and "ping" in reply["message"]  # the known handlers
+    assert_alive(worker)
 
 
 def test_an_exception_carries_type_message_and_traceback(worker):
-    reply = call(worker, "rt_fail")
-    assert (reply["category"], reply["kind"]) == ("python", "python_exception")
+    reply = call(worker, "rt_fail", request_id=11)
+    assert (reply["t"], reply["id"], reply["category"], reply["kind"]) == ("err", 11, "python", "python_exception")
     assert reply["python_type"] == "KeyError"
     assert "missing thing" in reply["message"]
     tb = reply["traceback"]
-    assert "Traceback" in tb and "_fail" in tb and "KeyError" in tb
+    assert tb.startswith("Traceback (most recent call last)")
+    assert "_fail" in tb and 'raise KeyError("missing thing")' in tb
+    assert tb.rstrip().endswith("KeyError: 'missing thing'")
+    assert "result" not in reply
+    assert_alive(worker)
 
 
-def test_an_unserialisable_or_oversize_result_is_an_error_and_the_worker_goes_on(worker):
-    reply = call(worker, "rt_set")
-    assert (reply["category"], reply["kind"]) == ("python", "result_not_serializable")
-    reply = call(worker, "rt_big", {"n": 10_000})
-    assert (reply["category"], reply["kind"]) == ("resource", "result_too_large")
+def test_the_python_type_of_a_non_builtin_exception_names_its_module(worker):
+    reply = call(worker, "rt_custom_fail")
+    assert reply["python_type"] == f"{CustomError.__module__}.CustomError"
+    assert reply["message"] == "custom failure"
+
+
+def test_an_exception_without_a_message_is_named_by_its_type(worker):
+    reply = call(worker, "rt_empty_fail")
+    assert (reply["kind"], reply["message"], reply["python_type"]) == ("python_exception", "ValueError", "ValueError")
+
+
+def test_a_long_traceback_is_cut_to_its_end(worker):
+    reply = call(worker, "rt_long_fail")
+    tb = reply["traceback"]
+    assert len(tb) <= runtime.TRACEBACK_LIMIT + 1
+    assert tb.startswith("…") and tb.rstrip().endswith("end-of-message")
+    assert_alive(worker)
+
+
+def test_an_exception_message_with_a_lone_surrogate_is_still_reported(worker):
+    reply = call(worker, "rt_surrogate_fail")
+    assert (reply["t"], reply["category"], reply["kind"]) == ("err", "python", "python_exception")
+    assert reply["message"] == "cannot read b'\\udcff.txt'"
+    assert "\\udcff.txt" in reply["traceback"]
+    assert_alive(worker)
+
+
+def test_an_exception_whose_str_fails_is_still_reported(worker):
+    reply = call(worker, "rt_unprintable_fail")
+    assert (reply["kind"], reply["python_type"]) == ("python_exception", f"{__name__}.UnprintableError")
+    assert reply["message"] == "UnprintableError"
+    assert "_unprintable_fail" in reply["traceback"]
+    assert_alive(worker)
+
+
+@pytest.mark.parametrize("cmd", ["rt_set", "rt_cycle", "rt_deep", "rt_surrogate_result"])
+def test_an_unserialisable_result_is_an_error_and_the_worker_goes_on(worker, cmd):
+    reply = call(worker, cmd, request_id=12)
+    assert (reply["t"], reply["id"], reply["category"], reply["kind"]) == (
+        "err", 12, "python", "result_not_serializable")
+    assert cmd in reply["message"] and reply["python_type"]
+    assert "result" not in reply
+    assert_alive(worker)
+
+
+def test_a_failed_encoding_does_not_poison_the_next_reply_with_the_same_object(worker):
+    assert call(worker, "rt_shared", {"bad": True})["kind"] == "result_not_serializable"
+    for _ in range(2):
+        assert call(worker, "rt_shared", {"bad": False}) == {
+            "t": "ok", "id": 7, "result": {"inner": [1, 2], "bad": None}}
+
+
+def test_a_result_over_the_frame_limit_is_refused_and_the_worker_goes_on(worker):
+    reply = call(worker, "rt_big", {"n": 10_000}, request_id=13)
+    assert (reply["t"], reply["id"], reply["category"], reply["kind"]) == (
+        "err", 13, "resource", "result_too_large")
+    assert str(LIMIT) in reply["message"]
     assert call(worker, "rt_big", {"n": 100})["result"] == "x" * 100
 
 
+def test_the_frame_limit_is_inclusive(codec):
+    overhead = len(b'{"t":"ok","id":7,"result":""}')
+    worker = runtime.Worker(io.BytesIO(), io.BytesIO(), "w1", 1000, codec)
+    assert call(worker, "rt_big", {"n": 1000 - overhead})["t"] == "ok"
+    assert call(worker, "rt_big", {"n": 1001 - overhead})["kind"] == "result_too_large"
+
+
+# --- context ----------------------------------------------------------------
+
+
 def test_the_context_reaches_the_handler(worker):
-    reply = call(worker, "rt_ctx", session_id="s1", deadline_ms=1_700_000_000_500)
-    assert reply["result"] == {"worker": "w1", "session": "s1", "request": 7, "deadline": 1_700_000_000.5}
-    assert call(worker, "rt_ctx")["result"]["session"] is None
+    reply = call(worker, "rt_ctx", request_id=21, session_id="s1", deadline_ms=1_700_000_000_500)
+    assert reply["result"] == {
+        "worker": "w1", "session": "s1", "request": 21, "deadline": 1_700_000_000.5, "has_log": True}
+    bare = call(worker, "rt_ctx", request_id=22)["result"]
+    assert (bare["session"], bare["deadline"], bare["request"]) == (None, None, 22)
 
 
-def test_serve_answers_frames_in_order_and_returns_at_end_of_stream():
-    _, dumps, _ = codec = protocol.select_codec("stdlib")
-    requests = io.BytesIO()
-    for i in range(5):
-        protocol.write_frame(requests, dumps({"t": "call", "id": i, "cmd": "echo", "args": i}))
-    requests.seek(0)
+def test_remaining_reflects_the_deadline_sent_by_the_host(worker):
+    import time
+
+    handlers.load("pyherd_worker.testing")
+    deadline_ms = int(time.time() * 1000) + 10_000
+    result = call(worker, "ctx_info", deadline_ms=deadline_ms)["result"]
+    assert result["deadline"] == deadline_ms / 1000
+    assert 5 < result["remaining"] <= 10
+
+
+# --- hello and serve --------------------------------------------------------
+
+
+def read_all(stream):
+    stream.seek(0)
+    frames = []
+    while (body := protocol.read_frame(stream)) is not None:
+        frames.append(json.loads(body))
+    return frames
+
+
+def requests_of(codec, *messages):
+    _, dumps, _ = codec
+    stream = io.BytesIO()
+    for msg in messages:
+        protocol.write_frame(stream, dumps(msg))
+    stream.seek(0)
+    return stream
+
+
+def test_hello_introduces_the_worker(codec):
+    replies = io.BytesIO()
+    runtime.Worker(io.BytesIO(), replies, "w-hello", 1 << 20, codec).hello()
+    [hello] = read_all(replies)
+    assert hello == {
+        "t": "hello",
+        "id": 0,
+        "protocol": PROTOCOL_VERSION,
+        "pid": os.getpid(),
+        "worker_id": "w-hello",
+        "handlers": sorted(handlers.registry()),
+        "python": sys.version.split()[0],
+        "json": codec[0],
+    }
+    assert runtime.codec_name() == codec[0]
+
+
+def test_serve_answers_frames_in_order_and_returns_at_end_of_stream(codec):
+    requests = requests_of(codec, *({"t": "call", "id": i, "cmd": "echo", "args": {"n": i}} for i in range(1, 6)))
+    replies = io.BytesIO()
+    assert runtime.Worker(requests, replies, "w1", 1 << 20, codec).serve() is None
+    assert read_all(replies) == [{"t": "ok", "id": i, "result": {"n": i}} for i in range(1, 6)]
+
+
+def test_serve_goes_on_after_failing_calls(codec):
+    requests = requests_of(
+        codec,
+        {"t": "call", "id": 1, "cmd": "rt_fail", "args": {}},
+        {"t": "call", "id": 2, "cmd": "no_such_cmd", "args": {}},
+        {"t": "call", "id": 3, "cmd": "rt_set", "args": {}},
+        {"t": "call", "id": 4, "cmd": "rt_surrogate_fail", "args": {}},
+        {"t": "call", "id": 5, "cmd": "ping", "args": {}},
+    )
     replies = io.BytesIO()
     runtime.Worker(requests, replies, "w1", 1 << 20, codec).serve()
-    replies.seek(0)
-    answers = [json.loads(protocol.read_frame(replies)) for _ in range(5)]
-    assert [(a["id"], a["result"]) for a in answers] == [(i, i) for i in range(5)]
-    assert protocol.read_frame(replies) is None
+    frames = read_all(replies)
+    assert [(f["id"], f["t"], f.get("kind")) for f in frames] == [
+        (1, "err", "python_exception"),
+        (2, "err", "unknown_command"),
+        (3, "err", "result_not_serializable"),
+        (4, "err", "python_exception"),
+        (5, "ok", None),
+    ]
+    assert frames[-1]["result"] == {"pong": True, "worker_id": "w1", "pid": os.getpid()}
 
 
-def test_serve_refuses_messages_that_are_not_calls():
-    codec = protocol.select_codec("stdlib")
+@pytest.mark.parametrize("kind", ["surprise", "ok", "ping", None])
+def test_serve_refuses_messages_that_are_not_calls(codec, kind):
+    msg = {"id": 1, "cmd": "echo", "args": {}}
+    if kind is not None:
+        msg["t"] = kind
+    requests = requests_of(codec, {"t": "call", "id": 1, "cmd": "echo", "args": 1}, msg)
+    replies = io.BytesIO()
+    with pytest.raises(protocol.ProtocolError, match=repr(kind)):
+        runtime.Worker(requests, replies, "w1", 1 << 20, codec).serve()
+    assert read_all(replies) == [{"t": "ok", "id": 1, "result": 1}]  # the call before it was answered
+
+
+@pytest.mark.parametrize("body", [b"[]", b"7", b"not json", b"\xff\xfe"])
+def test_serve_refuses_frames_that_are_not_json_objects(codec, body):
     requests = io.BytesIO()
-    protocol.write_frame(requests, b'{"t":"surprise","id":1}')
+    protocol.write_frame(requests, body)
     requests.seek(0)
-    with pytest.raises(protocol.ProtocolError, match="surprise"):
+    with pytest.raises(protocol.ProtocolError):
         runtime.Worker(requests, io.BytesIO(), "w1", 1 << 20, codec).serve()
 
 
+def test_serve_raises_on_a_truncated_request(codec):
+    requests = requests_of(codec, {"t": "call", "id": 1, "cmd": "echo", "args": 1})
+    requests.seek(0, io.SEEK_END)
+    requests.write(b"\x00\x00\x01\x00{")
+    requests.seek(0)
+    replies = io.BytesIO()
+    with pytest.raises(protocol.ProtocolError):
+        runtime.Worker(requests, replies, "w1", 1 << 20, codec).serve()
+    assert read_all(replies) == [{"t": "ok", "id": 1, "result": 1}]
+
+
 def test_worker_options_are_parsed_strictly():
+    assert runtime._parse_args([]) == {
+        "worker_id": "w0", "handlers": [], "max_frame_bytes": 64 * 1024 * 1024, "parent_pid": None}
     opts = runtime._parse_args(
         ["--worker-id", "w5", "--handlers", "a", "--handlers", "b.py", "--max-frame-bytes", "2048", "--parent-pid", "42"]
     )

@@ -112,6 +112,25 @@ pub enum ErrorKind {
     ResultTypeMismatch,
     /// The pool is shutting down and takes no more calls.
     ShuttingDown,
+    /// No live session has that id (never created, deleted or expired).
+    SessionNotFound,
+    /// A session with that id already exists.
+    SessionExists,
+    /// The store holds as many live sessions as it may.
+    QuotaExceeded,
+    /// No program of that id in the session nor among the global programs.
+    ProgramNotFound,
+    /// A session or program id that is empty, too long or has characters outside
+    /// `A-Z a-z 0-9 - _ . :`.
+    InvalidId,
+    /// The command keeps its state in a session and was called without one.
+    SessionRequired,
+    /// A DSPy signature that cannot be built.
+    InvalidSignature,
+    /// The language model failed (network, provider, output that cannot be parsed).
+    LmError,
+    /// The session's worker is busy and the call asked not to wait (`strict_fail_fast`).
+    WorkerBusy,
     /// A kind sent by the worker that this host does not know.
     Other(String),
 }
@@ -138,6 +157,15 @@ impl ErrorKind {
             Self::MalformedRequest => "malformed_request",
             Self::ResultTypeMismatch => "result_type_mismatch",
             Self::ShuttingDown => "shutting_down",
+            Self::SessionNotFound => "session_not_found",
+            Self::SessionExists => "session_exists",
+            Self::QuotaExceeded => "quota_exceeded",
+            Self::ProgramNotFound => "program_not_found",
+            Self::InvalidId => "invalid_id",
+            Self::SessionRequired => "session_required",
+            Self::InvalidSignature => "invalid_signature",
+            Self::LmError => "lm_error",
+            Self::WorkerBusy => "worker_busy",
             Self::Other(name) => name,
         }
     }
@@ -153,12 +181,19 @@ impl ErrorKind {
             | Self::HandshakeFailed => Category::Initialization,
             Self::WorkerCrashed => Category::Communication,
             Self::QueueTimeout | Self::ExecutionTimeout => Category::Timeout,
-            Self::PoolSaturated | Self::ResultTooLarge => Category::Resource,
+            Self::PoolSaturated | Self::ResultTooLarge | Self::WorkerBusy => Category::Resource,
+            Self::SessionNotFound
+            | Self::SessionExists
+            | Self::QuotaExceeded
+            | Self::ProgramNotFound => Category::Session,
             Self::UnknownCommand
             | Self::PayloadTooLarge
             | Self::MalformedRequest
-            | Self::ResultTypeMismatch => Category::InvalidRequest,
-            Self::PythonException | Self::ResultNotSerializable => Category::Python,
+            | Self::ResultTypeMismatch
+            | Self::InvalidId
+            | Self::SessionRequired
+            | Self::InvalidSignature => Category::InvalidRequest,
+            Self::PythonException | Self::ResultNotSerializable | Self::LmError => Category::Python,
             Self::ShuttingDown | Self::Other(_) => Category::System,
         }
     }
@@ -167,7 +202,7 @@ impl ErrorKind {
     pub fn default_retryable(&self) -> bool {
         matches!(
             self,
-            Self::QueueTimeout | Self::PoolSaturated | Self::WorkerCrashed
+            Self::QueueTimeout | Self::PoolSaturated | Self::WorkerCrashed | Self::WorkerBusy
         )
     }
 
@@ -179,6 +214,9 @@ impl ErrorKind {
             "result_not_serializable" => Self::ResultNotSerializable,
             "result_too_large" => Self::ResultTooLarge,
             "payload_too_large" => Self::PayloadTooLarge,
+            "malformed_request" => Self::MalformedRequest,
+            "invalid_signature" => Self::InvalidSignature,
+            "lm_error" => Self::LmError,
             other => Self::Other(other.to_owned()),
         }
     }
@@ -212,6 +250,9 @@ pub struct ErrorContext {
     /// The session the call belonged to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
+    /// The program the call named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub program_id: Option<String>,
     /// How the Python process ended (`exit status: 3`, `signal: 9 (SIGKILL)`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_status: Option<String>,
@@ -368,9 +409,9 @@ mod tests {
 
     #[test]
     fn wire_errors_keep_unknown_kinds_and_map_unknown_categories_to_system() {
-        let e = Error::from_wire("python", "lm_error", "rate limited".into(), Some(true));
+        let e = Error::from_wire("python", "rate_limited", "slow down".into(), Some(true));
         assert_eq!(e.category(), Category::Python);
-        assert_eq!(e.kind(), &ErrorKind::Other("lm_error".into()));
+        assert_eq!(e.kind(), &ErrorKind::Other("rate_limited".into()));
         assert!(e.is_retryable());
         let e = Error::from_wire("nonsense", "x", String::new(), None);
         assert_eq!(e.category(), Category::System);

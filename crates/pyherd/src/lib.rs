@@ -27,6 +27,7 @@ mod metrics;
 mod pool;
 mod protocol;
 mod python;
+pub mod session;
 mod worker;
 
 pub use config::PoolConfig;

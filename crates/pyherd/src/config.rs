@@ -58,6 +58,61 @@ pub struct PoolConfig {
     /// Where the embedded `pyherd_worker` package is written. Default: `$PYHERD_CACHE_DIR`,
     /// else `$XDG_CACHE_HOME/pyherd`, else `~/.cache/pyherd`, else the temp directory.
     pub cache_dir: Option<PathBuf>,
+    /// How a session's calls prefer the worker that served it last. Default: `hint`.
+    pub affinity: Affinity,
+    /// A session's time to live after its last access, unless created with its own.
+    /// Default: 3600 s.
+    #[serde(rename = "session_ttl_ms", with = "millis")]
+    pub session_ttl: Duration,
+    /// Most live sessions; one more is refused with `session/quota_exceeded`. Default: 10 000.
+    pub max_sessions: usize,
+    /// How often expired sessions are removed (they are invisible from the moment they
+    /// expire). Default: 60 s.
+    #[serde(rename = "session_sweep_interval_ms", with = "millis")]
+    pub session_sweep_interval: Duration,
+}
+
+/// How a session's calls prefer the worker that served the session last (its programs
+/// and LM are then already built there). Any worker can serve any session: affinity only
+/// saves that work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Affinity {
+    /// Use the session's last worker if it is idle, else any worker.
+    #[default]
+    Hint,
+    /// Wait for the session's last worker (within the queue timeout).
+    StrictQueue,
+    /// Fail with `resource/worker_busy` when the session's last worker is busy.
+    StrictFailFast,
+}
+
+impl Affinity {
+    /// The configuration name, e.g. `"strict_queue"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hint => "hint",
+            Self::StrictQueue => "strict_queue",
+            Self::StrictFailFast => "strict_fail_fast",
+        }
+    }
+}
+
+impl std::str::FromStr for Affinity {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "hint" => Ok(Self::Hint),
+            "strict_queue" => Ok(Self::StrictQueue),
+            "strict_fail_fast" => Ok(Self::StrictFailFast),
+            other => Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!("affinity must be hint, strict_queue or strict_fail_fast, not {other:?}"),
+            )),
+        }
+    }
 }
 
 impl Default for PoolConfig {
@@ -76,6 +131,10 @@ impl Default for PoolConfig {
             env: BTreeMap::new(),
             working_dir: None,
             cache_dir: None,
+            affinity: Affinity::Hint,
+            session_ttl: Duration::from_secs(3600),
+            max_sessions: 10_000,
+            session_sweep_interval: Duration::from_secs(60),
         }
     }
 }
@@ -96,6 +155,15 @@ impl PoolConfig {
         if self.max_queue == 0 {
             return invalid("max_queue must be at least 1".into());
         }
+        if self.max_sessions == 0 {
+            return invalid("max_sessions must be at least 1".into());
+        }
+        if self.session_ttl > crate::session::MAX_TTL {
+            return invalid(format!(
+                "session_ttl must be at most {} s",
+                crate::session::MAX_TTL.as_secs()
+            ));
+        }
         if !(MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {
             return invalid(format!(
                 "max_frame_bytes must be {MIN_FRAME_BYTES}..={MAX_FRAME_BYTES}, not {}",
@@ -107,6 +175,8 @@ impl PoolConfig {
             ("request_timeout", self.request_timeout),
             ("startup_timeout", self.startup_timeout),
             ("kill_timeout", self.kill_timeout),
+            ("session_ttl", self.session_ttl),
+            ("session_sweep_interval", self.session_sweep_interval),
         ] {
             if value.is_zero() {
                 return invalid(format!("{name} must be greater than zero"));
@@ -181,6 +251,14 @@ mod tests {
         c.max_queue = 1;
         c.handlers = vec![" ".into()];
         assert!(c.validate().unwrap_err().message().contains("handler"));
+        c.handlers.clear();
+        c.max_sessions = 0;
+        assert!(c.validate().unwrap_err().message().contains("max_sessions"));
+        c.max_sessions = 1;
+        c.session_ttl = Duration::ZERO;
+        assert!(c.validate().unwrap_err().message().contains("session_ttl"));
+        c.session_ttl = crate::session::MAX_TTL * 2;
+        assert!(c.validate().unwrap_err().message().contains("session_ttl"));
     }
 
     #[test]
@@ -189,6 +267,22 @@ mod tests {
             serde_json::from_str(r#"{"workers": 3, "queue_timeout_ms": 250}"#).unwrap();
         assert_eq!(c.workers, 3);
         assert_eq!(c.queue_timeout, Duration::from_millis(250));
+        let c: PoolConfig =
+            serde_json::from_str(r#"{"affinity": "strict_queue", "session_ttl_ms": 1000}"#)
+                .unwrap();
+        assert_eq!(c.affinity, Affinity::StrictQueue);
+        assert_eq!(c.session_ttl, Duration::from_secs(1));
+        assert_eq!(
+            "strict_fail_fast".parse::<Affinity>().unwrap(),
+            Affinity::StrictFailFast
+        );
+        assert!(
+            "sticky"
+                .parse::<Affinity>()
+                .unwrap_err()
+                .message()
+                .contains("sticky")
+        );
         let e = serde_json::from_str::<PoolConfig>(r#"{"wokers": 3}"#).unwrap_err();
         assert!(e.to_string().contains("wokers"));
     }

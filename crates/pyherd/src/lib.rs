@@ -30,9 +30,9 @@ mod python;
 pub mod session;
 mod worker;
 
-pub use config::PoolConfig;
+pub use config::{Affinity, PoolConfig};
 pub use error::{Category, Error, ErrorContext, ErrorKind};
-pub use pool::{CallOptions, Pool, PoolBuilder, PoolStats, Reply, WorkerInfo};
+pub use pool::{CallOptions, HOST_WORKER_ID, Pool, PoolBuilder, PoolStats, Reply, WorkerInfo};
 pub use worker::WorkerState;
 
 /// The README's Rust examples compile as doc tests, so they stay true.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::testing_pool;
+use common::{fixture, testing_pool};
 use pyherd::{CallOptions, Category, ErrorKind, Pool};
 use serde::Deserialize;
 use serde_json::json;
@@ -119,18 +119,25 @@ async fn oversize_frames_are_refused_on_the_side_that_would_send_them() {
         .unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::ResultTooLarge);
     assert!(e.message().contains("over the frame limit of 65536"), "{e}");
-    // Escaping can make a call grow past the limit after admission: still refused, and
-    // the worker is kept.
-    let pid = pool.workers()[0].pid;
-    let opts = CallOptions::new().session_id("\u{1}".repeat(20_000));
-    let e = pool
-        .execute_with("echo", json!({}), &opts)
+    // Escaping can make a call grow past the limit after admission (9 kB of control
+    // characters in a command name are 54 kB on the wire): still refused, and the worker
+    // is kept.
+    let odd = testing_pool(1)
+        .max_frame_bytes(64 * 1024)
+        .handlers(fixture("control_names.py"))
+        .build()
+        .await
+        .unwrap();
+    let pid = odd.workers()[0].pid;
+    let e = odd
+        .execute(&"\u{1}".repeat(9_000), json!({"text": "a".repeat(12_000)}))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::PayloadTooLarge, "{e}");
     assert!(e.message().contains("once encoded"), "{e}");
-    assert_eq!(pool.workers()[0].pid, pid);
-    assert_eq!(pool.stats().restarts, 0);
+    assert_eq!(odd.workers()[0].pid, pid);
+    assert_eq!(odd.stats().restarts, 0);
+    odd.shutdown().await;
     let fits = pool
         .execute("big_result", json!({"bytes": 60_000}))
         .await

@@ -21,6 +21,8 @@ pub(crate) struct Job {
     pub(crate) args: Box<RawValue>,
     pub(crate) session_id: Option<Box<str>>,
     pub(crate) timeout: Duration,
+    /// The worker the call's session prefers (its last worker), for affinity accounting.
+    pub(crate) preferred: Option<Arc<str>>,
     state: Arc<AtomicU8>,
     reply: oneshot::Sender<Result<Reply, Error>>,
 }
@@ -46,6 +48,7 @@ impl Job {
             args,
             session_id: session_id.map(Into::into),
             timeout,
+            preferred: None,
             state: state.clone(),
             reply,
         };

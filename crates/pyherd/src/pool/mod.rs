@@ -1,6 +1,7 @@
 //! The pool: admission, the FIFO queue, worker slots, stats and shutdown (DESIGN §2).
 
 mod job;
+mod sessions;
 mod slot;
 mod stats;
 
@@ -9,7 +10,7 @@ use std::ffi::OsString;
 use std::fmt::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -23,10 +24,11 @@ use self::job::Job;
 use self::slot::Slot;
 use self::stats::{Counters, SlotStatus, bump};
 pub use self::stats::{PoolStats, WorkerInfo};
-use crate::config::PoolConfig;
+use crate::config::{Affinity, PoolConfig};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::{self, Metrics, UNKNOWN_COMMAND};
 use crate::protocol::CALL_ENVELOPE_BYTES;
+use crate::session::{MemoryStore, SessionStore};
 use crate::worker::{LaunchSpec, Spawner, WorkerProcess, WorkerState};
 
 /// Options of one call; every field defaults to the pool's configuration.
@@ -37,8 +39,11 @@ pub struct CallOptions {
     pub timeout: Option<Duration>,
     /// Queue timeout (default: [`PoolConfig::queue_timeout`]).
     pub queue_timeout: Option<Duration>,
-    /// Session id passed to the handler as `ctx.session_id`.
+    /// The session the call belongs to: created on first use, passed to the handler as
+    /// `ctx.session_id`, and served preferably by the session's last worker.
     pub session_id: Option<String>,
+    /// Session affinity for this call (default: [`PoolConfig::affinity`]).
+    pub affinity: Option<Affinity>,
 }
 
 impl CallOptions {
@@ -67,7 +72,17 @@ impl CallOptions {
         self.session_id = Some(id.into());
         self
     }
+
+    /// Sets the session affinity.
+    #[must_use]
+    pub fn affinity(mut self, affinity: Affinity) -> Self {
+        self.affinity = Some(affinity);
+        self
+    }
 }
+
+/// The `worker_id` of answers the host gives itself (session and program bookkeeping).
+pub const HOST_WORKER_ID: &str = "host";
 
 /// A successful answer, with the worker that gave it.
 #[derive(Debug, Clone)]
@@ -116,6 +131,26 @@ impl Reply {
     pub fn duration(&self) -> Duration {
         self.duration
     }
+
+    /// An answer the host gives without a worker.
+    pub(crate) fn from_host(result: Box<RawValue>, duration: Duration) -> Self {
+        Self {
+            result,
+            worker_id: HOST_WORKER_ID.into(),
+            duration,
+        }
+    }
+
+    /// The same answer with another result.
+    pub(crate) fn with_result(self, result: Box<RawValue>) -> Self {
+        Self { result, ..self }
+    }
+}
+
+/// A worker slot as the pool sees it: its status and the channel for affinity calls.
+pub(crate) struct SlotHandle {
+    status: Arc<SlotStatus>,
+    direct: async_channel::Sender<Job>,
 }
 
 /// State shared by the pool handle and its slot tasks.
@@ -124,7 +159,12 @@ pub(crate) struct Shared {
     launch: LaunchSpec,
     spawner: Spawner,
     handlers: HashSet<String>,
-    slots: Vec<Arc<SlotStatus>>,
+    /// The workers loaded the DSPy adapter: its session commands are served here.
+    dspy: bool,
+    slots: Vec<SlotHandle>,
+    /// Calls admitted and not yet taken by a worker (in the queue or an affinity channel).
+    queued: AtomicUsize,
+    store: Arc<dyn SessionStore>,
     counters: Counters,
     metrics: Metrics,
     next_request: AtomicU64,
@@ -132,11 +172,23 @@ pub(crate) struct Shared {
     /// Cancelled when shutdown's grace period is over (or the pool is dropped):
     /// workers are killed, calls still running fail.
     abort: CancellationToken,
+    /// Cancelled when shutdown begins: background upkeep (the session sweep) stops.
+    closing: CancellationToken,
 }
 
 impl Shared {
     fn next_worker_id(&self) -> Arc<str> {
         format!("w{}", self.next_worker.fetch_add(1, Ordering::Relaxed)).into()
+    }
+
+    /// A worker took a call out of a queue.
+    pub(crate) fn dequeued(&self) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The slot running worker `id`, if that worker is still in service.
+    fn slot_running(&self, id: &str) -> Option<&SlotHandle> {
+        self.slots.iter().find(|s| s.status.runs(id))
     }
 }
 
@@ -150,6 +202,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // The last handle is gone without `shutdown`: stop every worker now.
         self.queue.close();
+        self.shared.closing.cancel();
         self.shared.abort.cancel();
     }
 }
@@ -171,16 +224,60 @@ pub struct Pool {
 }
 
 /// Builds a [`Pool`]; every setting defaults to [`PoolConfig::default`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 #[must_use]
 pub struct PoolBuilder {
     config: PoolConfig,
+    store: Option<Arc<dyn SessionStore>>,
+}
+
+impl std::fmt::Debug for PoolBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolBuilder")
+            .field("config", &self.config)
+            .field("custom_store", &self.store.is_some())
+            .finish()
+    }
 }
 
 impl PoolBuilder {
     /// A builder starting from `config`.
     pub fn from_config(config: PoolConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            store: None,
+        }
+    }
+
+    /// Session affinity for calls that do not set their own.
+    pub fn affinity(mut self, affinity: Affinity) -> Self {
+        self.config.affinity = affinity;
+        self
+    }
+
+    /// Default time to live of a session after its last access.
+    pub fn session_ttl(mut self, ttl: Duration) -> Self {
+        self.config.session_ttl = ttl;
+        self
+    }
+
+    /// Most live sessions (of the embedded store).
+    pub fn max_sessions(mut self, n: usize) -> Self {
+        self.config.max_sessions = n;
+        self
+    }
+
+    /// How often expired sessions are swept.
+    pub fn session_sweep_interval(mut self, every: Duration) -> Self {
+        self.config.session_sweep_interval = every;
+        self
+    }
+
+    /// Keeps sessions in `store` instead of the embedded [`MemoryStore`] (then
+    /// `session_ttl` and `max_sessions` are the store's business).
+    pub fn session_store(mut self, store: Arc<dyn SessionStore>) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Number of worker processes.
@@ -268,6 +365,9 @@ impl PoolBuilder {
     pub async fn build(self) -> Result<Pool, Error> {
         let config = self.config;
         config.validate()?;
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryStore::new(config.session_ttl, config.max_sessions)));
         let began = Instant::now();
         let python = crate::python::resolve(&config.python, config.startup_timeout).await?;
         let package = crate::python::install(config.cache_dir.as_deref())?;
@@ -323,34 +423,51 @@ impl PoolBuilder {
             handlers = ?hello.handlers,
             "pool ready"
         );
-        let slots: Vec<Arc<SlotStatus>> = workers
-            .iter()
-            .map(|w| Arc::new(SlotStatus::new(w.id().clone(), w.pid(), w.started())))
-            .collect();
-        let (queue, incoming) = async_channel::bounded(config.max_queue);
+        // Admission bounds the calls waiting (`queued`), so the channels need no bound.
+        let (queue, incoming) = async_channel::unbounded();
+        let mut slots = Vec::with_capacity(workers.len());
+        let mut directs = Vec::with_capacity(workers.len());
+        for w in &workers {
+            let (direct, receiver) = async_channel::unbounded();
+            let status = Arc::new(SlotStatus::new(w.id().clone(), w.pid(), w.started()));
+            slots.push(SlotHandle { status, direct });
+            directs.push(receiver);
+        }
         let next_worker = AtomicU64::new(config.workers as u64 + 1);
+        let sweep_every = config.session_sweep_interval;
         let shared = Arc::new(Shared {
             config,
             launch,
             spawner,
+            dspy: hello.adapters.iter().any(|a| a == sessions::DSPY_ADAPTER),
             handlers: hello.handlers.into_iter().collect(),
-            slots: slots.clone(),
+            slots,
+            queued: AtomicUsize::new(0),
+            store,
             counters: Counters::default(),
             metrics: Metrics::default(),
             next_request: AtomicU64::new(1),
             next_worker,
             abort: CancellationToken::new(),
+            closing: CancellationToken::new(),
         });
         let tracker = TaskTracker::new();
-        for (worker, status) in workers.into_iter().zip(slots) {
+        for ((worker, handle), direct) in workers.into_iter().zip(&shared.slots).zip(directs) {
             let slot = Slot {
-                status,
+                status: handle.status.clone(),
                 shared: shared.clone(),
                 queue: incoming.clone(),
+                direct,
+                requeue: queue.clone(),
             };
             tracker.spawn(slot.run(worker));
         }
         tracker.close();
+        tokio::spawn(sweep(
+            shared.store.clone(),
+            sweep_every,
+            shared.closing.clone(),
+        ));
         Ok(Pool {
             inner: Arc::new(Inner {
                 shared,
@@ -358,6 +475,23 @@ impl PoolBuilder {
                 tracker,
             }),
         })
+    }
+}
+
+/// Removes expired sessions every `every` until the pool closes.
+async fn sweep(store: Arc<dyn SessionStore>, every: Duration, closing: CancellationToken) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = closing.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match store.sweep().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "expired sessions removed"),
+            Err(e) => tracing::warn!(error = %e, "the session sweep failed"),
+        }
     }
 }
 
@@ -465,8 +599,15 @@ impl Pool {
     ) -> Result<Reply, Error> {
         let shared = &self.inner.shared;
         let started = Instant::now();
-        let known = shared.handlers.contains(command);
-        let outcome = self.submit(command, known, args, options).await;
+        let known = self.knows(command);
+        let outcome = match options.session_id.as_deref() {
+            Some(session) if known => self.in_session(session, command, args, options).await,
+            None if known && self.needs_session(command) => Err(Error::new(
+                ErrorKind::SessionRequired,
+                format!("{command:?} keeps its state in a session: call it with a session id"),
+            )),
+            _ => self.submit(command, known, args, options, None).await,
+        };
         let outcome = outcome.map_err(|e| {
             e.with_context(|c| {
                 c.command.get_or_insert_with(|| command.to_owned());
@@ -492,12 +633,36 @@ impl Pool {
         outcome
     }
 
+    /// Calls `command` in the session `session_id` (created on first use); see
+    /// [`CallOptions::session_id`]. With the DSPy adapter loaded, its commands
+    /// (`configure_lm`, `create_program`, `execute_program`, `list_programs`,
+    /// `get_program_info`, `delete_program`, `cleanup_session`) keep their state here.
+    ///
+    /// # Errors
+    /// As [`execute_with`](Self::execute_with), plus `invalid_request/invalid_id`,
+    /// `session/quota_exceeded`, `session/program_not_found`,
+    /// `invalid_request/invalid_signature`, `python/lm_error` and, with
+    /// [`Affinity::StrictFailFast`], `resource/worker_busy`.
+    pub async fn execute_in_session(
+        &self,
+        session_id: &str,
+        command: &str,
+        args: Value,
+        options: &CallOptions,
+    ) -> Result<Reply, Error> {
+        let options = options.clone().session_id(session_id);
+        self.execute_with(command, args, &options).await
+    }
+
+    /// Admits a call into the queue (or, for a session, its worker's channel) and waits
+    /// for its answer. `preferred` is the worker the call's session served on last.
     async fn submit(
         &self,
         command: &str,
         known: bool,
         args: Box<RawValue>,
         options: &CallOptions,
+        preferred: Option<Arc<str>>,
     ) -> Result<Reply, Error> {
         let shared = &self.inner.shared;
         let queue = &self.inner.queue;
@@ -505,7 +670,7 @@ impl Pool {
             return Err(shutting_down());
         }
         if !known {
-            let mut names: Vec<&str> = shared.handlers.iter().map(String::as_str).collect();
+            let mut names: Vec<&str> = self.command_names();
             names.sort_unstable();
             return Err(Error::new(
                 ErrorKind::UnknownCommand,
@@ -526,19 +691,47 @@ impl Pool {
         let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
         let timeout = options.timeout.unwrap_or(shared.config.request_timeout);
         let queue_timeout = options.queue_timeout.unwrap_or(shared.config.queue_timeout);
-        let (job, ticket, answer) = Job::new(id, command, args, session_id, timeout);
-        match queue.try_send(job) {
-            Ok(()) => {}
-            Err(async_channel::TrySendError::Full(_)) => {
-                return Err(Error::new(
-                    ErrorKind::PoolSaturated,
-                    format!(
-                        "all workers are busy and the queue is full ({} calls waiting)",
-                        shared.config.max_queue
-                    ),
-                ));
+        let (mut job, ticket, answer) = Job::new(id, command, args, session_id, timeout);
+        if shared.queued.fetch_add(1, Ordering::Relaxed) >= shared.config.max_queue {
+            shared.dequeued();
+            return Err(Error::new(
+                ErrorKind::PoolSaturated,
+                format!(
+                    "all workers are busy and the queue is full ({} calls waiting)",
+                    shared.config.max_queue
+                ),
+            ));
+        }
+        let affinity = options.affinity.unwrap_or(shared.config.affinity);
+        let target = match preferred.as_deref().and_then(|w| shared.slot_running(w)) {
+            Some(slot) => {
+                let idle = slot.status.state() == WorkerState::Ready && slot.direct.is_empty();
+                match affinity {
+                    Affinity::StrictQueue => Some(slot),
+                    _ if idle => Some(slot),
+                    Affinity::StrictFailFast => {
+                        shared.dequeued();
+                        return Err(Error::new(
+                            ErrorKind::WorkerBusy,
+                            format!(
+                                "the session's worker {} is busy (affinity strict_fail_fast)",
+                                preferred.as_deref().unwrap_or_default()
+                            ),
+                        ));
+                    }
+                    _ => None,
+                }
             }
-            Err(async_channel::TrySendError::Closed(_)) => return Err(shutting_down()),
+            None => None,
+        };
+        job.preferred = preferred;
+        let sent = match target {
+            Some(slot) => slot.direct.try_send(job).is_ok(),
+            None => queue.try_send(job).is_ok(),
+        };
+        if !sent {
+            shared.dequeued();
+            return Err(shutting_down());
         }
         tokio::pin!(answer);
         let answer = tokio::select! {
@@ -563,16 +756,20 @@ impl Pool {
     /// Counters and worker counts right now.
     pub fn stats(&self) -> PoolStats {
         let shared = &self.inner.shared;
+        let counters = &shared.counters;
         let mut stats = PoolStats {
-            queued: self.inner.queue.len(),
-            requests: shared.counters.requests.load(Ordering::Relaxed),
-            errors: shared.counters.errors.load(Ordering::Relaxed),
-            queue_timeouts: shared.counters.queue_timeouts.load(Ordering::Relaxed),
-            restarts: shared.counters.restarts.load(Ordering::Relaxed),
+            queued: shared.queued.load(Ordering::Relaxed),
+            requests: counters.requests.load(Ordering::Relaxed),
+            errors: counters.errors.load(Ordering::Relaxed),
+            queue_timeouts: counters.queue_timeouts.load(Ordering::Relaxed),
+            restarts: counters.restarts.load(Ordering::Relaxed),
+            affinity_hits: counters.affinity_hits.load(Ordering::Relaxed),
+            affinity_misses: counters.affinity_misses.load(Ordering::Relaxed),
+            sessions: shared.store.stats(),
             ..PoolStats::default()
         };
         for slot in &shared.slots {
-            match slot.state() {
+            match slot.status.state() {
                 WorkerState::Ready => stats.available += 1,
                 WorkerState::Busy => stats.busy += 1,
                 WorkerState::Starting => stats.starting += 1,
@@ -589,15 +786,46 @@ impl Pool {
             .shared
             .slots
             .iter()
-            .filter_map(|s| s.info())
+            .filter_map(|s| s.status.info())
             .collect()
     }
 
-    /// The handler names the workers announced, sorted.
+    /// The commands this pool answers, sorted: the handlers the workers announced and,
+    /// with the DSPy adapter, the session commands the host serves itself.
     pub fn handlers(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.inner.shared.handlers.iter().cloned().collect();
+        let mut names: Vec<String> = self
+            .command_names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         names.sort_unstable();
         names
+    }
+
+    fn command_names(&self) -> Vec<&str> {
+        let shared = &self.inner.shared;
+        let host = if shared.dspy {
+            &sessions::HOST_COMMANDS[..]
+        } else {
+            &[]
+        };
+        shared
+            .handlers
+            .iter()
+            .map(String::as_str)
+            .chain(host.iter().copied())
+            .collect()
+    }
+
+    fn knows(&self, command: &str) -> bool {
+        let shared = &self.inner.shared;
+        shared.handlers.contains(command)
+            || (shared.dspy && sessions::HOST_COMMANDS.contains(&command))
+    }
+
+    /// The session store (sessions, their programs, global programs).
+    pub fn sessions(&self) -> &Arc<dyn SessionStore> {
+        &self.inner.shared.store
     }
 
     /// True while at least one worker can take calls (ready or busy).
@@ -606,7 +834,7 @@ impl Pool {
             .shared
             .slots
             .iter()
-            .any(|s| matches!(s.state(), WorkerState::Ready | WorkerState::Busy))
+            .any(|s| matches!(s.status.state(), WorkerState::Ready | WorkerState::Busy))
     }
 
     /// The configuration the pool runs with.
@@ -646,7 +874,7 @@ impl Pool {
                 .shared
                 .slots
                 .iter()
-                .filter(|s| s.state() == state)
+                .filter(|s| s.status.state() == state)
                 .count();
             let _ = writeln!(out, "pyherd_workers{{state=\"{}\"}} {n}", state.as_str());
         }
@@ -657,6 +885,7 @@ impl Pool {
             "Replacement workers started after a worker died or was killed.",
         );
         let _ = writeln!(out, "pyherd_worker_restarts_total {}", stats.restarts);
+        render_session_metrics(&mut out, &stats);
         out
     }
 
@@ -673,6 +902,7 @@ impl Pool {
     pub async fn shutdown_with(&self, grace: Duration) {
         let inner = &self.inner;
         inner.queue.close();
+        inner.shared.closing.cancel();
         if tokio::time::timeout(grace, inner.tracker.wait())
             .await
             .is_err()
@@ -687,6 +917,55 @@ impl Pool {
     }
 }
 
-fn shutting_down() -> Error {
+fn render_session_metrics(out: &mut String, stats: &PoolStats) {
+    let sessions = &stats.sessions;
+    metrics::header(out, "pyherd_sessions", "gauge", "Live sessions.");
+    let _ = writeln!(out, "pyherd_sessions {}", sessions.live);
+    for (name, help, value) in [
+        (
+            "pyherd_sessions_created_total",
+            "Sessions created.",
+            sessions.created,
+        ),
+        (
+            "pyherd_sessions_expired_total",
+            "Sessions removed because their TTL passed.",
+            sessions.expired,
+        ),
+        (
+            "pyherd_sessions_deleted_total",
+            "Sessions deleted by a caller.",
+            sessions.deleted,
+        ),
+    ] {
+        metrics::header(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    metrics::header(
+        out,
+        "pyherd_global_programs",
+        "gauge",
+        "Global programs stored.",
+    );
+    let _ = writeln!(out, "pyherd_global_programs {}", sessions.global_programs);
+    metrics::header(
+        out,
+        "pyherd_session_affinity_total",
+        "counter",
+        "Session calls that ran on the worker the session preferred (hit) or on another (miss).",
+    );
+    let _ = writeln!(
+        out,
+        "pyherd_session_affinity_total{{result=\"hit\"}} {}",
+        stats.affinity_hits
+    );
+    let _ = writeln!(
+        out,
+        "pyherd_session_affinity_total{{result=\"miss\"}} {}",
+        stats.affinity_misses
+    );
+}
+
+pub(crate) fn shutting_down() -> Error {
     Error::new(ErrorKind::ShuttingDown, "the pool is shutting down")
 }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::job::Job;
 use super::stats::{SlotStatus, bump};
-use super::{Reply, Shared};
+use super::{Reply, Shared, shutting_down};
 use crate::error::{Error, ErrorKind};
 use crate::protocol::Call;
 use crate::worker::{CallResult, WorkerProcess, WorkerState};
@@ -21,7 +21,12 @@ const RESPAWN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub(crate) struct Slot {
     pub(crate) status: Arc<SlotStatus>,
     pub(crate) shared: Arc<Shared>,
+    /// The pool's FIFO queue.
     pub(crate) queue: async_channel::Receiver<Job>,
+    /// Calls sent to this slot's worker by session affinity; served before the queue.
+    pub(crate) direct: async_channel::Receiver<Job>,
+    /// The pool's queue, to hand back affinity calls when this slot's worker is lost.
+    pub(crate) requeue: async_channel::Sender<Job>,
 }
 
 /// Why `serve` returned.
@@ -39,6 +44,7 @@ impl Slot {
             if let Ending::Stop = self.serve(&mut worker).await {
                 break;
             }
+            self.hand_back();
             let lost = worker.id().clone();
             match self.respawn().await {
                 Some(next) => {
@@ -49,7 +55,23 @@ impl Slot {
                 None => break,
             }
         }
+        self.direct.close();
+        while let Ok(job) = self.direct.try_recv() {
+            self.shared.dequeued();
+            job.answer(Err(shutting_down()));
+        }
         self.status.set_state(WorkerState::Stopped);
+    }
+
+    /// The worker is lost: calls that waited for it go back to the pool's queue, where any
+    /// worker can serve them (their session loses nothing, it lives in the host).
+    fn hand_back(&self) {
+        while let Ok(job) = self.direct.try_recv() {
+            if let Err(refused) = self.requeue.try_send(job) {
+                self.shared.dequeued();
+                refused.into_inner().answer(Err(shutting_down()));
+            }
+        }
     }
 
     async fn serve(&self, worker: &mut WorkerProcess) -> Ending {
@@ -66,8 +88,11 @@ impl Slot {
                     tracing::warn!(worker = %worker.id(), error = %fault, "worker lost while idle");
                     return Ending::Replace;
                 }
+                Ok(job) = self.direct.recv() => job,
                 job = self.queue.recv() => match job {
                     Ok(job) => job,
+                    // Affinity calls admitted before the shutdown are still served.
+                    Err(_) if !self.direct.is_empty() => continue,
                     // Closed and drained: the pool is shutting down.
                     Err(_) => {
                         self.status.set_state(WorkerState::Stopping);
@@ -77,8 +102,17 @@ impl Slot {
                     }
                 },
             };
+            shared.dequeued();
             if !job.take() {
                 continue;
+            }
+            if let Some(preferred) = &job.preferred {
+                let counter = if preferred == worker.id() {
+                    &shared.counters.affinity_hits
+                } else {
+                    &shared.counters.affinity_misses
+                };
+                bump(counter);
             }
             self.status.set_state(WorkerState::Busy);
             if let Some(ending) = self.run_job(worker, job).await {

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::session::SessionStats;
 use crate::worker::WorkerState;
 
 /// A snapshot of the pool, from [`Pool::stats`](crate::Pool::stats).
@@ -30,6 +31,12 @@ pub struct PoolStats {
     pub queue_timeouts: u64,
     /// Replacement workers started after a worker died or was killed.
     pub restarts: u64,
+    /// Session calls run on the worker the session preferred.
+    pub affinity_hits: u64,
+    /// Session calls that preferred a worker and ran on another (it was busy or gone).
+    pub affinity_misses: u64,
+    /// The session store's counts.
+    pub sessions: SessionStats,
 }
 
 /// A snapshot of one worker, from [`Pool::workers`](crate::Pool::workers).
@@ -57,6 +64,8 @@ pub(crate) struct Counters {
     pub(crate) errors: AtomicU64,
     pub(crate) queue_timeouts: AtomicU64,
     pub(crate) restarts: AtomicU64,
+    pub(crate) affinity_hits: AtomicU64,
+    pub(crate) affinity_misses: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -116,6 +125,12 @@ impl SlotStatus {
             p.pid = Some(pid);
             p.started = started;
         }
+    }
+
+    /// Whether this slot runs the worker `id` and can take calls (ready or busy).
+    pub(crate) fn runs(&self, id: &str) -> bool {
+        matches!(self.state(), WorkerState::Ready | WorkerState::Busy)
+            && self.process.lock().is_ok_and(|p| &*p.id == id)
     }
 
     pub(crate) fn served(&self) {

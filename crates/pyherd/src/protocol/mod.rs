@@ -62,6 +62,8 @@ pub(crate) struct Hello {
     pub(crate) handlers: Vec<String>,
     pub(crate) python: String,
     pub(crate) json: String,
+    /// Adapters the worker's handler modules declared (e.g. `dspy`).
+    pub(crate) adapters: Vec<String>,
 }
 
 /// Any frame a worker sends, flat (tag `t`), so that `result` can stay borrowed raw JSON.
@@ -82,6 +84,7 @@ struct Incoming<'a> {
     handlers: Option<Vec<String>>,
     python: Option<String>,
     json: Option<String>,
+    adapters: Option<Vec<String>>,
 }
 
 /// A decoded worker frame.
@@ -138,6 +141,7 @@ pub(crate) fn decode(body: &[u8]) -> Result<Message, String> {
                 handlers: frame.handlers.unwrap_or_default(),
                 python: frame.python.unwrap_or_default(),
                 json: frame.json.unwrap_or_default(),
+                adapters: frame.adapters.unwrap_or_default(),
             }))
         }
         other => Err(format!("worker sent an unexpected message type {other:?}")),
@@ -185,8 +189,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        match decode(br#"{"t":"hello","id":0,"protocol":1,"pid":7,"adapters":["dspy"]}"#).unwrap() {
+            Message::Hello(h) => assert_eq!(h.adapters, ["dspy"]),
+            other => panic!("{other:?}"),
+        }
         match decode(br#"{"t":"hello","id":0,"protocol":1,"pid":42,"handlers":["ping"],"python":"3.11.7","json":"json"}"#).unwrap() {
-            Message::Hello(h) => assert_eq!((h.pid, h.handlers), (42, vec!["ping".to_owned()])),
+            Message::Hello(h) => {
+                assert_eq!((h.pid, h.handlers), (42, vec!["ping".to_owned()]));
+                assert!(h.adapters.is_empty());
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -150,6 +150,7 @@ impl WorkerProcess {
                 handlers: Vec::new(),
                 python: String::new(),
                 json: String::new(),
+                adapters: Vec::new(),
             },
             started: Instant::now(),
         };

@@ -10,6 +10,9 @@ use crate::settings::PoolArgs;
 pub(crate) struct ExecArgs {
     #[command(flatten)]
     pool: PoolArgs,
+    /// Run the call in this session (created for the call)
+    #[arg(long)]
+    session: Option<String>,
     /// The handler to call
     command: String,
     /// Its arguments as JSON [default: {}]
@@ -22,7 +25,11 @@ pub(crate) async fn run(args: ExecArgs) -> anyhow::Result<u8> {
         // One call needs one worker unless asked otherwise.
         settings.pool.workers = 1;
     }
-    let outcome = call(settings.pool, &args.command, args.args.as_deref()).await;
+    let mut options = CallOptions::new();
+    if let Some(session) = args.session {
+        options = options.session_id(session);
+    }
+    let outcome = call(settings.pool, &args.command, args.args.as_deref(), &options).await;
     match outcome {
         Ok(result) => {
             println!("{}", result.get());
@@ -42,6 +49,7 @@ async fn call(
     config: pyherd::PoolConfig,
     command: &str,
     args: Option<&str>,
+    options: &CallOptions,
 ) -> Result<Box<RawValue>, Error> {
     let args = RawValue::from_string(args.unwrap_or("{}").to_owned()).map_err(|e| {
         Error::new(
@@ -50,7 +58,7 @@ async fn call(
         )
     })?;
     let pool = PoolBuilder::from_config(config).build().await?;
-    let outcome = pool.execute_raw(command, args, &CallOptions::new()).await;
+    let outcome = pool.execute_raw(command, args, options).await;
     pool.shutdown().await;
     Ok(outcome?.raw().to_owned())
 }

@@ -1,5 +1,5 @@
 //! `pyherd`: run a pool of Python workers as an HTTP service (`serve`), for one call
-//! (`exec`), or under load (`bench`).
+//! (`exec`), or under load (`bench`); `setup` makes the Python environment they use.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod bench;
@@ -7,6 +7,7 @@ mod exec;
 mod http;
 mod serve;
 mod settings;
+mod setup;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -34,6 +35,8 @@ enum Command {
     Exec(exec::ExecArgs),
     /// Start a pool and measure throughput and latency of one command
     Bench(bench::BenchArgs),
+    /// Create the Python environment (in the state directory) with the requirements
+    Setup(setup::SetupArgs),
 }
 
 /// Exit codes: 0 success, 1 other failure, 2 invalid request or usage, 3 workers could
@@ -54,7 +57,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Exec(_) | Command::Bench(_) => "warn",
+        Command::Exec(_) | Command::Bench(_) | Command::Setup(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Exec(args) => exec::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Setup(args) => setup::run(args).await,
         }
     });
     match outcome {

@@ -26,6 +26,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let workers = settings.pool.workers;
+    if let Some(python) = &settings.venv_python {
+        tracing::info!(python = %python.display(), "using the environment of pyherd setup");
+    }
     let pool = tokio::select! {
         pool = PoolBuilder::from_config(settings.pool).build() => pool?,
         _ = terminate.recv() => return Ok(0),

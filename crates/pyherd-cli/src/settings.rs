@@ -8,12 +8,18 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use pyherd::PoolConfig;
+use pyherd::{Affinity, PoolConfig};
 
 /// The default address of `serve`.
 pub(crate) const DEFAULT_BIND: &str = "127.0.0.1:7878";
 /// The file read when `--config` is not given (if it exists).
 const DEFAULT_FILE: &str = "pyherd.toml";
+/// The state directory when none is given (relative to the working directory).
+pub(crate) const DEFAULT_STATE_DIR: &str = ".pyherd";
+/// What `pyherd setup` installs when the file names no `requirements`.
+pub(crate) const DEFAULT_REQUIREMENTS: [&str; 1] = ["dspy==3.4.1"];
+/// The handlers module of the DSPy adapter (`--dspy`).
+pub(crate) const DSPY_MODULE: &str = "pyherd_worker.dspy_adapter";
 
 /// Pool flags shared by `serve`, `exec` and `bench`.
 #[derive(Debug, Clone, Default, Args)]
@@ -48,26 +54,90 @@ pub(crate) struct PoolArgs {
     /// Largest frame either side may send, bytes [default: 67108864]
     #[arg(long, env = "PYHERD_MAX_FRAME_BYTES")]
     pub(crate) max_frame_bytes: Option<usize>,
+    /// Load the DSPy adapter (the handlers module pyherd_worker.dspy_adapter)
+    #[arg(long, env = "PYHERD_DSPY")]
+    pub(crate) dspy: bool,
+    /// Session affinity: hint, strict_queue or strict_fail_fast [default: hint]
+    #[arg(long, env = "PYHERD_AFFINITY")]
+    pub(crate) affinity: Option<Affinity>,
+    /// Most live sessions [default: 10000]
+    #[arg(long, env = "PYHERD_MAX_SESSIONS")]
+    pub(crate) max_sessions: Option<usize>,
+    /// A session's time to live after its last access, ms [default: 3600000]
+    #[arg(long, env = "PYHERD_SESSION_TTL_MS")]
+    pub(crate) session_ttl_ms: Option<u64>,
+    /// Where pyherd keeps its state, such as the Python environment of `pyherd setup`
+    /// [default: .pyherd]
+    #[arg(long, env = "PYHERD_STATE_DIR")]
+    pub(crate) state_dir: Option<PathBuf>,
 }
 
-/// What the configuration file may hold besides the pool's keys.
+/// The configuration file's keys: the pool's, plus `bind`, `dspy`, `state_dir` and
+/// `requirements`.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct FileSettings {
     pub(crate) pool: PoolConfig,
     pub(crate) bind: Option<String>,
+    pub(crate) dspy: bool,
+    pub(crate) state_dir: Option<PathBuf>,
+    pub(crate) requirements: Option<Vec<String>>,
+    /// The file names the interpreter (then the state directory's environment is not used).
+    python_set: bool,
+}
+
+/// Everything resolved: file, environment and flags applied.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) pool: PoolConfig,
+    pub(crate) bind: Option<String>,
+    pub(crate) state_dir: PathBuf,
+    pub(crate) requirements: Vec<String>,
+    /// The interpreter of the state directory's environment, when the pool uses it.
+    pub(crate) venv_python: Option<PathBuf>,
+}
+
+/// The interpreter of the environment `pyherd setup` makes in `state_dir`.
+pub(crate) fn venv_python(state_dir: &Path) -> PathBuf {
+    state_dir.join("venv").join("bin").join("python")
 }
 
 impl PoolArgs {
-    /// The pool configuration and the file's `bind`, with flags and environment applied.
-    pub(crate) fn resolve(&self) -> anyhow::Result<FileSettings> {
-        let mut settings = match &self.config {
+    /// The file's settings with flags and environment applied. The pool runs on the state
+    /// directory's environment when it exists and no interpreter is named.
+    pub(crate) fn resolve(&self) -> anyhow::Result<Settings> {
+        let mut file = match &self.config {
             Some(path) => read_file(path)?,
             None if Path::new(DEFAULT_FILE).is_file() => read_file(Path::new(DEFAULT_FILE))?,
             None => FileSettings::default(),
         };
-        self.apply(&mut settings.pool);
-        settings.pool.validate().context("invalid pool settings")?;
-        Ok(settings)
+        self.apply(&mut file.pool);
+        if (self.dspy || file.dspy) && !file.pool.handlers.iter().any(|h| h == DSPY_MODULE) {
+            file.pool.handlers.push(DSPY_MODULE.to_owned());
+        }
+        let state_dir = self
+            .state_dir
+            .clone()
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let mut venv = None;
+        if self.python.is_none() && !file.python_set {
+            let python = venv_python(&state_dir);
+            if python.is_file() {
+                file.pool.python.clone_from(&python);
+                venv = Some(python);
+            }
+        }
+        file.pool.validate().context("invalid pool settings")?;
+        let requirements = file
+            .requirements
+            .unwrap_or_else(|| DEFAULT_REQUIREMENTS.map(str::to_owned).to_vec());
+        Ok(Settings {
+            pool: file.pool,
+            bind: file.bind,
+            state_dir,
+            requirements,
+            venv_python: venv,
+        })
     }
 
     fn apply(&self, pool: &mut PoolConfig) {
@@ -99,10 +169,19 @@ impl PoolArgs {
         if let Some(v) = self.max_frame_bytes {
             pool.max_frame_bytes = v;
         }
+        if let Some(v) = self.affinity {
+            pool.affinity = v;
+        }
+        if let Some(v) = self.max_sessions {
+            pool.max_sessions = v;
+        }
+        if let Some(v) = self.session_ttl_ms {
+            pool.session_ttl = ms(v);
+        }
     }
 }
 
-/// Reads a `pyherd.toml`: the pool's keys plus `bind`.
+/// Reads a `pyherd.toml`: the pool's keys plus `bind`, `dspy`, `state_dir`, `requirements`.
 pub(crate) fn read_file(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
@@ -116,8 +195,34 @@ fn parse_file(text: &str) -> anyhow::Result<FileSettings> {
         Some(toml::Value::String(s)) => Some(s),
         Some(other) => bail!("`bind` must be a string like \"{DEFAULT_BIND}\", not {other}"),
     };
+    let dspy = match table.remove("dspy") {
+        None => false,
+        Some(toml::Value::Boolean(b)) => b,
+        Some(other) => bail!("`dspy` must be true or false, not {other}"),
+    };
+    let state_dir = match table.remove("state_dir") {
+        None => None,
+        Some(toml::Value::String(s)) => Some(PathBuf::from(s)),
+        Some(other) => bail!("`state_dir` must be a path, not {other}"),
+    };
+    let requirements = match table.remove("requirements") {
+        None => None,
+        Some(value) => Some(
+            value
+                .try_into::<Vec<String>>()
+                .context("`requirements` must be a list of pip requirement strings")?,
+        ),
+    };
+    let python_set = table.contains_key("python");
     let pool: PoolConfig = toml::Value::Table(table).try_into()?;
-    Ok(FileSettings { pool, bind })
+    Ok(FileSettings {
+        pool,
+        bind,
+        dspy,
+        state_dir,
+        requirements,
+        python_set,
+    })
 }
 
 /// Picks the address: flag/env, then the file, then the default.
@@ -149,6 +254,26 @@ mod tests {
         assert_eq!(file.pool.handlers, vec!["b.py".to_owned()]);
         assert_eq!(file.pool.queue_timeout, Duration::from_millis(250));
         assert_eq!(file.pool.max_queue, 1000);
+    }
+
+    #[test]
+    fn session_and_environment_keys_are_read() {
+        let file = parse_file(
+            "dspy = true\nstate_dir = \"/srv/pyherd\"\nrequirements = [\"dspy==3.4.1\", \"numpy\"]\n\
+             affinity = \"strict_queue\"\nmax_sessions = 5\npython = \"/usr/bin/python3\"\n",
+        )
+        .unwrap();
+        assert!(file.dspy && file.python_set);
+        assert_eq!(file.state_dir, Some(PathBuf::from("/srv/pyherd")));
+        assert_eq!(file.requirements.as_ref().map(Vec::len), Some(2));
+        assert_eq!(file.pool.affinity, Affinity::StrictQueue);
+        assert_eq!(file.pool.max_sessions, 5);
+        let e = parse_file("affinity = \"sticky\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("sticky"), "{e:#}");
+        let e = parse_file("requirements = \"dspy\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("requirements"), "{e:#}");
+        let e = parse_file("dspy = \"yes\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("dspy"), "{e:#}");
     }
 
     #[test]

@@ -39,13 +39,18 @@ impl ApiError {
 /// The status code for a pool error.
 pub(crate) fn status_of(error: &Error) -> StatusCode {
     match error.kind() {
-        ErrorKind::UnknownCommand => StatusCode::NOT_FOUND,
-        ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorKind::QueueTimeout | ErrorKind::PoolSaturated | ErrorKind::ShuttingDown => {
-            StatusCode::SERVICE_UNAVAILABLE
+        ErrorKind::UnknownCommand | ErrorKind::SessionNotFound | ErrorKind::ProgramNotFound => {
+            StatusCode::NOT_FOUND
         }
+        ErrorKind::SessionExists => StatusCode::CONFLICT,
+        ErrorKind::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::QueueTimeout
+        | ErrorKind::PoolSaturated
+        | ErrorKind::ShuttingDown
+        | ErrorKind::WorkerBusy => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::ExecutionTimeout => StatusCode::GATEWAY_TIMEOUT,
-        ErrorKind::WorkerCrashed => StatusCode::BAD_GATEWAY,
+        ErrorKind::WorkerCrashed | ErrorKind::LmError => StatusCode::BAD_GATEWAY,
         _ => match error.category() {
             Category::InvalidRequest => StatusCode::BAD_REQUEST,
             Category::Communication => StatusCode::BAD_GATEWAY,
@@ -98,6 +103,15 @@ mod tests {
             (ErrorKind::ShuttingDown, 503),
             (ErrorKind::ExecutionTimeout, 504),
             (ErrorKind::StartupFailed, 503),
+            (ErrorKind::SessionNotFound, 404),
+            (ErrorKind::ProgramNotFound, 404),
+            (ErrorKind::SessionExists, 409),
+            (ErrorKind::QuotaExceeded, 429),
+            (ErrorKind::WorkerBusy, 503),
+            (ErrorKind::LmError, 502),
+            (ErrorKind::InvalidId, 400),
+            (ErrorKind::InvalidSignature, 400),
+            (ErrorKind::SessionRequired, 400),
         ];
         for (kind, status) in cases {
             let e = Error::new(kind.clone(), "x");

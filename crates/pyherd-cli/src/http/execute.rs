@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use pyherd::{CallOptions, Error, ErrorKind};
+use pyherd::{Affinity, CallOptions, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -24,8 +24,9 @@ pub(crate) struct ExecuteRequest {
     command: String,
     #[serde(default = "empty_object")]
     args: Box<RawValue>,
-    session_id: Option<String>,
+    pub(crate) session_id: Option<String>,
     timeout_ms: Option<u64>,
+    affinity: Option<Affinity>,
 }
 
 fn empty_object() -> Box<RawValue> {
@@ -55,6 +56,9 @@ impl ExecuteRequest {
         }
         if let Some(id) = &self.session_id {
             options = options.session_id(id.clone());
+        }
+        if let Some(affinity) = self.affinity {
+            options = options.affinity(affinity);
         }
         Ok(options)
     }
@@ -90,6 +94,11 @@ pub(crate) async fn execute(
 
 async fn run(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let request: ExecuteRequest = parse_body(body)?;
+    call(state, request).await
+}
+
+/// Runs a parsed request (of `/v1/execute` or `/v1/sessions/{id}/execute`).
+pub(crate) async fn call(state: &AppState, request: ExecuteRequest) -> Result<Response, ApiError> {
     let options = request.options()?;
     let reply = state
         .pool

@@ -1,9 +1,11 @@
-//! The HTTP API of `pyherd serve`, by concern: calls (`execute`), operations (`admin`),
-//! and the one mapping from errors to status codes (`error`).
+//! The HTTP API of `pyherd serve`, by concern: calls (`execute`), sessions and programs
+//! (`sessions`), operations (`admin`), and the one mapping from errors to status codes
+//! (`error`).
 
 mod admin;
 mod error;
 mod execute;
+mod sessions;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -25,6 +27,27 @@ pub(crate) fn router(pool: Pool) -> Router {
     let body_limit = pool.config().max_frame_bytes + BODY_SLACK;
     Router::new()
         .route("/v1/execute", post(execute::execute))
+        .route("/v1/sessions", post(sessions::create).get(sessions::list))
+        .route(
+            "/v1/sessions/{id}",
+            get(sessions::get)
+                .patch(sessions::patch)
+                .delete(sessions::delete),
+        )
+        .route("/v1/sessions/{id}/execute", post(sessions::execute))
+        .route(
+            "/v1/sessions/{id}/programs/{program_id}",
+            get(sessions::get_program)
+                .put(sessions::put_program)
+                .delete(sessions::delete_program),
+        )
+        .route("/v1/programs", get(sessions::list_globals))
+        .route(
+            "/v1/programs/{program_id}",
+            get(sessions::get_global)
+                .put(sessions::put_global)
+                .delete(sessions::delete_global),
+        )
         .route("/v1/stats", get(admin::stats))
         .route("/v1/workers", get(admin::workers))
         .route("/healthz", get(admin::healthz))

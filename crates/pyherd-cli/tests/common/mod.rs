@@ -185,6 +185,21 @@ pub async fn execute(server: &Server, body: serde_json::Value) -> (u16, serde_js
     post_execute(server.url("/v1/execute"), body).await
 }
 
+/// Any request with an optional JSON body; status and JSON body.
+pub async fn request(
+    method: reqwest::Method,
+    url: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut request = reqwest::Client::new().request(method, url);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON body"))
+}
+
 /// POST a JSON body to `url`; status and body (owned arguments, for spawned tasks).
 pub async fn post_execute(url: String, body: serde_json::Value) -> (u16, serde_json::Value) {
     let response = reqwest::Client::new()

@@ -1,0 +1,102 @@
+//! `pyherd setup`: a real virtual environment with a real (local) package installed by
+//! pip, then used by `exec`; and its failures.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::run;
+use serde_json::Value;
+
+/// Writes a minimal pure-Python wheel of the module `pyherd_probe` (VALUE = 42), so pip
+/// installs something real without a package index.
+fn probe_wheel(dir: &Path) -> String {
+    let wheel = dir.join("pyherd_probe-1.0-py3-none-any.whl");
+    let script = r#"
+import base64, hashlib, sys, zipfile
+info = "pyherd_probe-1.0.dist-info"
+files = {
+    "pyherd_probe.py": b"VALUE = 42\n",
+    info + "/METADATA": b"Metadata-Version: 2.1\nName: pyherd-probe\nVersion: 1.0\n",
+    info + "/WHEEL": b"Wheel-Version: 1.0\nGenerator: pyherd-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+}
+record = []
+with zipfile.ZipFile(sys.argv[1], "w") as z:
+    for name, data in files.items():
+        z.writestr(name, data)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append(info + "/RECORD,,")
+    z.writestr(info + "/RECORD", "\n".join(record) + "\n")
+"#;
+    let status = Command::new("python3")
+        .args(["-c", script])
+        .arg(&wheel)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wheel.to_string_lossy().into_owned()
+}
+
+#[test]
+fn setup_makes_an_environment_that_exec_then_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let wheel = probe_wheel(dir.path());
+    let (code, stdout, stderr) = run(&["setup", "--state-dir", state, "--requirement", &wheel]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("environment ready"), "{stdout}");
+    // Progress was shown (plain lines when stderr is not a terminal).
+    assert!(stderr.contains("pyherd setup: installing"), "{stderr}");
+    let python = Path::new(state).join("venv/bin/python");
+    let probe = Command::new(&python)
+        .args(["-c", "import pyherd_probe; print(pyherd_probe.VALUE)"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&probe.stdout).trim(), "42");
+
+    let (code, stdout, stderr) = run(&["exec", "--state-dir", state, "info"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let info: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let executable = info["executable"].as_str().unwrap();
+    assert!(
+        executable.starts_with(state),
+        "{executable} is not in {state}"
+    );
+    // Naming an interpreter overrides the environment.
+    let (code, stdout, _) = run(&["exec", "--state-dir", state, "--python", "python3", "info"]);
+    assert_eq!(code, Some(0));
+    assert!(!stdout.contains(state), "{stdout}");
+    // Running it again installs into the same environment.
+    let (code, _, stderr) = run(&["setup", "--state-dir", state, "--requirement", &wheel]);
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn setup_failures_say_what_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let missing = dir.path().join("missing-1.0-py3-none-any.whl");
+    let (code, _, stderr) = run(&[
+        "setup",
+        "--state-dir",
+        state,
+        "--requirement",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("installing"), "{stderr}");
+    assert!(stderr.contains("missing-1.0-py3-none-any.whl"), "{stderr}");
+    let (code, _, stderr) = run(&[
+        "setup",
+        "--state-dir",
+        dir.path().join("other").to_str().unwrap(),
+        "--python",
+        "/nonexistent/python3",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("/nonexistent/python3"), "{stderr}");
+}

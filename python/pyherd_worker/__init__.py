@@ -11,9 +11,9 @@ Write handlers with the ``handler`` decorator::
 and start pyherd with ``--handlers path/to/file.py`` (or a module name).
 """
 
-from .handlers import Context, handler
+from .handlers import Context, HandlerError, handler
 
 PROTOCOL_VERSION = 1
 __version__ = "0.1.0"
 
-__all__ = ["Context", "handler", "PROTOCOL_VERSION", "__version__"]
+__all__ = ["Context", "HandlerError", "handler", "PROTOCOL_VERSION", "__version__"]

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Union
 
 Func = Callable[..., Any]
 
@@ -52,7 +52,53 @@ class Context:
         return self.deadline - time.time()
 
 
+#: The error categories of the host (DESIGN §7); a HandlerError must name one of them.
+CATEGORIES = frozenset(
+    {
+        "initialization",
+        "connection",
+        "communication",
+        "timeout",
+        "resource",
+        "health_check",
+        "session",
+        "python",
+        "system",
+        "invalid_request",
+    }
+)
+
+
+class HandlerError(Exception):
+    """An error a handler raises on purpose, with the category and kind the caller sees
+    (instead of ``python/python_exception``)::
+
+        raise HandlerError("invalid_request", "invalid_signature", "no '->' in 'q a'")
+    """
+
+    def __init__(self, category: str, kind: str, message: str) -> None:
+        if category not in CATEGORIES:
+            raise ValueError(f"unknown error category {category!r} (one of {', '.join(sorted(CATEGORIES))})")
+        if not kind or not kind.replace("_", "").isalnum() or not kind.islower():
+            raise ValueError(f"an error kind is snake_case, not {kind!r}")
+        super().__init__(message)
+        self.category = category
+        self.kind = kind
+
+
 _REGISTRY: Dict[str, Handler] = {}
+_ADAPTERS: Set[str] = set()
+
+
+def declare_adapter(name: str) -> None:
+    """Announce an adapter (e.g. ``dspy``) in the worker's hello, so the host serves its
+    session commands."""
+    _ADAPTERS.add(name)
+
+
+def adapters() -> List[str]:
+    """The adapters declared so far, sorted."""
+    return sorted(_ADAPTERS)
 
 
 def _register(name: str, func: Func) -> Func:

@@ -98,6 +98,7 @@ class Worker:
                 "pid": os.getpid(),
                 "worker_id": self.worker_id,
                 "handlers": sorted(handlers.registry()),
+                "adapters": handlers.adapters(),
                 "python": sys.version.split()[0],
                 "json": _codec_name,
             }
@@ -122,6 +123,8 @@ class Worker:
         )
         try:
             result = handlers.invoke(h, msg.get("args"), ctx)
+        except handlers.HandlerError as exc:
+            return self.dumps(exception_frame(request_id, exc, exc.category, exc.kind))
         except Exception as exc:  # a handler's failure is the caller's answer, not the worker's end
             return self.dumps(exception_frame(request_id, exc))
         try:

@@ -247,3 +247,12 @@ def test_info_describes_the_worker():
     assert {"ping", "echo", "info"} <= set(info["handlers"])
     assert info["json"] in ("json", "orjson")
     assert isinstance(info["uptime_s"], (int, float)) and info["uptime_s"] >= 0
+
+
+def test_declared_adapters_are_listed_once_and_sorted(monkeypatch):
+    monkeypatch.setattr(handlers, "_ADAPTERS", set())
+    assert handlers.adapters() == []
+    handlers.declare_adapter("zeta")
+    handlers.declare_adapter("alpha")
+    handlers.declare_adapter("zeta")
+    assert handlers.adapters() == ["alpha", "zeta"]

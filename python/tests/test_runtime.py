@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pyherd_worker import PROTOCOL_VERSION, handler, handlers, protocol, runtime
+from pyherd_worker import PROTOCOL_VERSION, HandlerError, handler, handlers, protocol, runtime
 
 CODECS = ["stdlib", "orjson"]
 
@@ -53,6 +53,11 @@ def _surrogate_fail(args):
 @handler("rt_unprintable_fail")
 def _unprintable_fail(args):
     raise UnprintableError()
+
+
+@handler("rt_typed_fail")
+def _typed_fail(args):
+    raise HandlerError("invalid_request", "invalid_signature", "no '->' in 'q a'")
 
 
 @handler("rt_ctx")
@@ -186,6 +191,25 @@ def test_an_exception_carries_type_message_and_traceback(worker):
     assert_alive(worker)
 
 
+def test_a_handler_error_carries_its_own_category_and_kind(worker):
+    reply = call(worker, "rt_typed_fail", request_id=12)
+    assert (reply["t"], reply["id"], reply["category"], reply["kind"]) == (
+        "err", 12, "invalid_request", "invalid_signature")
+    assert reply["message"] == "no '->' in 'q a'"
+    assert reply["python_type"] == "pyherd_worker.handlers.HandlerError"
+    assert "_typed_fail" in reply["traceback"]
+    assert_alive(worker)
+
+
+@pytest.mark.parametrize(
+    "category, kind",
+    [("nonsense", "x"), ("python", ""), ("python", "Not Snake"), ("python", "CamelCase"), ("python", "a-b")],
+)
+def test_a_handler_error_must_name_a_known_category_and_a_snake_case_kind(category, kind):
+    with pytest.raises(ValueError):
+        HandlerError(category, kind, "message")
+
+
 def test_the_python_type_of_a_non_builtin_exception_names_its_module(worker):
     reply = call(worker, "rt_custom_fail")
     assert reply["python_type"] == f"{CustomError.__module__}.CustomError"
@@ -305,6 +329,7 @@ def test_hello_introduces_the_worker(codec):
         "pid": os.getpid(),
         "worker_id": "w-hello",
         "handlers": sorted(handlers.registry()),
+        "adapters": handlers.adapters(),
         "python": sys.version.split()[0],
         "json": codec[0],
     }

@@ -5,7 +5,7 @@ mod sessions;
 mod slot;
 mod stats;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -373,10 +373,10 @@ impl PoolBuilder {
         let package = crate::python::install(config.cache_dir.as_deref())?;
         let launch = LaunchSpec {
             python,
+            env: worker_env(&config, &package),
             pythonpath: python_path(package, &config),
             handlers: config.handlers.clone(),
             max_frame_bytes: config.max_frame_bytes,
-            env: config.env.clone(),
             working_dir: config.working_dir.clone(),
             startup_timeout: config.startup_timeout,
         };
@@ -494,6 +494,20 @@ async fn sweep(store: Arc<dyn SessionStore>, every: Duration, closing: Cancellat
         }
     }
 }
+
+/// The workers' extra environment: the configured variables, and DSPy's cache beside the
+/// worker package unless `DSPY_CACHEDIR` is set (it would default to `~/.dspy_cache`).
+fn worker_env(config: &PoolConfig, package: &std::path::Path) -> BTreeMap<String, String> {
+    let mut env = config.env.clone();
+    let cache_set = env.contains_key(DSPY_CACHE_VAR) || std::env::var_os(DSPY_CACHE_VAR).is_some();
+    if let (false, Some(root)) = (cache_set, package.parent()) {
+        let dir = root.join("dspy").to_string_lossy().into_owned();
+        env.insert(DSPY_CACHE_VAR.to_owned(), dir);
+    }
+    env
+}
+
+const DSPY_CACHE_VAR: &str = "DSPY_CACHEDIR";
 
 /// The workers' `PYTHONPATH`: the embedded package first, then what the caller had.
 fn python_path(package: PathBuf, config: &PoolConfig) -> OsString {

@@ -15,6 +15,7 @@ macro_rules! embed {
 const FILES: &[(&str, &str)] = embed!(
     "__init__.py",
     "__main__.py",
+    "dspy_adapter.py",
     "handlers.py",
     "protocol.py",
     "runtime.py",

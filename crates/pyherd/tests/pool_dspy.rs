@@ -1,0 +1,340 @@
+//! DSPy programs through a real pool with the real adapter and dspy's DummyLM: the same
+//! outputs as dspy run directly, sessions isolated from each other, programs that
+//! survive their worker, and every error kind of the adapter.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{sigkill, wait_until, worker_pids};
+use pyherd::{CallOptions, Category, Error, ErrorKind, Pool, Reply};
+use serde_json::{Map, Value, json};
+
+const ADAPTER: &str = "pyherd_worker.dspy_adapter";
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn dspy_pool(workers: usize) -> Pool {
+    Pool::builder()
+        .workers(workers)
+        .handlers(ADAPTER)
+        .startup_timeout(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn call(pool: &Pool, session: &str, command: &str, args: Value) -> Result<Reply, Error> {
+    pool.execute_in_session(session, command, args, &CallOptions::new())
+        .await
+}
+
+async fn ok(pool: &Pool, session: &str, command: &str, args: Value) -> Value {
+    call(pool, session, command, args)
+        .await
+        .unwrap_or_else(|e| panic!("{command}: {e}"))
+        .value()
+        .unwrap()
+}
+
+fn dummy(answers: Value) -> Value {
+    json!({"provider": "dummy", "answers": answers})
+}
+
+fn ask(program: &str, question: &str) -> Value {
+    json!({"program_id": program, "inputs": {"question": question}})
+}
+
+/// Answers that depend on the question, so equal outputs mean the same prompts were built.
+fn answers() -> Value {
+    json!({
+        "capital of France": {"reasoning": "France's capital is Paris.", "answer": "Paris"},
+        "2 + 2": {"reasoning": "Two and two make four.", "answer": "4"},
+        "": {"reasoning": "No idea.", "answer": "unknown"},
+    })
+}
+
+const QUESTIONS: [&str; 3] = [
+    "What is the capital of France?",
+    "What is 2 + 2?",
+    "Who wrote Hamlet?",
+];
+
+/// The same programs run by dspy itself, in a plain Python process.
+fn run_directly(program_type: &str) -> Vec<Value> {
+    let script = r#"
+import json, sys
+import dspy
+from dspy.utils import DummyLM
+answers, program_type, questions = json.loads(sys.argv[1])
+lm = DummyLM(answers)
+module = dspy.ChainOfThought("question -> answer") if program_type == "chain_of_thought" else dspy.Predict("question -> answer")
+out = []
+with dspy.context(lm=lm):
+    for q in questions:
+        out.append(module(question=q).toDict())
+print(json.dumps(out))
+"#;
+    let input = json!([answers(), program_type, QUESTIONS]).to_string();
+    let output = Command::new("python3")
+        .args(["-c", script, &input])
+        .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_through_the_pool_equal_dspy_run_directly() {
+    let pool = dspy_pool(2).await;
+    ok(&pool, "s", "configure_lm", dummy(answers())).await;
+    for program_type in ["predict", "chain_of_thought"] {
+        let created = ok(
+            &pool,
+            "s",
+            "create_program",
+            json!({"id": program_type, "signature": "question -> answer", "program_type": program_type}),
+        )
+        .await;
+        assert_eq!(
+            created,
+            json!({"program_id": program_type, "signature": "question -> answer", "program_type": program_type})
+        );
+        let direct = run_directly(program_type);
+        for (question, expected) in QUESTIONS.iter().zip(&direct) {
+            let result = ok(&pool, "s", "execute_program", ask(program_type, question)).await;
+            assert_eq!(result["program_id"], program_type);
+            assert_eq!(&result["outputs"], expected, "{program_type}: {question}");
+            assert!(result["duration_ms"].as_f64().unwrap() >= 0.0);
+        }
+    }
+    assert_eq!(direct_answer(&run_directly("predict")[0]), "Paris");
+    pool.shutdown().await;
+}
+
+fn direct_answer(outputs: &Value) -> &str {
+    outputs["answer"].as_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_program_keeps_working_after_its_worker_is_killed() {
+    let pool = dspy_pool(2).await;
+    ok(&pool, "s", "configure_lm", dummy(answers())).await;
+    let spec =
+        json!({"id": "qa", "signature": "question -> answer", "program_type": "chain_of_thought"});
+    ok(&pool, "s", "create_program", spec).await;
+    let before = call(&pool, "s", "execute_program", ask("qa", QUESTIONS[0]))
+        .await
+        .unwrap();
+    let pid = pool
+        .workers()
+        .into_iter()
+        .find(|w| w.id == before.worker_id())
+        .and_then(|w| w.pid)
+        .unwrap();
+    sigkill(pid);
+    wait_until(WAIT, "the pool to notice the death", || {
+        !worker_pids(&pool).contains(&pid)
+    })
+    .await;
+    let after = call(&pool, "s", "execute_program", ask("qa", QUESTIONS[0]))
+        .await
+        .unwrap();
+    assert_ne!(after.worker_id(), before.worker_id());
+    assert_eq!(
+        after.value().unwrap()["outputs"],
+        before.value().unwrap()["outputs"]
+    );
+    let info = ok(&pool, "s", "get_program_info", json!({"program_id": "qa"})).await;
+    assert_eq!(info["execution_count"], 2);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_with_different_lms_never_see_each_others_answers() {
+    let pool = dspy_pool(2).await;
+    for user in ["alice", "bob"] {
+        let lm = dummy(json!({"": {"answer": format!("{user}'s answer")}}));
+        ok(&pool, user, "configure_lm", lm).await;
+        let spec = json!({"id": "qa", "signature": "question -> answer"});
+        ok(&pool, user, "create_program", spec).await;
+    }
+    let calls = (0..200).map(|i| {
+        let user = if i % 2 == 0 { "alice" } else { "bob" };
+        let pool = &pool;
+        async move {
+            let result = ok(pool, user, "execute_program", ask("qa", &format!("q{i}"))).await;
+            (
+                user,
+                result["outputs"]["answer"].as_str().unwrap().to_owned(),
+            )
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    for (user, answer) in &answers {
+        assert_eq!(*answer, format!("{user}'s answer"));
+    }
+    // Both workers served both sessions' programs at some point or the other: the
+    // answer depends on the session, never on the worker.
+    let stats = pool.stats();
+    assert_eq!(stats.errors, 0);
+    assert!(stats.affinity_hits + stats.affinity_misses >= 200);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn programs_are_listed_described_deleted_and_shared_globally() {
+    let pool = dspy_pool(1).await;
+    ok(&pool, "s", "configure_lm", dummy(answers())).await;
+    let spec = json!({
+        "id": "qa",
+        "signature": {"inputs": [{"name": "question", "description": "a question"}], "outputs": [{"name": "answer"}]},
+        "instructions": "Answer briefly.",
+    });
+    ok(&pool, "s", "create_program", spec).await;
+    let mut global = Map::new();
+    global.insert("signature".into(), json!("question -> answer"));
+    global.insert("program_type".into(), json!("chain_of_thought"));
+    let shared = pool.put_program(None, "shared", global).await.unwrap();
+    assert_eq!(shared.program_type, "chain_of_thought");
+
+    let result = ok(&pool, "s", "execute_program", ask("shared", QUESTIONS[1])).await;
+    assert_eq!(result["outputs"]["answer"], "4");
+    ok(&pool, "s", "execute_program", ask("qa", QUESTIONS[0])).await;
+
+    let listed = ok(&pool, "s", "list_programs", json!({})).await;
+    assert_eq!(listed["programs"][0]["program_id"], "qa");
+    assert_eq!(listed["global_programs"][0]["program_id"], "shared");
+    let info = ok(&pool, "s", "get_program_info", json!({"program_id": "qa"})).await;
+    assert_eq!(info["signature"], "question -> answer");
+    assert_eq!(info["scope"], "session");
+    assert_eq!(info["execution_count"], 1);
+    assert!(info["created_at"].is_string() && info["last_executed"].is_string());
+    assert_eq!(info["definition"]["instructions"], "Answer briefly.");
+    let info = ok(
+        &pool,
+        "s",
+        "get_program_info",
+        json!({"program_id": "shared"}),
+    )
+    .await;
+    assert_eq!(
+        (&info["scope"], &info["execution_count"]),
+        (&json!("global"), &json!(1))
+    );
+    let reply = call(&pool, "s", "list_programs", json!({})).await.unwrap();
+    assert_eq!(reply.worker_id(), pyherd::HOST_WORKER_ID);
+
+    let deleted = ok(&pool, "s", "delete_program", json!({"program_id": "qa"})).await;
+    assert_eq!(deleted, json!({"program_id": "qa", "deleted": true}));
+    let e = call(&pool, "s", "execute_program", ask("qa", "q"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::ProgramNotFound);
+
+    let cleaned = ok(&pool, "s", "cleanup_session", json!({})).await;
+    assert_eq!(cleaned["deleted"], true);
+    assert!(!pool.sessions().exists("s").await.unwrap());
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_adapter_error_has_its_kind_and_the_pool_keeps_serving() {
+    let pool = dspy_pool(1).await;
+    let expect = |e: Error, category: Category, kind: &str| {
+        assert_eq!((e.category(), e.kind().as_str()), (category, kind), "{e}");
+        e
+    };
+    // Without a session.
+    let e = pool
+        .execute("execute_program", ask("qa", "q"))
+        .await
+        .unwrap_err();
+    expect(e, Category::InvalidRequest, "session_required");
+    // A program that does not exist.
+    for (command, args) in [
+        ("execute_program", ask("nope", "q")),
+        ("get_program_info", json!({"program_id": "nope"})),
+        ("delete_program", json!({"program_id": "nope"})),
+    ] {
+        let e = call(&pool, "s", command, args).await.unwrap_err();
+        let e = expect(e, Category::Session, "program_not_found");
+        assert_eq!(e.context().program_id.as_deref(), Some("nope"), "{command}");
+    }
+    // Bad signatures.
+    for signature in [
+        json!("question answer"),
+        json!("question -> "),
+        json!({"inputs": []}),
+    ] {
+        let spec = json!({"id": "bad", "signature": signature});
+        let e = call(&pool, "s", "create_program", spec).await.unwrap_err();
+        expect(e, Category::InvalidRequest, "invalid_signature");
+    }
+    let e = call(&pool, "s", "get_program_info", json!({"program_id": "bad"}))
+        .await
+        .unwrap_err();
+    expect(e, Category::Session, "program_not_found");
+    // Arguments that do not fit.
+    let e = call(&pool, "s", "execute_program", json!({"inputs": {}}))
+        .await
+        .unwrap_err();
+    expect(e, Category::InvalidRequest, "malformed_request");
+    let e = call(&pool, "s", "create_program", json!({"signature": "q -> a"}))
+        .await
+        .unwrap_err();
+    expect(e, Category::InvalidRequest, "malformed_request");
+    // No LM yet.
+    ok(
+        &pool,
+        "s",
+        "create_program",
+        json!({"id": "qa", "signature": "question -> answer"}),
+    )
+    .await;
+    let e = call(&pool, "s", "execute_program", ask("qa", "q"))
+        .await
+        .unwrap_err();
+    expect(e, Category::InvalidRequest, "lm_not_configured");
+    // An LM that fails: nothing listens on port 9.
+    let unreachable = json!({
+        "model": "openai/gpt-4o-mini",
+        "api_base": "http://127.0.0.1:9/v1",
+        "api_key": "sk-not-a-key",
+        "num_retries": 0,
+    });
+    let configured = ok(&pool, "s", "configure_lm", unreachable).await;
+    assert!(
+        !configured.to_string().contains("sk-not-a-key"),
+        "{configured}"
+    );
+    let e = call(&pool, "s", "execute_program", ask("qa", "q"))
+        .await
+        .unwrap_err();
+    let e = expect(e, Category::Python, "lm_error");
+    assert_eq!(e.kind(), &ErrorKind::LmError);
+    assert!(!e.message().is_empty());
+    assert_eq!(e.context().program_id.as_deref(), Some("qa"));
+    let session = pool.sessions().get("s").await.unwrap();
+    assert!(
+        !serde_json::to_string(&session)
+            .unwrap()
+            .contains("sk-not-a-key")
+    );
+    // A bad LM configuration is refused and the old one kept.
+    let e = call(&pool, "s", "configure_lm", json!({"provider": "dummy"}))
+        .await
+        .unwrap_err();
+    expect(e, Category::InvalidRequest, "invalid_lm_config");
+    // The pool still serves.
+    ok(&pool, "s", "configure_lm", dummy(answers())).await;
+    let result = ok(&pool, "s", "execute_program", ask("qa", QUESTIONS[0])).await;
+    assert_eq!(result["outputs"]["answer"], "Paris");
+    assert_eq!(pool.stats().restarts, 0);
+    pool.shutdown().await;
+}

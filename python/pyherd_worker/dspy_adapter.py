@@ -1,0 +1,288 @@
+"""The DSPy adapter: run DSPy programs for many sessions on stateless workers.
+
+Load it with ``--handlers pyherd_worker.dspy_adapter`` (``pyherd --dspy``). The host keeps
+every session's LM configuration and program definitions; each call carries what it
+needs, so any worker can serve any session. The worker only caches what it built: LMs by
+their configuration, modules by their definition.
+
+Commands (the host adds ``list_programs``, ``get_program_info``, ``delete_program`` and
+``cleanup_session``, which it answers from its session store):
+
+- ``configure_lm`` ``{"provider": "dummy", "answers": {...}}`` (dspy's DummyLM in dict
+  mode) or ``{"model", "api_key"?, "api_base"?, "temperature"?, "max_tokens"?,
+  "num_retries"?, "cache"?}`` (``dspy.LM``): validated and built; answers
+  ``{"provider", "model"}``, never the key.
+- ``create_program`` ``{"id", "signature", "program_type"?, "instructions"?}``: the
+  signature is ``"question -> answer"`` or ``{"inputs": [{"name", "description"?}],
+  "outputs": [...]}``; answers the canonical ``definition`` the host stores.
+- ``execute_program`` ``{"program_id", "inputs", "program", "lm"}`` (``program`` and
+  ``lm`` attached by the host): runs the module under ``dspy.context(lm=...)``, never a
+  process-wide ``dspy.configure``, so sessions cannot leak into each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Tuple
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network at import
+
+try:
+    import dspy
+    from dspy.utils import DummyLM
+    from dspy.utils.exceptions import AdapterParseError
+except ImportError as exc:  # pragma: no cover - exercised by the host's start-up error path
+    raise ImportError(
+        f"the DSPy adapter needs dspy in this interpreter ({exc}); "
+        "install it with `pyherd setup` or `pip install dspy==3.4.1`"
+    ) from exc
+
+from .handlers import HandlerError, declare_adapter, handler
+
+declare_adapter("dspy")
+
+PROGRAM_TYPES = ("predict", "chain_of_thought")
+LM_KEYS = {"model", "api_key", "api_base", "temperature", "max_tokens", "num_retries", "cache"}
+DUMMY_KEYS = {"provider", "answers"}
+MAX_LMS = 64
+MAX_MODULES = 256
+
+
+class LMFailure(Exception):
+    """Raised in place of any exception that escapes a call of the language model."""
+
+
+class _Cache:
+    """A small LRU map from a JSON value's canonical form to what was built from it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: "OrderedDict[str, Any]" = OrderedDict()
+        self.builds = 0
+
+    def get(self, value: Any, build: Any) -> Any:
+        key = hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        found = self.items.get(key)
+        if found is not None:
+            self.items.move_to_end(key)
+            return found
+        built = build(value)
+        self.builds += 1
+        self.items[key] = built
+        if len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return built
+
+
+_lms = _Cache(MAX_LMS)
+_modules = _Cache(MAX_MODULES)
+
+
+def _invalid(kind: str, message: str) -> HandlerError:
+    return HandlerError("invalid_request", kind, message)
+
+
+def _guard(lm: Any) -> Any:
+    """Make every failure of `lm`'s calls an LMFailure, so it can be told from other errors
+    (dspy's adapters retry and re-raise what the LM raised)."""
+    cls = type(lm)
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return cls.__call__(self, *args, **kwargs)
+        except LMFailure:
+            raise
+        except Exception as exc:
+            raise LMFailure(f"{type(exc).__name__}: {exc}") from exc
+
+    lm.__class__ = type(f"Guarded{cls.__name__}", (cls,), {"__call__": __call__})
+    return lm
+
+
+def _check_lm(config: Any) -> Tuple[str, str]:
+    """Validate an LM configuration; returns (provider, model)."""
+    if not isinstance(config, dict):
+        raise _invalid("invalid_lm_config", f"the LM configuration must be an object, not {type(config).__name__}")
+    if config.get("provider") == "dummy":
+        unknown = sorted(set(config) - DUMMY_KEYS)
+        if unknown:
+            raise _invalid("invalid_lm_config", f"unknown keys for the dummy LM: {', '.join(unknown)}")
+        answers = config.get("answers")
+        if not isinstance(answers, dict) or not all(isinstance(v, dict) for v in answers.values()):
+            raise _invalid(
+                "invalid_lm_config",
+                "the dummy LM needs \"answers\": {prompt substring: {output field: value}}",
+            )
+        return "dummy", "dummy"
+    if "provider" in config:
+        raise _invalid("invalid_lm_config", f"unknown provider {config['provider']!r} (\"dummy\", or give a \"model\")")
+    unknown = sorted(set(config) - LM_KEYS)
+    if unknown:
+        raise _invalid("invalid_lm_config", f"unknown LM keys: {', '.join(unknown)} (known: {', '.join(sorted(LM_KEYS))})")
+    model = config.get("model")
+    if not isinstance(model, str) or not model:
+        raise _invalid("invalid_lm_config", "the LM needs a \"model\" string, e.g. \"openai/gpt-4o-mini\"")
+    for key, types in (
+        ("api_key", str),
+        ("api_base", str),
+        ("temperature", (int, float)),
+        ("max_tokens", int),
+        ("num_retries", int),
+        ("cache", bool),
+    ):
+        value = config.get(key)
+        wrong = value is not None and (not isinstance(value, types) or (types is not bool and isinstance(value, bool)))
+        if wrong:
+            raise _invalid("invalid_lm_config", f"{key!r} has the wrong type ({type(value).__name__})")
+    return "litellm", model
+
+
+def _build_lm(config: Dict[str, Any]) -> Any:
+    if config.get("provider") == "dummy":
+        return _guard(DummyLM(config["answers"]))
+    kwargs = {k: v for k, v in config.items() if k != "model" and v is not None}
+    kwargs.setdefault("num_retries", 0)  # the pool's retries, not the LM's, so they do not multiply
+    try:
+        return _guard(dspy.LM(config["model"], **kwargs))
+    except Exception as exc:
+        raise _invalid("invalid_lm_config", f"dspy.LM refused the configuration: {exc}") from exc
+
+
+def _fields(spec: Any, side: str) -> List[Dict[str, Optional[str]]]:
+    if not isinstance(spec, list) or not spec:
+        raise _invalid("invalid_signature", f"the signature needs at least one {side} field")
+    fields = []
+    for item in spec:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or set(item) - {"name", "description"}:
+            raise _invalid("invalid_signature", f"a {side} field is {{\"name\", \"description\"?}}, not {item!r}")
+        name, description = item.get("name"), item.get("description")
+        if not isinstance(name, str) or not name.isidentifier():
+            raise _invalid("invalid_signature", f"{side} field name {name!r} is not a Python identifier")
+        if description is not None and not isinstance(description, str):
+            raise _invalid("invalid_signature", f"the description of {name!r} must be a string")
+        fields.append({"name": name, "description": description})
+    return fields
+
+
+def _parse_signature(signature: Any) -> Tuple[List[Dict[str, Optional[str]]], List[Dict[str, Optional[str]]]]:
+    if isinstance(signature, str):
+        if signature.count("->") != 1:
+            raise _invalid("invalid_signature", f"a signature has exactly one '->', like 'question -> answer': {signature!r}")
+        left, right = signature.split("->")
+        split = lambda text: [n.strip() for n in text.split(",")] if text.strip() else []  # noqa: E731
+        inputs, outputs = _fields(split(left), "input"), _fields(split(right), "output")
+    elif isinstance(signature, dict):
+        unknown = set(signature) - {"inputs", "outputs"}
+        if unknown:
+            raise _invalid("invalid_signature", f"unknown signature keys: {', '.join(sorted(unknown))}")
+        inputs, outputs = _fields(signature.get("inputs"), "input"), _fields(signature.get("outputs"), "output")
+    else:
+        raise _invalid("invalid_signature", "the signature is a string ('question -> answer') or {inputs, outputs}")
+    names = [f["name"] for f in inputs + outputs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise _invalid("invalid_signature", f"field names appear twice: {', '.join(duplicates)}")
+    return inputs, outputs
+
+
+def _build_module(definition: Dict[str, Any]) -> Any:
+    fields: Dict[str, Any] = {}
+    for side, make in (("inputs", dspy.InputField), ("outputs", dspy.OutputField)):
+        for f in definition[side]:
+            fields[f["name"]] = make(desc=f["description"]) if f.get("description") else make()
+    try:
+        signature = dspy.Signature(fields, definition.get("instructions"))
+    except Exception as exc:
+        raise _invalid("invalid_signature", f"dspy refused the signature: {exc}") from exc
+    if definition["program_type"] == "chain_of_thought":
+        return dspy.ChainOfThought(signature)
+    return dspy.Predict(signature)
+
+
+def _text(fields: List[Dict[str, Optional[str]]]) -> str:
+    return ", ".join(str(f["name"]) for f in fields)
+
+
+@handler
+def configure_lm(args: Any) -> Dict[str, str]:
+    """Validate and build an LM; the host stores the configuration in the session."""
+    provider, model = _check_lm(args)
+    _lms.get(args, _build_lm)
+    return {"provider": provider, "model": model}
+
+
+@handler
+def create_program(args: Any) -> Dict[str, Any]:
+    """Validate a program definition by building it; answer its canonical form."""
+    if not isinstance(args, dict):
+        raise _invalid("malformed_request", "create_program takes {id, signature, program_type?, instructions?}")
+    unknown = sorted(set(args) - {"id", "signature", "program_type", "instructions"})
+    if unknown:
+        raise _invalid("malformed_request", f"unknown create_program keys: {', '.join(unknown)}")
+    program_id = args.get("id")
+    if not isinstance(program_id, str) or not program_id:
+        raise _invalid("malformed_request", "create_program needs an \"id\" string")
+    program_type = args.get("program_type", "predict")
+    if program_type not in PROGRAM_TYPES:
+        raise _invalid("invalid_program_type", f"program_type is one of {', '.join(PROGRAM_TYPES)}, not {program_type!r}")
+    instructions = args.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise _invalid("malformed_request", "instructions must be a string")
+    inputs, outputs = _parse_signature(args.get("signature"))
+    definition = {"inputs": inputs, "outputs": outputs, "program_type": program_type, "instructions": instructions}
+    _modules.get(definition, _build_module)
+    return {
+        "program_id": program_id,
+        "signature": f"{_text(inputs)} -> {_text(outputs)}",
+        "program_type": program_type,
+        "definition": definition,
+    }
+
+
+@handler
+def execute_program(args: Any) -> Dict[str, Any]:
+    """Run a stored program (definition and LM attached by the host) on some inputs."""
+    if not isinstance(args, dict) or not isinstance(args.get("program"), dict):
+        raise _invalid("malformed_request", "execute_program needs the program definition (call it through the pool)")
+    definition = args["program"]
+    inputs = args.get("inputs")
+    if not isinstance(inputs, dict):
+        raise _invalid("invalid_inputs", f"inputs must be an object of input fields, not {type(inputs).__name__}")
+    expected = [f["name"] for f in definition.get("inputs", [])]
+    missing = [n for n in expected if n not in inputs]
+    unknown = sorted(set(inputs) - set(expected))
+    if missing or unknown:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing: {', '.join(missing)}" if missing else "",
+                f"unknown: {', '.join(unknown)}" if unknown else "",
+            )
+            if part
+        )
+        raise _invalid("invalid_inputs", f"the program takes {', '.join(expected)} ({detail})")
+    config = args.get("lm")
+    if config is None:
+        raise _invalid("lm_not_configured", "this session has no LM: call configure_lm first")
+    _check_lm(config)
+    lm = _lms.get(config, _build_lm)
+    module = _modules.get(definition, _build_module)
+    started = time.perf_counter()
+    try:
+        with dspy.context(lm=lm):
+            prediction = module(**inputs)
+    except LMFailure as exc:
+        raise HandlerError("python", "lm_error", f"the language model failed: {exc}") from exc
+    except AdapterParseError as exc:
+        raise HandlerError("python", "lm_error", f"the language model's answer cannot be parsed: {exc}") from exc
+    return {
+        "program_id": args.get("program_id"),
+        "outputs": prediction.toDict(),
+        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+    }

@@ -1,0 +1,230 @@
+"""The DSPy adapter with dspy's DummyLM: the same outputs as dspy run directly, no state
+shared between LM configurations, caches, and every error kind."""
+
+import io
+import json
+
+import dspy
+import pytest
+from dspy.utils import DummyLM
+
+from pyherd_worker import HandlerError, dspy_adapter, handlers, protocol, runtime
+
+ANSWERS = {
+    "capital of France": {"reasoning": "France's capital is Paris.", "answer": "Paris"},
+    "2 + 2": {"reasoning": "Two and two make four.", "answer": "4"},
+    "": {"reasoning": "No idea.", "answer": "unknown"},
+}
+QUESTIONS = ["What is the capital of France?", "What is 2 + 2?", "Who wrote Hamlet?"]
+UNREACHABLE = {"model": "openai/gpt-4o-mini", "api_base": "http://127.0.0.1:9/v1", "api_key": "sk-test", "num_retries": 0}
+
+
+def dummy(answers=None):
+    return {"provider": "dummy", "answers": ANSWERS if answers is None else answers}
+
+
+def create(program_id="qa", signature="question -> answer", **extra):
+    return dspy_adapter.create_program({"id": program_id, "signature": signature, **extra})
+
+
+def execute(definition, inputs, lm):
+    return dspy_adapter.execute_program({"program_id": "qa", "inputs": inputs, "program": definition, "lm": lm})
+
+
+def error_of(func, args):
+    with pytest.raises(HandlerError) as caught:
+        func(args)
+    return caught.value
+
+
+def test_loading_the_adapter_declares_it():
+    assert "dspy" in handlers.adapters()
+    for name in ("configure_lm", "create_program", "execute_program"):
+        assert name in handlers.registry()
+
+
+@pytest.mark.parametrize("program_type, module", [("predict", dspy.Predict), ("chain_of_thought", dspy.ChainOfThought)])
+def test_outputs_equal_dspy_run_directly(program_type, module):
+    definition = create(program_type=program_type)["definition"]
+    direct = module("question -> answer")
+    for question in QUESTIONS:
+        with dspy.context(lm=DummyLM(ANSWERS)):
+            expected = direct(question=question).toDict()
+        result = execute(definition, {"question": question}, dummy())
+        assert result["outputs"] == expected
+        assert result["program_id"] == "qa" and result["duration_ms"] >= 0
+    assert dspy.settings.lm is None, "no process-wide LM is ever configured"
+
+
+def test_different_lm_configurations_never_share_answers():
+    definition = create()["definition"]
+    alice, bob = dummy({"": {"answer": "alice"}}), dummy({"": {"answer": "bob"}})
+    for i in range(20):
+        lm, name = (alice, "alice") if i % 2 else (bob, "bob")
+        assert execute(definition, {"question": f"q{i}"}, lm)["outputs"] == {"answer": name}
+
+
+def test_modules_and_lms_are_built_once_per_definition_and_configuration():
+    definition = create(program_id="cached", signature="text -> summary")["definition"]
+    lm = dummy({"": {"summary": "short"}})
+    execute(definition, {"text": "a"}, lm)
+    modules, lms = dspy_adapter._modules.builds, dspy_adapter._lms.builds
+    for i in range(5):
+        execute(json.loads(json.dumps(definition)), {"text": str(i)}, json.loads(json.dumps(lm)))
+    assert (dspy_adapter._modules.builds, dspy_adapter._lms.builds) == (modules, lms)
+    execute({**definition, "instructions": "Be terse."}, {"text": "b"}, lm)
+    assert dspy_adapter._modules.builds == modules + 1
+
+
+def test_the_cache_forgets_the_oldest_entry_beyond_its_size():
+    cache = dspy_adapter._Cache(2)
+    for value in (1, 2, 3):
+        cache.get(value, lambda v: v * 10)
+    assert cache.get(1, lambda v: -1) == -1  # 1 was dropped and built again
+    assert cache.get(3, lambda v: -1) == 30
+
+
+def test_signatures_become_canonical_definitions():
+    created = create(signature="context, question -> answer", program_type="chain_of_thought", instructions="Cite.")
+    assert created == {
+        "program_id": "qa",
+        "signature": "context, question -> answer",
+        "program_type": "chain_of_thought",
+        "definition": {
+            "inputs": [{"name": "context", "description": None}, {"name": "question", "description": None}],
+            "outputs": [{"name": "answer", "description": None}],
+            "program_type": "chain_of_thought",
+            "instructions": "Cite.",
+        },
+    }
+    structured = create(
+        signature={"inputs": [{"name": "question", "description": "what is asked"}], "outputs": [{"name": "answer"}]}
+    )
+    assert structured["signature"] == "question -> answer"
+    assert structured["definition"]["inputs"] == [{"name": "question", "description": "what is asked"}]
+    assert structured["program_type"] == "predict"
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        "question answer",
+        "question -> ",
+        " -> answer",
+        "a -> b -> c",
+        "question: str -> answer",
+        "question, question -> answer",
+        "q -> q",
+        "1st -> answer",
+        {"inputs": []},
+        {"inputs": [{"name": "q"}], "outputs": []},
+        {"inputs": [{"name": "q", "kind": "x"}], "outputs": [{"name": "a"}]},
+        {"inputs": [{"name": "q", "description": 5}], "outputs": [{"name": "a"}]},
+        {"inputs": [{"name": "q"}], "outputs": [{"name": "a"}], "extra": 1},
+        42,
+        None,
+    ],
+)
+def test_bad_signatures_are_invalid_signature(signature):
+    e = error_of(dspy_adapter.create_program, {"id": "p", "signature": signature})
+    assert (e.category, e.kind) == ("invalid_request", "invalid_signature"), str(e)
+
+
+@pytest.mark.parametrize(
+    "args, kind",
+    [
+        ({"signature": "q -> a"}, "malformed_request"),
+        ({"id": "", "signature": "q -> a"}, "malformed_request"),
+        ({"id": "p", "signature": "q -> a", "surprise": 1}, "malformed_request"),
+        ({"id": "p", "signature": "q -> a", "instructions": 3}, "malformed_request"),
+        ({"id": "p", "signature": "q -> a", "program_type": "react"}, "invalid_program_type"),
+        ([], "malformed_request"),
+    ],
+)
+def test_bad_create_program_arguments_are_named(args, kind):
+    e = error_of(dspy_adapter.create_program, args)
+    assert (e.category, e.kind) == ("invalid_request", kind), str(e)
+
+
+def test_configure_lm_validates_and_never_answers_the_key():
+    assert dspy_adapter.configure_lm(dummy()) == {"provider": "dummy", "model": "dummy"}
+    answer = dspy_adapter.configure_lm(UNREACHABLE)
+    assert answer == {"provider": "litellm", "model": "openai/gpt-4o-mini"}
+    assert "sk-test" not in json.dumps(answer)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"provider": "dummy"},
+        {"provider": "dummy", "answers": {"": "not a dict"}},
+        {"provider": "dummy", "answers": {}, "model": "x"},
+        {"provider": "elsewhere", "model": "x"},
+        {},
+        {"model": ""},
+        {"model": "openai/x", "temperature": "hot"},
+        {"model": "openai/x", "max_tokens": True},
+        {"model": "openai/x", "cache": "yes"},
+        {"model": "openai/x", "api_secret": "k"},
+        "openai/x",
+    ],
+)
+def test_bad_lm_configurations_are_invalid_lm_config(config):
+    e = error_of(dspy_adapter.configure_lm, config)
+    assert (e.category, e.kind) == ("invalid_request", "invalid_lm_config"), str(e)
+
+
+def test_inputs_must_match_the_program():
+    definition = create()["definition"]
+    for inputs in ({}, {"question": "q", "extra": 1}, ["q"], None):
+        e = error_of(lambda a: execute(definition, a, dummy()), inputs)
+        assert (e.category, e.kind) == ("invalid_request", "invalid_inputs"), str(e)
+
+
+def test_a_call_without_the_definition_or_an_lm_is_refused():
+    e = error_of(dspy_adapter.execute_program, {"program_id": "qa", "inputs": {"question": "q"}})
+    assert e.kind == "malformed_request"
+    e = error_of(lambda a: execute(create()["definition"], a, None), {"question": "q"})
+    assert (e.category, e.kind) == ("invalid_request", "lm_not_configured")
+
+
+def test_a_failing_lm_is_an_lm_error():
+    definition = create()["definition"]
+    e = error_of(lambda a: execute(definition, a, UNREACHABLE), {"question": "q"})
+    assert (e.category, e.kind) == ("python", "lm_error")
+    assert "127.0.0.1:9" in str(e)
+
+
+def test_an_answer_that_cannot_be_parsed_is_an_lm_error():
+    definition = create()["definition"]
+    e = error_of(lambda a: execute(definition, a, dummy({"": {"not_the_answer": "x"}})), {"question": "q"})
+    assert (e.category, e.kind) == ("python", "lm_error")
+    assert "parsed" in str(e)
+
+
+def test_a_handler_bug_is_not_mistaken_for_an_lm_error(monkeypatch):
+    definition = create(program_id="buggy", signature="topic -> joke")["definition"]
+
+    def broken(self, **kwargs):
+        raise ZeroDivisionError("a bug in a module")
+
+    monkeypatch.setattr(dspy.Predict, "forward", broken)
+    with pytest.raises(ZeroDivisionError):
+        execute(definition, {"topic": "x"}, dummy({"": {"joke": "x"}}))
+
+
+@pytest.mark.parametrize("codec_name", ["stdlib", "orjson"])
+def test_through_the_worker_loop_errors_keep_their_kind(codec_name):
+    worker = runtime.Worker(io.BytesIO(), io.BytesIO(), "w1", 1 << 20, protocol.select_codec(codec_name))
+    definition = create()["definition"]
+    msg = {
+        "t": "call",
+        "id": 5,
+        "cmd": "execute_program",
+        "args": {"program_id": "qa", "inputs": {"question": "q"}, "program": definition, "lm": UNREACHABLE},
+    }
+    reply = json.loads(worker.reply_body(msg))
+    assert (reply["t"], reply["id"], reply["category"], reply["kind"]) == ("err", 5, "python", "lm_error")
+    msg["args"]["lm"] = dummy()
+    reply = json.loads(worker.reply_body(msg))
+    assert reply == {"t": "ok", "id": 5, "result": {**reply["result"], "outputs": {"answer": "unknown"}}}

@@ -30,6 +30,13 @@ pub(crate) struct BenchArgs {
     /// Its arguments as JSON
     #[arg(long, default_value = "{}")]
     args: String,
+    /// Run every call in this session
+    #[arg(long)]
+    session: Option<String>,
+    /// A call made once before measuring, as COMMAND=ARGS_JSON (repeatable, in order; in
+    /// the session when one is given), e.g. to configure an LM and create a program
+    #[arg(long = "setup-call", value_name = "COMMAND=JSON")]
+    setup_calls: Vec<String>,
     /// Print one JSON object instead of text
     #[arg(long)]
     json: bool,
@@ -49,12 +56,29 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     anyhow::ensure!(args.requests > 0, "--requests must be at least 1");
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     let call_args = RawValue::from_string(args.args.clone()).context("--args is not valid JSON")?;
+    let setup_calls = args
+        .setup_calls
+        .iter()
+        .map(|text| parse_setup_call(text))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut options = CallOptions::new();
+    if let Some(session) = &args.session {
+        options = options.session_id(session.clone());
+    }
     let settings = args.pool.resolve()?;
     let workers = settings.pool.workers;
     let began = Instant::now();
     let pool = PoolBuilder::from_config(settings.pool).build().await?;
     let startup = began.elapsed();
-    let report = load(&pool, &args, call_args, startup).await;
+    let report = async {
+        for (command, setup_args) in setup_calls {
+            pool.execute_raw(&command, setup_args, &options)
+                .await
+                .with_context(|| format!("the setup call {command} failed"))?;
+        }
+        load(&pool, &args, call_args, &options, startup).await
+    }
+    .await;
     pool.shutdown().await;
     let report = report?;
     if args.json {
@@ -69,6 +93,7 @@ async fn load(
     pool: &Pool,
     args: &BenchArgs,
     call_args: Box<RawValue>,
+    options: &CallOptions,
     startup: Duration,
 ) -> anyhow::Result<Report> {
     let progress = ProgressBar::new(args.requests);
@@ -81,19 +106,19 @@ async fn load(
     let began = Instant::now();
     let callers: Vec<_> = (0..args.concurrency.min(args.requests))
         .map(|_| {
-            let (pool, next, command, call_args, progress) = (
+            let (pool, next, command, call_args, progress, options) = (
                 pool.clone(),
                 next.clone(),
                 command.clone(),
                 call_args.clone(),
                 progress.clone(),
+                options.clone(),
             );
             let total = args.requests;
             tokio::spawn(async move {
                 let mut latency = new_histogram()?;
                 let mut errors = 0u64;
                 let mut first_error = None;
-                let options = CallOptions::new();
                 while next.fetch_add(1, Ordering::Relaxed) < total {
                     let sent = Instant::now();
                     let raw = call_args.clone();
@@ -132,6 +157,16 @@ async fn load(
         latency,
         startup,
     })
+}
+
+/// `COMMAND=ARGS_JSON` of `--setup-call`.
+fn parse_setup_call(text: &str) -> anyhow::Result<(String, Box<RawValue>)> {
+    let (command, json) = text
+        .split_once('=')
+        .with_context(|| format!("--setup-call {text:?} is not COMMAND=ARGS_JSON"))?;
+    let args = RawValue::from_string(json.to_owned())
+        .with_context(|| format!("--setup-call {command}: the arguments are not valid JSON"))?;
+    Ok((command.to_owned(), args))
 }
 
 fn new_histogram() -> anyhow::Result<Histogram<u64>> {

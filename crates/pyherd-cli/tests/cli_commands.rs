@@ -118,3 +118,88 @@ fn bench_text_output_and_failing_calls() {
     assert_ne!(code, Some(0));
     assert!(stderr.contains("--requests"), "{stderr}");
 }
+
+#[test]
+fn bench_runs_dspy_programs_in_a_session_after_its_setup_calls() {
+    let lm = r#"configure_lm={"provider": "dummy", "answers": {"": {"answer": "42"}}}"#;
+    let program = r#"create_program={"id": "qa", "signature": "question -> answer"}"#;
+    let (code, stdout, stderr) = run(&[
+        "bench",
+        "--dspy",
+        "--workers",
+        "2",
+        "--session",
+        "bench",
+        "--setup-call",
+        lm,
+        "--setup-call",
+        program,
+        "--command",
+        "execute_program",
+        "--args",
+        r#"{"program_id": "qa", "inputs": {"question": "why?"}}"#,
+        "--requests",
+        "100",
+        "--concurrency",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        (v["requests"].as_u64(), v["errors"].as_u64()),
+        (Some(100), Some(0))
+    );
+    // Without the session, execute_program has no program to run: every call fails.
+    let (code, stdout, _) = run(&[
+        "bench",
+        "--dspy",
+        "--workers",
+        "1",
+        "--command",
+        "execute_program",
+        "--requests",
+        "5",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(stdout.contains("session_required"), "{stdout}");
+    for bad in [
+        "configure_lm",
+        "configure_lm={broken",
+        r#"configure_lm={"provider": "dummy"}"#,
+    ] {
+        let (code, _, stderr) = run(&[
+            "bench",
+            "--dspy",
+            "--workers",
+            "1",
+            "--session",
+            "s",
+            "--setup-call",
+            bad,
+        ]);
+        assert_ne!(code, Some(0), "{bad}");
+        assert!(
+            stderr.contains("setup-call") || stderr.contains("setup call"),
+            "{bad}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn exec_runs_a_call_in_a_session() {
+    let (code, stdout, stderr) = run(&[
+        "exec",
+        "--handlers",
+        "pyherd_worker.testing",
+        "--session",
+        "cli-1",
+        "ctx_info",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["session_id"], "cli-1");
+    let (code, _, stderr) = run(&["exec", "--session", "bad id", "echo"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("invalid_id"), "{stderr}");
+}

@@ -35,7 +35,7 @@ const WORKER_COMMANDS: [&str; 3] = ["configure_lm", "create_program", "execute_p
 struct Created {
     signature: String,
     program_type: String,
-    definition: Value,
+    definition: Box<RawValue>,
 }
 
 /// The arguments of `execute_program` as a caller gives them.
@@ -52,8 +52,8 @@ struct ExecuteArgs {
 struct ExecuteCall<'a> {
     program_id: &'a str,
     inputs: &'a RawValue,
-    program: &'a Value,
-    lm: Option<&'a Value>,
+    program: &'a RawValue,
+    lm: Option<&'a RawValue>,
 }
 
 /// The arguments of the commands that name one program.
@@ -117,7 +117,7 @@ impl Pool {
         let started = Instant::now();
         match command {
             "configure_lm" => {
-                let lm: Value = parse_args(command, &args)?;
+                let lm: Arc<RawValue> = Arc::from(args.clone());
                 let reply = self.run_in(&session, command, args, options).await?;
                 let update = SessionUpdate {
                     lm: Some(lm),
@@ -251,7 +251,7 @@ impl Pool {
             id,
             created.signature,
             created.program_type,
-            created.definition,
+            Arc::from(created.definition),
         );
         Ok((program, reply))
     }
@@ -287,7 +287,7 @@ impl Pool {
             program_id: id,
             inputs: &wanted.inputs,
             program: &program.definition,
-            lm: session.lm.as_ref(),
+            lm: session.lm.as_deref(),
         };
         let reply = self
             .run_in(session, "execute_program", to_raw(&call)?, options)

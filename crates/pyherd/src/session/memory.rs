@@ -455,7 +455,12 @@ mod tests {
             get(&store, "short").await.unwrap_err().kind(),
             &ErrorKind::SessionNotFound
         );
-        let program = Program::new("p", "q -> a", "predict", json!({}));
+        let program = Program::new(
+            "p",
+            "q -> a",
+            "predict",
+            crate::session::raw_json(&json!({})),
+        );
         let e = store.put_program("short", program).await.unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::SessionNotFound);
         assert_eq!(store.stats().expired, 1);
@@ -507,7 +512,12 @@ mod tests {
         let store = MemoryStore::new(HOUR, 100);
         store.create(SessionSpec::new().id("s")).await.unwrap();
         store.create(SessionSpec::new().id("t")).await.unwrap();
-        let qa = Program::new("qa", "question -> answer", "predict", json!({"v": 1}));
+        let qa = Program::new(
+            "qa",
+            "question -> answer",
+            "predict",
+            crate::session::raw_json(&json!({"v": 1})),
+        );
         store.put_program("s", qa).await.unwrap();
         assert_eq!(
             store.get_program("s", "qa").await.unwrap().signature,
@@ -524,7 +534,12 @@ mod tests {
             1
         );
 
-        let shared = Program::new("shared", "text -> summary", "chain_of_thought", json!({}));
+        let shared = Program::new(
+            "shared",
+            "text -> summary",
+            "chain_of_thought",
+            crate::session::raw_json(&json!({})),
+        );
         store.put_global_program(shared).await.unwrap();
         let ran = store.record_execution("t", "shared").await.unwrap();
         assert_eq!(ran.execution_count, 1);
@@ -547,7 +562,12 @@ mod tests {
         store.delete_global_program("shared").await.unwrap();
         let e = store.get_global_program("shared").await.unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::ProgramNotFound);
-        let bad = Program::new("a b", "q -> a", "predict", json!({}));
+        let bad = Program::new(
+            "a b",
+            "q -> a",
+            "predict",
+            crate::session::raw_json(&json!({})),
+        );
         let e = store.put_global_program(bad).await.unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::InvalidId);
     }

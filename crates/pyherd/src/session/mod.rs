@@ -8,11 +8,13 @@
 mod memory;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use serde::{Serialize, Serializer};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 pub use self::memory::{MAX_TTL, MemoryStore};
 use crate::error::{Error, ErrorKind};
@@ -114,7 +116,7 @@ impl SessionSpec {
 }
 
 /// A change to a session; `None` fields are left as they are.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct SessionUpdate {
     /// New metadata (replaces the old).
@@ -122,14 +124,14 @@ pub struct SessionUpdate {
     /// New TTL.
     pub ttl: Option<Duration>,
     /// New LM configuration (as given to `configure_lm`).
-    pub lm: Option<Value>,
+    pub lm: Option<Arc<RawValue>>,
     /// The worker that served the session last.
     pub last_worker: Option<String>,
 }
 
 /// A session as stored. Serialises with the LM's `api_key` hidden, program ids only,
 /// times in RFC 3339 and the TTL in seconds.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub struct Session {
     /// The id.
@@ -140,9 +142,10 @@ pub struct Session {
     /// Programs by id.
     #[serde(serialize_with = "program_ids")]
     pub programs: BTreeMap<String, Program>,
-    /// The LM configuration given to `configure_lm`, if any.
+    /// The LM configuration given to `configure_lm`, if any, as its JSON (sent with
+    /// every `execute_program` as it is, so it is kept serialised).
     #[serde(serialize_with = "redacted")]
-    pub lm: Option<Value>,
+    pub lm: Option<Arc<RawValue>>,
     /// The worker that served the session last.
     pub last_worker: Option<String>,
     /// When it was created.
@@ -164,7 +167,7 @@ impl Session {
 }
 
 /// A program definition with its bookkeeping.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub struct Program {
     /// The id.
@@ -174,8 +177,9 @@ pub struct Program {
     pub signature: String,
     /// `predict` or `chain_of_thought`.
     pub program_type: String,
-    /// The definition a worker builds the program from (as the worker validated it).
-    pub definition: Value,
+    /// The definition a worker builds the program from, as the worker validated it (kept
+    /// serialised: it travels with every execution).
+    pub definition: Arc<RawValue>,
     /// When it was stored.
     #[serde(serialize_with = "rfc3339")]
     pub created_at: SystemTime,
@@ -192,7 +196,7 @@ impl Program {
         id: impl Into<String>,
         signature: impl Into<String>,
         program_type: impl Into<String>,
-        definition: Value,
+        definition: Arc<RawValue>,
     ) -> Self {
         Self {
             id: id.into(),
@@ -207,7 +211,7 @@ impl Program {
 }
 
 /// One page of [`SessionStore::list`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub struct SessionPage {
     /// The sessions, in id order.
@@ -287,17 +291,25 @@ fn program_ids<S: Serializer>(
 }
 
 /// The LM configuration without secrets: an `api_key` is shown as `"***"`.
-fn redacted<S: Serializer>(lm: &Option<Value>, s: S) -> Result<S::Ok, S::Error> {
-    match lm {
-        Some(Value::Object(config)) => {
-            let mut shown = config.clone();
-            if let Some(key) = shown.get_mut("api_key") {
-                *key = Value::from("***");
-            }
-            shown.serialize(s)
-        }
-        other => other.serialize(s),
+fn redacted<S: Serializer>(lm: &Option<Arc<RawValue>>, s: S) -> Result<S::Ok, S::Error> {
+    let Some(raw) = lm else {
+        return s.serialize_none();
+    };
+    let mut shown: Value = serde_json::from_str(raw.get()).map_err(serde::ser::Error::custom)?;
+    if let Some(key) = shown.get_mut("api_key") {
+        *key = Value::from("***");
     }
+    shown.serialize(s)
+}
+
+/// `value` as raw JSON shared cheaply (definitions and LM settings travel with every call).
+///
+/// # Panics
+/// Never: a [`Value`] always serialises.
+pub fn raw_json(value: &Value) -> Arc<RawValue> {
+    serde_json::value::to_raw_value(value)
+        .map(Arc::from)
+        .unwrap_or_else(|_| Arc::from(RawValue::NULL.to_owned()))
 }
 
 fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -335,13 +347,15 @@ mod tests {
         let mut programs = BTreeMap::new();
         programs.insert(
             "qa".to_owned(),
-            Program::new("qa", "q -> a", "predict", Value::Null),
+            Program::new("qa", "q -> a", "predict", raw_json(&Value::Null)),
         );
         let session = Session {
             id: "s1".into(),
             metadata: serde_json::json!({"user": 7}),
             programs,
-            lm: Some(serde_json::json!({"model": "openai/x", "api_key": "sk-secret"})),
+            lm: Some(raw_json(
+                &serde_json::json!({"model": "openai/x", "api_key": "sk-secret"}),
+            )),
             last_worker: None,
             created_at: SystemTime::UNIX_EPOCH,
             last_accessed: SystemTime::UNIX_EPOCH,

@@ -126,4 +126,12 @@ async fn programs_run_in_sessions_over_http() {
             .contains("pyherd_requests_total{command=\"execute_program\",outcome=\"lm_error\"} 1"),
         "{metrics}"
     );
+    // Programs stored by PUT are validated on a worker and counted like the command.
+    for line in [
+        "pyherd_requests_total{command=\"create_program\",outcome=\"ok\"} 2",
+        "pyherd_requests_total{command=\"create_program\",outcome=\"invalid_signature\"} 1",
+        "pyherd_requests_total{command=\"create_program\",outcome=\"session_not_found\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
 }

@@ -611,7 +611,6 @@ impl Pool {
         args: Box<RawValue>,
         options: &CallOptions,
     ) -> Result<Reply, Error> {
-        let shared = &self.inner.shared;
         let started = Instant::now();
         let known = self.knows(command);
         let outcome = match options.session_id.as_deref() {
@@ -630,11 +629,18 @@ impl Pool {
                 }
             })
         });
-        bump(&shared.counters.requests);
         let label = if known { command } else { UNKNOWN_COMMAND };
-        match &outcome {
-            Ok(_) => shared.metrics.observe(label, "ok", started.elapsed()),
-            Err(e) => {
+        self.count(label, outcome.as_ref().err(), started);
+        outcome
+    }
+
+    /// Counts one call in the stats and metrics: `label` is its command's metric label.
+    fn count(&self, label: &str, error: Option<&Error>, started: Instant) {
+        let shared = &self.inner.shared;
+        bump(&shared.counters.requests);
+        match error {
+            None => shared.metrics.observe(label, "ok", started.elapsed()),
+            Some(e) => {
                 bump(&shared.counters.errors);
                 if e.kind() == &ErrorKind::QueueTimeout {
                     bump(&shared.counters.queue_timeouts);
@@ -644,7 +650,6 @@ impl Pool {
                     .observe(label, e.kind().as_str(), started.elapsed());
             }
         }
-        outcome
     }
 
     /// Calls `command` in the session `session_id` (created on first use); see

@@ -205,6 +205,18 @@ impl Pool {
         if !self.inner.shared.dspy {
             return Err(no_adapter());
         }
+        let started = Instant::now();
+        let outcome = self.store_program(session_id, program_id, spec).await;
+        self.count("create_program", outcome.as_ref().err(), started);
+        outcome
+    }
+
+    async fn store_program(
+        &self,
+        session_id: Option<&str>,
+        program_id: &str,
+        spec: Map<String, Value>,
+    ) -> Result<Program, Error> {
         let store = self.sessions();
         match session_id {
             Some(id) => {

@@ -3,7 +3,8 @@
 Load it with ``--handlers pyherd_worker.dspy_adapter`` (``pyherd --dspy``). The host keeps
 every session's LM configuration and program definitions; each call carries what it
 needs, so any worker can serve any session. The worker only caches what it built: LMs by
-their configuration, modules by their definition.
+their configuration, modules by their definition (checked when first built). Calls run
+with dspy's history off, so no session's prompts or answers stay in the worker.
 
 Commands (the host adds ``list_programs``, ``get_program_info``, ``delete_program`` and
 ``cleanup_session``, which it answers from its session store):
@@ -23,6 +24,7 @@ Commands (the host adds ``list_programs``, ``get_program_info``, ``delete_progra
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import OrderedDict
@@ -45,6 +47,9 @@ from .handlers import HandlerError, declare_adapter, handler
 declare_adapter("dspy")
 
 PROGRAM_TYPES = ("predict", "chain_of_thought")
+#: Keyword arguments dspy.Predict takes for itself: an input field so named would never
+#: reach the prompt (``demos`` would even be taken as demonstrations).
+RESERVED_INPUTS = frozenset({"lm", "config", "demos", "signature", "new_signature", "self"})
 LM_KEYS = {"model", "api_key", "api_base", "temperature", "max_tokens", "num_retries", "cache"}
 DUMMY_KEYS = {"provider", "answers"}
 MAX_LMS = 64
@@ -59,7 +64,10 @@ try:
     import orjson
 
     def _canonical(value: Any) -> bytes:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        try:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits, from the stdlib codec
+            return b"j" + json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 except ImportError:  # pragma: no cover - dspy depends on orjson
 
@@ -138,18 +146,21 @@ def _check_lm(config: Any) -> Tuple[str, str]:
     model = config.get("model")
     if not isinstance(model, str) or not model:
         raise _invalid("invalid_lm_config", "the LM needs a \"model\" string, e.g. \"openai/gpt-4o-mini\"")
-    for key, types in (
-        ("api_key", str),
-        ("api_base", str),
-        ("temperature", (int, float)),
-        ("max_tokens", int),
-        ("num_retries", int),
-        ("cache", bool),
+    for key, types, low in (
+        ("api_key", str, None),
+        ("api_base", str, None),
+        ("temperature", (int, float), 0),
+        ("max_tokens", int, 1),
+        ("num_retries", int, 0),
+        ("cache", bool, None),
     ):
         value = config.get(key)
-        wrong = value is not None and (not isinstance(value, types) or (types is not bool and isinstance(value, bool)))
-        if wrong:
+        if value is None:
+            continue
+        if not isinstance(value, types) or (types is not bool and isinstance(value, bool)):
             raise _invalid("invalid_lm_config", f"{key!r} has the wrong type ({type(value).__name__})")
+        if low is not None and not (math.isfinite(value) and value >= low):
+            raise _invalid("invalid_lm_config", f"{key!r} must be a number of at least {low}, not {value!r}")
     return "litellm", model
 
 
@@ -204,18 +215,55 @@ def _parse_signature(signature: Any) -> Tuple[List[Dict[str, Optional[str]]], Li
     return inputs, outputs
 
 
-def _build_module(definition: Dict[str, Any]) -> Any:
+def _check_names(inputs: List[Dict[str, Optional[str]]], program_type: str) -> None:
+    """Refuse input names dspy would take for itself instead of passing them to the LM."""
+    reserved = RESERVED_INPUTS | ({"reasoning"} if program_type == "chain_of_thought" else set())
+    taken = sorted(f["name"] for f in inputs if f["name"] in reserved)  # type: ignore[misc]
+    if taken:
+        why = (
+            "chain_of_thought adds its own \"reasoning\" output"
+            if taken == ["reasoning"]
+            else "dspy.Predict takes lm, config, demos and signature as its own arguments"
+        )
+        raise _invalid("invalid_signature", f"input field name(s) {', '.join(taken)} cannot be used: {why}")
+
+
+def _check_definition(definition: Any) -> Dict[str, Any]:
+    """The canonical form of a definition (as create_program answers it); raises
+    invalid_request errors for anything else."""
+    if not isinstance(definition, dict) or not {"inputs", "outputs"} <= set(definition):
+        raise _invalid("malformed_request", "a program definition is {inputs, outputs, program_type, instructions}")
+    unknown = sorted(set(definition) - {"inputs", "outputs", "program_type", "instructions"})
+    if unknown:
+        raise _invalid("malformed_request", f"unknown program definition keys: {', '.join(unknown)}")
+    program_type = definition.get("program_type", "predict")
+    if program_type not in PROGRAM_TYPES:
+        raise _invalid("invalid_program_type", f"program_type is one of {', '.join(PROGRAM_TYPES)}, not {program_type!r}")
+    instructions = definition.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise _invalid("malformed_request", "instructions must be a string")
+    inputs, outputs = _parse_signature({"inputs": definition["inputs"], "outputs": definition["outputs"]})
+    _check_names(inputs, program_type)
+    return {"inputs": inputs, "outputs": outputs, "program_type": program_type, "instructions": instructions}
+
+
+def _build_program(definition: Any) -> Tuple[Any, Tuple[str, ...], frozenset]:
+    """Check a definition and build its module; returns (module, input names in order,
+    the same as a set). Runs once per definition: the result is cached."""
+    definition = _check_definition(definition)
     fields: Dict[str, Any] = {}
     for side, make in (("inputs", dspy.InputField), ("outputs", dspy.OutputField)):
         for f in definition[side]:
             fields[f["name"]] = make(desc=f["description"]) if f.get("description") else make()
     try:
-        signature = dspy.Signature(fields, definition.get("instructions"))
+        signature = dspy.Signature(fields, definition["instructions"])
     except Exception as exc:
-        raise _invalid("invalid_signature", f"dspy refused the signature: {exc}") from exc
-    if definition["program_type"] == "chain_of_thought":
-        return dspy.ChainOfThought(signature)
-    return dspy.Predict(signature)
+        clashing = sorted(name for name in fields if hasattr(dspy.Signature, name))
+        hint = f" (field names clashing with dspy.Signature's own attributes: {', '.join(clashing)})" if clashing else ""
+        raise _invalid("invalid_signature", f"dspy refused the signature{hint}: {exc}") from exc
+    module = dspy.ChainOfThought(signature) if definition["program_type"] == "chain_of_thought" else dspy.Predict(signature)
+    names = tuple(str(f["name"]) for f in definition["inputs"])
+    return module, names, frozenset(names)
 
 
 def _text(fields: List[Dict[str, Optional[str]]]) -> str:
@@ -241,19 +289,21 @@ def create_program(args: Any) -> Dict[str, Any]:
     program_id = args.get("id")
     if not isinstance(program_id, str) or not program_id:
         raise _invalid("malformed_request", "create_program needs an \"id\" string")
-    program_type = args.get("program_type", "predict")
-    if program_type not in PROGRAM_TYPES:
-        raise _invalid("invalid_program_type", f"program_type is one of {', '.join(PROGRAM_TYPES)}, not {program_type!r}")
-    instructions = args.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise _invalid("malformed_request", "instructions must be a string")
     inputs, outputs = _parse_signature(args.get("signature"))
-    definition = {"inputs": inputs, "outputs": outputs, "program_type": program_type, "instructions": instructions}
-    _modules.get(definition, _build_module)
+    program_type = args.get("program_type")
+    definition = _check_definition(
+        {
+            "inputs": inputs,
+            "outputs": outputs,
+            "program_type": "predict" if program_type is None else program_type,
+            "instructions": args.get("instructions"),
+        }
+    )
+    _modules.get(definition, _build_program)
     return {
         "program_id": program_id,
         "signature": f"{_text(inputs)} -> {_text(outputs)}",
-        "program_type": program_type,
+        "program_type": definition["program_type"],
         "definition": definition,
     }
 
@@ -263,14 +313,13 @@ def execute_program(args: Any) -> Dict[str, Any]:
     """Run a stored program (definition and LM attached by the host) on some inputs."""
     if not isinstance(args, dict) or not isinstance(args.get("program"), dict):
         raise _invalid("malformed_request", "execute_program needs the program definition (call it through the pool)")
-    definition = args["program"]
+    module, expected, expected_set = _modules.get(args["program"], _build_program)
     inputs = args.get("inputs")
     if not isinstance(inputs, dict):
         raise _invalid("invalid_inputs", f"inputs must be an object of input fields, not {type(inputs).__name__}")
-    expected = [f["name"] for f in definition.get("inputs", [])]
-    missing = [n for n in expected if n not in inputs]
-    unknown = sorted(set(inputs) - set(expected))
-    if missing or unknown:
+    if len(inputs) != len(expected) or not expected_set.issuperset(inputs):
+        missing = [n for n in expected if n not in inputs]
+        unknown = sorted(set(inputs) - expected_set)
         detail = "; ".join(
             part
             for part in (
@@ -284,10 +333,11 @@ def execute_program(args: Any) -> Dict[str, Any]:
     if config is None:
         raise _invalid("lm_not_configured", "this session has no LM: call configure_lm first")
     lm = _lms.get(config, _build_lm)
-    module = _modules.get(definition, _build_module)
     started = time.perf_counter()
     try:
-        with dspy.context(lm=lm):
+        # No history and a trace of this call only: dspy would otherwise keep the last
+        # 10 000 prompts and answers of every session in this worker (and pay for it).
+        with dspy.context(lm=lm, trace=[], disable_history=True):
             prediction = module(**inputs)
     except LMFailure as exc:
         raise HandlerError("python", "lm_error", f"the language model failed: {exc}") from exc

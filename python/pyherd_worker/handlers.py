@@ -7,6 +7,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -69,21 +70,32 @@ CATEGORIES = frozenset(
 )
 
 
+#: What an error kind looks like: snake_case ASCII, e.g. ``invalid_signature``.
+_KIND = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*")
+
+
 class HandlerError(Exception):
     """An error a handler raises on purpose, with the category and kind the caller sees
     (instead of ``python/python_exception``)::
 
         raise HandlerError("invalid_request", "invalid_signature", "no '->' in 'q a'")
+
+    The category must be one of the host's (`CATEGORIES`) and the kind snake_case;
+    anything else is a ValueError here, where the mistake is made.
     """
 
     def __init__(self, category: str, kind: str, message: str) -> None:
-        if category not in CATEGORIES:
+        if not isinstance(category, str) or category not in CATEGORIES:
             raise ValueError(f"unknown error category {category!r} (one of {', '.join(sorted(CATEGORIES))})")
-        if not kind or not kind.replace("_", "").isalnum() or not kind.islower():
-            raise ValueError(f"an error kind is snake_case, not {kind!r}")
+        if not isinstance(kind, str) or not _KIND.fullmatch(kind):
+            raise ValueError(f"an error kind is snake_case, like 'invalid_signature', not {kind!r}")
         super().__init__(message)
         self.category = category
         self.kind = kind
+
+    def __reduce__(self) -> Any:
+        # Exception pickles as cls(*self.args), which would lose the category and kind.
+        return (type(self), (self.category, self.kind, str(self)))
 
 
 _REGISTRY: Dict[str, Handler] = {}

@@ -3,9 +3,11 @@ shared between LM configurations, caches, and every error kind."""
 
 import io
 import json
+import pickle
 
 import dspy
 import pytest
+from dspy.clients.base_lm import GLOBAL_HISTORY
 from dspy.utils import DummyLM
 
 from pyherd_worker import HandlerError, dspy_adapter, handlers, protocol, runtime
@@ -130,6 +132,34 @@ def test_bad_signatures_are_invalid_signature(signature):
     assert (e.category, e.kind) == ("invalid_request", "invalid_signature"), str(e)
 
 
+@pytest.mark.filterwarnings("ignore:Field name .* shadows an attribute")
+@pytest.mark.parametrize(
+    "signature, program_type, name",
+    [
+        ("lm -> answer", "predict", "lm"),
+        ("demos, question -> answer", "predict", "demos"),  # dspy would take it as demonstrations
+        ("config -> answer", "predict", "config"),
+        ("self -> answer", "chain_of_thought", "self"),
+        ("new_signature -> answer", "predict", "new_signature"),
+        ("reasoning -> answer", "chain_of_thought", "reasoning"),  # CoT's own output would hide it
+        ("fields -> answer", "predict", "fields"),  # an attribute of dspy.Signature
+        ("question -> model_config", "predict", "model_config"),
+    ],
+)
+def test_field_names_dspy_keeps_for_itself_are_invalid_signature(signature, program_type, name):
+    e = error_of(dspy_adapter.create_program, {"id": "p", "signature": signature, "program_type": program_type})
+    assert (e.category, e.kind) == ("invalid_request", "invalid_signature"), str(e)
+    assert name in str(e)
+
+
+def test_names_reserved_only_as_chain_of_thought_inputs_are_fine_elsewhere():
+    lm = dummy({"": {"answer": "yes", "lm": "out", "reasoning": "because"}})
+    predict = create(signature="reasoning -> answer")["definition"]
+    assert execute(predict, {"reasoning": "r"}, lm)["outputs"] == {"answer": "yes"}
+    outputs = create(signature="question -> lm, reasoning", program_type="chain_of_thought")["definition"]
+    assert execute(outputs, {"question": "q"}, lm)["outputs"] == {"reasoning": "because", "lm": "out"}
+
+
 @pytest.mark.parametrize(
     "args, kind",
     [
@@ -166,12 +196,54 @@ def test_configure_lm_validates_and_never_answers_the_key():
         {"model": "openai/x", "max_tokens": True},
         {"model": "openai/x", "cache": "yes"},
         {"model": "openai/x", "api_secret": "k"},
+        {"model": "openai/x", "temperature": -0.5},
+        {"model": "openai/x", "temperature": float("nan")},
+        {"model": "openai/x", "max_tokens": 0},
+        {"model": "openai/x", "num_retries": -1},
         "openai/x",
     ],
 )
 def test_bad_lm_configurations_are_invalid_lm_config(config):
     e = error_of(dspy_adapter.configure_lm, config)
     assert (e.category, e.kind) == ("invalid_request", "invalid_lm_config"), str(e)
+
+
+def test_an_integer_beyond_64_bits_is_still_a_cache_key():
+    # The stdlib codec decodes such integers; orjson cannot encode them.
+    config = {"model": "openai/gpt-4o-mini", "max_tokens": 2**70}
+    assert dspy_adapter.configure_lm(config) == {"provider": "litellm", "model": "openai/gpt-4o-mini"}
+    assert dspy_adapter._lms.get(config, lambda c: pytest.fail("built twice")) is not None
+
+
+def test_dspy_keeps_no_history_or_trace_of_the_calls():
+    definition = create(program_id="private", signature="secret -> answer")["definition"]
+    lm_config = dummy({"": {"answer": "kept?"}})
+    execute(definition, {"secret": "warm-up"}, lm_config)
+    lm = dspy_adapter._lms.get(lm_config, None)
+    before = (len(GLOBAL_HISTORY), len(dspy.settings.trace))
+    for i in range(3):
+        execute(definition, {"secret": f"session data {i}"}, lm_config)
+    assert lm.history == []
+    assert (len(GLOBAL_HISTORY), len(dspy.settings.trace)) == before
+    assert "session data" not in repr(list(GLOBAL_HISTORY)[-5:])
+
+
+@pytest.mark.parametrize(
+    "change, kind",
+    [
+        (lambda d: {k: v for k, v in d.items() if k != "outputs"}, "malformed_request"),
+        (lambda d: {**d, "extra": 1}, "malformed_request"),
+        (lambda d: {**d, "instructions": ["not", "text"]}, "malformed_request"),
+        (lambda d: {**d, "program_type": "react"}, "invalid_program_type"),
+        (lambda d: {**d, "inputs": [{"name": "not valid"}]}, "invalid_signature"),
+        (lambda d: {**d, "inputs": [{"name": "demos"}]}, "invalid_signature"),
+        (lambda d: {**d, "outputs": []}, "invalid_signature"),
+    ],
+)
+def test_a_definition_not_made_by_create_program_is_refused_by_execute_program(change, kind):
+    definition = change(create()["definition"])
+    e = error_of(lambda a: execute(definition, a, dummy()), {"question": "q"})
+    assert (e.category, e.kind) == ("invalid_request", kind), str(e)
 
 
 def test_inputs_must_match_the_program():
@@ -193,6 +265,8 @@ def test_a_failing_lm_is_an_lm_error():
     e = error_of(lambda a: execute(definition, a, UNREACHABLE), {"question": "q"})
     assert (e.category, e.kind) == ("python", "lm_error")
     assert "127.0.0.1:9" in str(e)
+    copy = pickle.loads(pickle.dumps(e))
+    assert (copy.category, copy.kind, str(copy)) == (e.category, e.kind, str(e))
 
 
 def test_an_answer_that_cannot_be_parsed_is_an_lm_error():

@@ -165,12 +165,43 @@ def test_it_says_hello_then_answers_calls(worker):
     assert hello["t"] == "hello" and hello["id"] == 0 and hello["protocol"] == 1
     assert hello["pid"] == worker.proc.pid and hello["worker_id"] == "t1"
     assert {"ping", "echo", "info", "sleep", "crash"} <= set(hello["handlers"])
+    assert hello["adapters"] == []
     assert hello["python"] == sys.version.split()[0]
     assert hello["json"] in ("json", "orjson")
     assert worker.call("echo", {"x": "ü", "n": [1, None]}, request_id=5) == {
         "t": "ok", "id": 5, "result": {"x": "ü", "n": [1, None]}}
     ping = worker.call("ping", request_id=6)
     assert ping == {"t": "ok", "id": 6, "result": {"pong": True, "worker_id": "t1", "pid": worker.proc.pid}}
+
+
+def test_the_dspy_adapter_loads_by_module_name_and_is_announced(tmp_path):
+    # A second handler file reports the environment the adapter left for litellm.
+    (tmp_path / "env_probe.py").write_text(
+        "import os\nfrom pyherd_worker import handler\n\n"
+        "@handler\ndef env_probe(args):\n    return os.environ.get('LITELLM_LOCAL_MODEL_COST_MAP')\n"
+    )
+    saved = os.environ.pop("LITELLM_LOCAL_MODEL_COST_MAP", None)
+    try:
+        w = Worker("pyherd_worker.dspy_adapter", str(tmp_path / "env_probe.py"))
+    finally:
+        if saved is not None:
+            os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = saved
+    try:
+        hello = w.read()
+        assert hello["t"] == "hello" and hello["adapters"] == ["dspy"]
+        assert {"configure_lm", "create_program", "execute_program"} <= set(hello["handlers"])
+        assert w.call("env_probe", request_id=2)["result"] == "True"
+        created = w.call("create_program", {"id": "qa", "signature": "question -> answer"}, request_id=3)["result"]
+        lm = {"provider": "dummy", "answers": {"": {"answer": "42"}}}
+        args = {"program_id": "qa", "inputs": {"question": "q"}, "program": created["definition"], "lm": lm}
+        reply = w.call("execute_program", args, request_id=4)
+        assert (reply["t"], reply["result"]["outputs"]) == ("ok", {"answer": "42"})
+        reply = w.call("execute_program", {**args, "lm": None}, request_id=5)
+        assert (reply["t"], reply["id"], reply["category"], reply["kind"]) == (
+            "err", 5, "invalid_request", "lm_not_configured")
+        assert reply["python_type"] == "pyherd_worker.handlers.HandlerError" and "configure_lm" in reply["message"]
+    finally:
+        w.close()
 
 
 def test_frames_larger_than_a_pipe_buffer_cross_both_ways(worker):

@@ -3,9 +3,11 @@
 Every test runs with both codecs.
 """
 
+import copy
 import io
 import json
 import os
+import pickle
 import sys
 
 import pytest
@@ -203,11 +205,39 @@ def test_a_handler_error_carries_its_own_category_and_kind(worker):
 
 @pytest.mark.parametrize(
     "category, kind",
-    [("nonsense", "x"), ("python", ""), ("python", "Not Snake"), ("python", "CamelCase"), ("python", "a-b")],
+    [
+        ("nonsense", "x"),
+        ("Python", "x"),
+        (None, "x"),
+        (["python"], "x"),
+        ("python", ""),
+        ("python", "Not Snake"),
+        ("python", "CamelCase"),
+        ("python", "a-b"),
+        ("python", "_leading"),
+        ("python", "trailing_"),
+        ("python", "double__underscore"),
+        ("python", "9lives"),
+        ("python", "caf\u00e9"),
+        ("python", None),
+    ],
 )
 def test_a_handler_error_must_name_a_known_category_and_a_snake_case_kind(category, kind):
     with pytest.raises(ValueError):
         HandlerError(category, kind, "message")
+
+
+@pytest.mark.parametrize("category", sorted(handlers.CATEGORIES))
+def test_every_host_category_is_accepted(category):
+    e = HandlerError(category, "kind_2", "message")
+    assert (e.category, e.kind, str(e)) == (category, "kind_2", "message")
+
+
+def test_a_handler_error_survives_pickle_and_copy():
+    e = HandlerError("python", "lm_error", "the LM failed")
+    for twin in (pickle.loads(pickle.dumps(e)), copy.copy(e), copy.deepcopy(e)):
+        assert type(twin) is HandlerError
+        assert (twin.category, twin.kind, str(twin)) == ("python", "lm_error", "the LM failed")
 
 
 def test_the_python_type_of_a_non_builtin_exception_names_its_module(worker):
@@ -334,6 +364,17 @@ def test_hello_introduces_the_worker(codec):
         "json": codec[0],
     }
     assert runtime.codec_name() == codec[0]
+
+
+@pytest.mark.parametrize("declared, announced", [([], []), (["zeta", "dspy", "zeta"], ["dspy", "zeta"])])
+def test_hello_announces_the_declared_adapters(codec, monkeypatch, declared, announced):
+    monkeypatch.setattr(handlers, "_ADAPTERS", set())
+    for name in declared:
+        handlers.declare_adapter(name)
+    replies = io.BytesIO()
+    runtime.Worker(io.BytesIO(), replies, "w-hello", 1 << 20, codec).hello()
+    [hello] = read_all(replies)
+    assert hello["adapters"] == announced
 
 
 def test_serve_answers_frames_in_order_and_returns_at_end_of_stream(codec):

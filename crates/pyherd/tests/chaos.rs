@@ -1,0 +1,257 @@
+//! Chaos: workers are SIGKILLed from outside at random while calls run. No call hangs,
+//! only calls in flight on a killed worker fail, and the pool heals.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{sigkill, testing_pool, wait_until};
+use pyherd::{ErrorKind, Pool, WorkerState};
+use serde_json::json;
+
+const CALLS: usize = 5000;
+const CALLERS: usize = 32;
+const WORKERS: usize = 4;
+const KILL_EVERY: Duration = Duration::from_millis(100);
+
+/// A small xorshift generator: the test needs spread, not quality.
+struct Dice(u64);
+
+impl Dice {
+    fn new() -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos());
+        Self(u64::try_from(nanos % u128::from(u64::MAX)).unwrap_or(1) | 1)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        usize::try_from(self.0 % n as u64).unwrap_or(0)
+    }
+}
+
+/// Kills a random running worker every `KILL_EVERY` until `stop` is set; returns the
+/// pids it killed.
+async fn kill_at_random(pool: Pool, stop: Arc<std::sync::atomic::AtomicBool>) -> HashSet<u32> {
+    let mut dice = Dice::new();
+    let mut killed = HashSet::new();
+    let mut ticks = tokio::time::interval(KILL_EVERY);
+    ticks.tick().await;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        ticks.tick().await;
+        let running: Vec<u32> = pool
+            .workers()
+            .iter()
+            .filter(|w| matches!(w.state, WorkerState::Ready | WorkerState::Busy))
+            .filter_map(|w| w.pid)
+            .filter(|pid| !killed.contains(pid))
+            .collect();
+        if running.is_empty() {
+            continue;
+        }
+        let pid = running[dice.below(running.len())];
+        killed.insert(pid);
+        sigkill(pid);
+    }
+    killed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_kills_under_load_fail_only_the_calls_in_flight_and_the_pool_heals() {
+    let pool = testing_pool(WORKERS)
+        .max_queue(CALLS)
+        .queue_timeout(Duration::from_secs(60))
+        .request_timeout(Duration::from_secs(30))
+        .build()
+        .await
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = tokio::spawn(kill_at_random(pool.clone(), stop.clone()));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|c| {
+            let pool = pool.clone();
+            let failures = failures.clone();
+            tokio::spawn(async move {
+                let mut ok = 0usize;
+                for i in (c..CALLS).step_by(CALLERS) {
+                    // ~2 ms of work per call, so that kills land on calls in flight.
+                    match pool
+                        .execute("sleep", json!({"seconds": 0.002, "call": i}))
+                        .await
+                    {
+                        Ok(v) => {
+                            assert_eq!(v["slept"], 0.002);
+                            ok += 1;
+                        }
+                        Err(e) => failures.lock().unwrap().push(e),
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    // No call hangs: every caller ends, well within the bound.
+    let answered =
+        tokio::time::timeout(Duration::from_secs(240), futures::future::join_all(callers))
+            .await
+            .expect("calls hung under chaos");
+    let chaos = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let killed = killer.await.unwrap();
+    let stopped = Instant::now();
+
+    let ok: usize = answered.into_iter().map(|r| r.unwrap()).sum();
+    let failures = std::mem::take(&mut *failures.lock().unwrap());
+    assert_eq!(ok + failures.len(), CALLS);
+    assert!(
+        killed.len() >= 10,
+        "only {} kills in {chaos:?}",
+        killed.len()
+    );
+    // Only a call in flight on a killed worker fails: with one call in flight per worker,
+    // at most one failure per kill, each naming a killed pid.
+    assert!(
+        failures.len() <= killed.len(),
+        "{} > {}",
+        failures.len(),
+        killed.len()
+    );
+    for e in &failures {
+        assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
+        let pid = e.context().pid.expect("a crash names its pid");
+        assert!(
+            killed.contains(&pid),
+            "{pid} failed a call but was not killed: {e}"
+        );
+    }
+
+    // Back to full size within 1 s after the chaos stops: every killed worker replaced.
+    let kills = killed.len() as u64;
+    wait_until(Duration::from_secs(1), "the pool back to full size", || {
+        let s = pool.stats();
+        s.restarts >= kills && s.available + s.busy == WORKERS && s.starting == 0
+    })
+    .await;
+    let healed = stopped.elapsed();
+    let stats = pool.stats();
+    eprintln!(
+        "chaos: {CALLS} calls by {CALLERS} callers on {WORKERS} workers in {chaos:?}; {} workers killed, {} calls failed, {} restarts; full size {healed:?} after the chaos stopped",
+        killed.len(),
+        failures.len(),
+        stats.restarts
+    );
+    assert_eq!(pool.execute("ping", json!({})).await.unwrap()["pong"], true);
+    pool.shutdown().await;
+}
+
+/// Pings the pool every 20 ms until `stop` is set; every ping must answer within 2 s.
+/// Returns how many pings were answered and the slowest answer.
+async fn ping_throughout(pool: Pool, stop: Arc<std::sync::atomic::AtomicBool>) -> (u32, Duration) {
+    let options = pyherd::CallOptions::new().queue_timeout(Duration::from_secs(2));
+    let (mut answered, mut slowest) = (0, Duration::ZERO);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let t = Instant::now();
+        let reply = pool
+            .execute_with("ping", json!({}), &options)
+            .await
+            .expect("the pool stopped answering ping");
+        assert_eq!(reply.value().unwrap()["pong"], true);
+        slowest = slowest.max(t.elapsed());
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (answered, slowest)
+}
+
+fn chaos_pool(workers: usize) -> pyherd::PoolBuilder {
+    testing_pool(workers)
+        .handlers(common::fixture("chaos_handlers.py"))
+        .max_queue(10_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_calls_time_out_their_workers_are_replaced_and_ping_answers_throughout() {
+    let pool = chaos_pool(3).build().await.unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pinger = tokio::spawn(ping_throughout(pool.clone(), stop.clone()));
+    let options = pyherd::CallOptions::new().timeout(Duration::from_millis(300));
+    // Two hang at a time, so one worker is always left for pings.
+    for _ in 0..4 {
+        let (a, b) = tokio::join!(
+            pool.execute_with("hang", json!({}), &options),
+            pool.execute_with("hang", json!({}), &options)
+        );
+        for e in [a.unwrap_err(), b.unwrap_err()] {
+            assert_eq!(e.kind(), &ErrorKind::ExecutionTimeout, "{e}");
+        }
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "every hung worker replaced",
+        || {
+            let s = pool.stats();
+            s.restarts == 8 && s.available + s.busy == 3
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (pings, slowest) = pinger.await.unwrap();
+    eprintln!("hang: 8 hung calls killed; {pings} pings answered, slowest {slowest:?}");
+    assert!(pings > 10, "{pings}");
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_crashing_one_call_in_five_fails_only_those_calls_and_ping_answers_throughout() {
+    let pool = chaos_pool(3).build().await.unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pinger = tokio::spawn(ping_throughout(pool.clone(), stop.clone()));
+    // Two callers on three workers: a worker is left for pings (the queue is FIFO).
+    let calls = 300;
+    let callers = (0..2).map(|c| {
+        let pool = pool.clone();
+        async move {
+            let mut crashed = 0;
+            for i in (c..calls).step_by(2) {
+                match pool.execute("flaky", json!({"i": i})).await {
+                    Ok(v) => assert_eq!(v["i"], i),
+                    Err(e) => {
+                        assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
+                        assert_eq!(e.context().exit_status.as_deref(), Some("exit status: 3"));
+                        crashed += 1;
+                    }
+                }
+            }
+            crashed
+        }
+    });
+    let crashed: usize = futures::future::join_all(callers).await.into_iter().sum();
+    // About one in five (binomial: 300 × 0.2 = 60, far outside 25..=110 is a bug).
+    assert!(
+        (25..=110).contains(&crashed),
+        "{crashed} of {calls} crashed"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "every crashed worker replaced",
+        || {
+            let s = pool.stats();
+            s.restarts == crashed as u64 && s.available + s.busy == 3
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (pings, slowest) = pinger.await.unwrap();
+    eprintln!(
+        "flaky: {crashed} of {calls} calls crashed their worker; {pings} pings answered, slowest {slowest:?}"
+    );
+    assert!(pings > 0);
+    pool.shutdown().await;
+}

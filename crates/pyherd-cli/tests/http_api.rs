@@ -266,7 +266,7 @@ async fn stats_workers_health_and_metrics_describe_the_pool() {
         "pyherd_requests_total{command=\"(unknown)\",outcome=\"unknown_command\"} 1",
         "pyherd_queue_depth 0",
         "pyherd_workers{state=\"ready\"} 2",
-        "pyherd_worker_restarts_total 0",
+        "pyherd_worker_restarts_total{reason=\"crashed\"} 0",
     ] {
         assert!(text.contains(needle), "missing {needle}:\n{text}");
     }

@@ -195,7 +195,7 @@ async fn errors_are_counted_and_measured() {
         "pyherd_requests_total{command=\"(unknown)\",outcome=\"unknown_command\"} 1",
         "pyherd_workers{state=\"ready\"} 1",
         "pyherd_queue_depth 0",
-        "pyherd_worker_restarts_total 0",
+        "pyherd_worker_restarts_total{reason=\"crashed\"} 0",
     ] {
         assert!(metrics.contains(line), "missing {line} in\n{metrics}");
     }

@@ -87,6 +87,54 @@ async fn a_worker_that_misses_a_ping_is_degraded_takes_no_work_and_comes_back() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_worker_that_dies_is_replaced_as_crashed() {
+    let pool = testing_pool(1)
+        .health_interval(Duration::from_secs(2))
+        .health_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let stopped = worker_pids(&pool)[0];
+    signal(stopped, Signal::SIGSTOP);
+    wait_until(Duration::from_secs(15), "the worker to be degraded", || {
+        state_of(&pool, stopped) == Some(WorkerState::Degraded)
+    })
+    .await;
+    assert!(!pool.is_ready());
+    sigkill(stopped);
+    wait_until(Duration::from_secs(10), "the replacement worker", || {
+        let s = pool.stats();
+        s.restarts == 1 && s.available == 1
+    })
+    .await;
+    assert_eq!(restarts(&pool, "crashed"), 1);
+    assert_eq!(restarts(&pool, "health_check"), 0);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_degraded_worker() {
+    let pool = testing_pool(2)
+        .health_interval(Duration::from_secs(3))
+        .health_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let stopped = worker_pids(&pool)[0];
+    signal(stopped, Signal::SIGSTOP);
+    wait_until(Duration::from_secs(15), "the worker to be degraded", || {
+        state_of(&pool, stopped) == Some(WorkerState::Degraded)
+    })
+    .await;
+    // Its third miss is 6 s away: shutdown kills it instead of waiting.
+    let t = Instant::now();
+    pool.shutdown().await;
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(!exists(stopped));
+    assert_eq!(transitions(&pool, "degraded", "draining"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_misses_three_pings_is_killed_and_replaced() {
     let pool = testing_pool(1)
         .health_interval(Duration::from_millis(300))

@@ -101,6 +101,7 @@ impl Slot {
     /// Drains an idle worker: it takes no new work, is stopped politely and reaped.
     pub(super) async fn retire(&self, worker: &mut WorkerProcess, reason: &str) {
         self.go(WorkerState::Draining, reason);
+        self.hand_back();
         let exit = worker.stop(self.shared.config.kill_timeout).await;
         tracing::debug!(worker = %worker.id(), exit = exit.as_deref().unwrap_or("unknown"), reason, "worker stopped");
         self.go(WorkerState::Stopped, reason);
@@ -239,6 +240,7 @@ impl Slot {
                 };
                 job.answer(answer);
                 let reason = retire?;
+                self.hand_back();
                 let exit = worker.stop(self.shared.config.kill_timeout).await;
                 tracing::debug!(worker = %worker.id(), exit = exit.as_deref().unwrap_or("unknown"),
                     reason = reason.as_str(), "worker recycled");

@@ -21,7 +21,8 @@ pub const MAX_WORKERS: usize = 1024;
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct PoolConfig {
-    /// Number of worker processes. Default: the number of CPUs.
+    /// Number of worker processes started with the pool (it may then shrink to
+    /// `min_workers` and grow to `max_workers`). Default: the number of CPUs.
     pub workers: usize,
     /// The Python interpreter: a name looked up on `PATH` or a path. Default: `python3`.
     /// A launcher script (such as a pyenv shim) is resolved once to the real interpreter.

@@ -288,7 +288,7 @@ impl PoolBuilder {
         self
     }
 
-    /// Number of worker processes.
+    /// Number of worker processes started with the pool.
     pub fn workers(mut self, n: usize) -> Self {
         self.config.workers = n;
         self

@@ -441,7 +441,7 @@ impl PoolBuilder {
             let (direct, receiver) = async_channel::unbounded();
             let status = match workers.get(i) {
                 Some(w) => {
-                    let status = SlotStatus::new(w.id().clone());
+                    let status = SlotStatus::new(w.id().clone(), w.started());
                     status.running(w.pid(), w.started());
                     status
                 }

@@ -99,18 +99,17 @@ pub(crate) struct SlotStatus {
 }
 
 impl SlotStatus {
-    /// A slot whose first worker, `id`, is starting.
-    pub(crate) fn new(id: Arc<str>) -> Self {
-        Self::with_state(WorkerState::Starting, id)
+    /// A slot whose first worker, `id`, has been starting since `spawned`.
+    pub(crate) fn new(id: Arc<str>, spawned: Instant) -> Self {
+        Self::with_state(WorkerState::Starting, id, spawned)
     }
 
     /// A slot out of service until the pool grows.
     pub(crate) fn parked() -> Self {
-        Self::with_state(WorkerState::Stopped, "".into())
+        Self::with_state(WorkerState::Stopped, "".into(), Instant::now())
     }
 
-    fn with_state(state: WorkerState, id: Arc<str>) -> Self {
-        let born = Instant::now();
+    fn with_state(state: WorkerState, id: Arc<str>, born: Instant) -> Self {
         Self {
             state: AtomicU8::new(state as u8),
             requests: AtomicU64::new(0),
@@ -246,7 +245,7 @@ mod tests {
     #[test]
     fn a_restarting_slot_reports_its_new_worker() {
         let life = Lifecycle::new(1, 1, 1);
-        let slot = SlotStatus::new("w1".into());
+        let slot = SlotStatus::new("w1".into(), Instant::now());
         slot.running(42, Instant::now());
         slot.transition(WorkerState::Ready, "started", &life);
         assert_eq!(slot.served(), 1);
@@ -264,7 +263,7 @@ mod tests {
     #[test]
     fn a_transition_outside_the_table_is_refused() {
         let life = Lifecycle::new(1, 1, 1);
-        let slot = SlotStatus::new("w1".into());
+        let slot = SlotStatus::new("w1".into(), Instant::now());
         slot.transition(WorkerState::Busy, "bug", &life);
         assert_eq!(slot.state(), WorkerState::Starting);
     }

@@ -137,7 +137,8 @@ impl Slot {
                         return Ending::Stop;
                     }
                 },
-                () = tokio::time::sleep_until(wake) => {
+                // An async block: the timer is only made when no job was ready at once.
+                () = async { tokio::time::sleep_until(wake).await } => {
                     match self.idle_check(worker, &mut idle_since, &mut checked).await {
                         Some(ending) => return ending,
                         None => continue,

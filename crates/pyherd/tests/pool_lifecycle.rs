@@ -49,9 +49,10 @@ fn restarts(pool: &Pool, reason: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_misses_a_ping_is_degraded_takes_no_work_and_comes_back() {
+    // A generous ping timeout: the worker that is not stopped must never miss one.
     let pool = testing_pool(2)
         .health_interval(Duration::from_secs(2))
-        .health_timeout(Duration::from_millis(300))
+        .health_timeout(Duration::from_secs(1))
         .build()
         .await
         .unwrap();
@@ -116,7 +117,7 @@ async fn a_degraded_worker_that_dies_is_replaced_as_crashed() {
 async fn shutdown_does_not_wait_for_a_degraded_worker() {
     let pool = testing_pool(2)
         .health_interval(Duration::from_secs(3))
-        .health_timeout(Duration::from_millis(200))
+        .health_timeout(Duration::from_secs(1))
         .build()
         .await
         .unwrap();
@@ -182,6 +183,11 @@ async fn max_requests_recycles_workers_without_failing_a_call_under_load() {
     for caller in callers {
         caller.await.unwrap();
     }
+    // The last recycled workers may still be draining or their replacements starting.
+    wait_until(Duration::from_secs(10), "both workers ready", || {
+        pool.stats().available == 2
+    })
+    .await;
     let stats = pool.stats();
     assert_eq!((stats.requests, stats.errors), (400, 0));
     // 400 calls at 20–22 calls per worker: at least 400 / 22 − 2 workers were retired.
@@ -233,7 +239,8 @@ async fn workers_are_recycled_at_their_max_age() {
         pool.stats().restarts >= 1
     })
     .await;
-    assert_eq!(restarts(&pool, "max_age"), pool.stats().restarts);
+    assert!(restarts(&pool, "max_age") >= 1);
+    assert_eq!(restarts(&pool, "crashed"), 0);
     assert!(transitions(&pool, "ready", "draining") >= 1);
     wait_until(Duration::from_secs(5), "the old worker to be gone", || {
         !exists(old)
@@ -337,7 +344,7 @@ async fn the_spawn_breaker_fails_calls_at_once_with_the_stderr_tail_then_recover
     assert_eq!(metric(&pool, "pyherd_spawn_breaker_open"), 1);
     let t = Instant::now();
     let e = pool.execute("alive", json!({})).await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert_eq!(e.kind(), &ErrorKind::SpawnFailing);
     assert_eq!(e.category(), pyherd::Category::Initialization);
     assert!(e.message().contains("handler_import_failed"), "{e}");

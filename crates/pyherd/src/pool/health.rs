@@ -8,18 +8,24 @@
 //! `health_interval` without it is another miss; the third miss in a row kills and
 //! replaces the worker. The answer arriving in time brings the worker back to `ready`.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use serde_json::value::RawValue;
 
 use super::lifecycle::RestartReason;
 use super::slot::{Ending, Slot};
-use crate::protocol::Call;
 use crate::worker::{WorkerProcess, WorkerState};
 
 /// Missed health checks in a row after which a worker is replaced.
-pub(crate) const HEALTH_MISSES_TO_REPLACE: u32 = 3;
+const HEALTH_MISSES_TO_REPLACE: u32 = 3;
+
+/// The call frame of the built-in `ping` (the same bytes a `Call` serialises to).
+fn ping_frame(id: u64, deadline_ms: u64) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"t":"call","id":{id},"cmd":"ping","args":null,"deadline_ms":{deadline_ms}}}"#
+    ))
+}
 
 fn epoch_ms_after(delay: Duration) -> u64 {
     SystemTime::now()
@@ -36,24 +42,8 @@ impl Slot {
     pub(super) async fn health_check(&self, worker: &mut WorkerProcess) -> Option<Ending> {
         let shared = &self.shared;
         let config = &shared.config;
-        let id = shared
-            .next_request
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let args = RawValue::NULL.to_owned();
-        let call = Call::new(
-            id,
-            "ping",
-            &args,
-            None,
-            epoch_ms_after(config.health_timeout),
-        );
-        let frame = match serde_json::to_vec(&call) {
-            Ok(body) => Bytes::from(body),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode a ping");
-                return None;
-            }
-        };
+        let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let frame = ping_frame(id, epoch_ms_after(config.health_timeout));
         if let Err(fault) = worker.send_frame(frame).await {
             let error = worker.crashed(fault).await;
             tracing::warn!(worker = %worker.id(), error = %error, "worker lost at its health check");
@@ -109,5 +99,23 @@ impl Slot {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::value::RawValue;
+
+    use super::*;
+    use crate::protocol::Call;
+
+    #[test]
+    fn the_ping_frame_is_a_protocol_call() {
+        let args = RawValue::NULL.to_owned();
+        let call = Call::new(7, "ping", &args, None, 1_700_000_000_000);
+        assert_eq!(
+            ping_frame(7, 1_700_000_000_000),
+            serde_json::to_vec(&call).unwrap()
+        );
     }
 }

@@ -136,10 +136,32 @@ async fn shutdown_does_not_wait_for_a_degraded_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_still_unanswered_when_the_shutdown_grace_ends_is_cut_short() {
+    let pool = testing_pool(1)
+        .health_interval(Duration::from_millis(100))
+        .health_timeout(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    let stopped = worker_pids(&pool)[0];
+    signal(stopped, Signal::SIGSTOP);
+    // Once pinged, the slot waits up to 60 s for the answer.
+    wait_until(Duration::from_secs(10), "the ping", || {
+        metric(&pool, "pyherd_health_pings_total") == 1
+    })
+    .await;
+    let t = Instant::now();
+    pool.shutdown_with(Duration::from_millis(300)).await;
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(!exists(stopped));
+    assert_eq!(transitions(&pool, "ready", "stopped"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_misses_three_pings_is_killed_and_replaced() {
     let pool = testing_pool(1)
         .health_interval(Duration::from_millis(300))
-        .health_timeout(Duration::from_millis(200))
+        .health_timeout(Duration::from_millis(500))
         .build()
         .await
         .unwrap();
@@ -160,6 +182,7 @@ async fn a_worker_that_misses_three_pings_is_killed_and_replaced() {
     assert_eq!(restarts(&pool, "health_check"), 1);
     assert_eq!(transitions(&pool, "degraded", "stopped"), 1);
     assert_eq!(transitions(&pool, "stopped", "starting"), 1);
+    assert!(metric(&pool, "pyherd_health_misses_total") >= 3);
     assert_eq!(pool.execute("echo", json!("alive")).await.unwrap(), "alive");
     pool.shutdown().await;
 }

@@ -44,6 +44,7 @@ impl Slot {
         let config = &shared.config;
         let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
         let frame = ping_frame(id, epoch_ms_after(config.health_timeout));
+        shared.life.pinged();
         if let Err(fault) = worker.send_frame(frame).await {
             let error = worker.crashed(fault).await;
             tracing::warn!(worker = %worker.id(), error = %error, "worker lost at its health check");
@@ -84,6 +85,7 @@ impl Slot {
                 }
                 Err(_) => {
                     misses += 1;
+                    shared.life.ping_missed();
                     if misses >= HEALTH_MISSES_TO_REPLACE {
                         worker.kill().await;
                         self.go(WorkerState::Stopped, "health_check_failed");

@@ -59,6 +59,9 @@ impl RestartReason {
 pub(crate) struct Lifecycle {
     transitions: [[AtomicU64; STATES]; STATES],
     restarts: [AtomicU64; RestartReason::ALL.len()],
+    /// Health pings sent, and those that missed their timeout (or a later check).
+    pings: AtomicU64,
+    ping_misses: AtomicU64,
     /// Slots in service (with a worker or starting one); the others are parked.
     live: AtomicUsize,
     min: usize,
@@ -75,6 +78,8 @@ impl Lifecycle {
         Self {
             transitions: Default::default(),
             restarts: Default::default(),
+            pings: AtomicU64::new(0),
+            ping_misses: AtomicU64::new(0),
             live: AtomicUsize::new(live),
             min,
             max,
@@ -93,6 +98,16 @@ impl Lifecycle {
     /// Counts one replacement.
     pub(crate) fn restarted(&self, reason: RestartReason) {
         self.restarts[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one health ping sent.
+    pub(crate) fn pinged(&self) {
+        self.pings.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one missed health check.
+    pub(crate) fn ping_missed(&self) {
+        self.ping_misses.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Replacements of every reason.
@@ -207,6 +222,21 @@ impl Lifecycle {
                 reason.as_str()
             );
         }
+        for (name, help, counter) in [
+            (
+                "pyherd_health_pings_total",
+                "Health pings sent to idle workers.",
+                &self.pings,
+            ),
+            (
+                "pyherd_health_misses_total",
+                "Health checks missed (a ping unanswered within its timeout, or still unanswered a health interval later).",
+                &self.ping_misses,
+            ),
+        ] {
+            metrics::header(out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
+        }
         metrics::header(
             out,
             "pyherd_spawn_breaker_open",
@@ -261,6 +291,8 @@ mod tests {
         let life = Lifecycle::new(1, 1, 1);
         life.transitioned(WorkerState::Ready, WorkerState::Degraded);
         life.restarted(RestartReason::MaxRss);
+        life.pinged();
+        life.ping_missed();
         let mut out = String::new();
         life.render(&mut out);
         assert!(out.contains("pyherd_worker_transitions_total{from=\"ready\",to=\"degraded\"} 1"));
@@ -268,6 +300,8 @@ mod tests {
         assert!(!out.contains("from=\"stopped\",to=\"busy\""));
         assert!(out.contains("pyherd_worker_restarts_total{reason=\"max_rss\"} 1"));
         assert!(out.contains("pyherd_spawn_breaker_open 0"));
+        assert!(out.contains("pyherd_health_pings_total 1"));
+        assert!(out.contains("pyherd_health_misses_total 1"));
         assert_eq!(life.restarts(), 1);
     }
 }

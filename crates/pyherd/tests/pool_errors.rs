@@ -136,6 +136,7 @@ async fn oversize_frames_are_refused_on_the_side_that_would_send_them() {
     assert_eq!(e.kind(), &ErrorKind::PayloadTooLarge, "{e}");
     assert!(e.message().contains("once encoded"), "{e}");
     assert_eq!(odd.workers()[0].pid, pid);
+    assert_eq!(odd.workers()[0].state, pyherd::WorkerState::Ready);
     assert_eq!(odd.stats().restarts, 0);
     odd.shutdown().await;
     let fits = pool

@@ -579,6 +579,8 @@ impl Pool {
     /// - `resource/pool_saturated` (queue full), `timeout/queue_timeout`,
     ///   `timeout/execution_timeout` (the worker was killed and is being replaced);
     /// - `communication/worker_crashed` (with exit status and stderr tail);
+    /// - `initialization/spawn_failing` at once, when no worker can serve and new ones
+    ///   keep failing to start (with the last failure's stderr tail);
     /// - `python/python_exception` (with `python_type` and `traceback`),
     ///   `python/result_not_serializable`, `resource/result_too_large`;
     /// - `system/shutting_down`.
@@ -890,8 +892,9 @@ impl Pool {
         &self.inner.shared.store
     }
 
-    /// The error calls get while no worker can serve and new workers keep failing to
-    /// start (`initialization/spawn_failing`, with the last failure's stderr tail).
+    /// While new workers keep failing to start (the spawn breaker is open), the error
+    /// that calls get when no worker can serve them: `initialization/spawn_failing`, with
+    /// the last failure's message and stderr tail. `None` while workers start fine.
     pub fn spawn_failure(&self) -> Option<Error> {
         self.inner.shared.life.spawn_failing()
     }

@@ -195,6 +195,7 @@ impl Slot {
         let frame = match serde_json::to_vec(&call) {
             Ok(body) => Bytes::from(body),
             Err(e) => {
+                self.go(WorkerState::Ready, "call_refused");
                 job.answer(Err(Error::new(
                     ErrorKind::MalformedRequest,
                     format!("cannot encode the call: {e}"),
@@ -214,6 +215,7 @@ impl Slot {
                 ),
             )
             .with_context(|c| c.limit_bytes = u64::try_from(limit).ok());
+            self.go(WorkerState::Ready, "call_refused");
             job.answer(Err(error));
             return None;
         }

@@ -6,9 +6,11 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from .handlers import Context, handler
+
+_leaked: List[bytearray] = []
 
 
 @handler
@@ -112,3 +114,10 @@ def spawn_child(args: Dict[str, Any]) -> Dict[str, int]:
 
     child = subprocess.Popen(["sleep", str(args.get("seconds", 600))])
     return {"pid": child.pid}
+
+
+@handler
+def leak(args: Dict[str, Any]) -> Dict[str, int]:
+    """Keep ``mb`` MiB more (default 50) in a module-level list, resident, on every call."""
+    _leaked.append(bytearray(b"\x01") * (int(args.get("mb", 50)) << 20))
+    return {"held_mb": sum(len(block) for block in _leaked) >> 20}

@@ -197,6 +197,12 @@ def test_the_testing_module_loads_by_name():
     assert call("async_echo", {"k": 1}) == {"k": 1}
 
 
+def test_the_leak_handler_keeps_what_it_allocated():
+    handlers.load("pyherd_worker.testing")
+    first = call("leak", {"mb": 1})["held_mb"]
+    assert call("leak", {"mb": 2})["held_mb"] == first + 2
+
+
 def test_loading_something_missing_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         handlers.load(str(tmp_path / "missing.py"))

@@ -66,6 +66,30 @@ pub(crate) struct PoolArgs {
     /// A session's time to live after its last access, ms [default: 3600000]
     #[arg(long, env = "PYHERD_SESSION_TTL_MS")]
     pub(crate) session_ttl_ms: Option<u64>,
+    /// Fewest workers in service; idle ones stop down to this [default: --workers]
+    #[arg(long, env = "PYHERD_MIN_WORKERS")]
+    pub(crate) min_workers: Option<usize>,
+    /// Most workers in service; more start while calls wait [default: --workers]
+    #[arg(long, env = "PYHERD_MAX_WORKERS")]
+    pub(crate) max_workers: Option<usize>,
+    /// Idle time after which a worker is pinged, ms [default: 30000]
+    #[arg(long, env = "PYHERD_HEALTH_INTERVAL_MS")]
+    pub(crate) health_interval_ms: Option<u64>,
+    /// Longest a ping may take before it counts as missed, ms [default: 5000]
+    #[arg(long, env = "PYHERD_HEALTH_TIMEOUT_MS")]
+    pub(crate) health_timeout_ms: Option<u64>,
+    /// Calls a worker serves before it is recycled (+0–10 % jitter) [default: no limit]
+    #[arg(long, env = "PYHERD_MAX_REQUESTS")]
+    pub(crate) max_requests: Option<u64>,
+    /// Python RSS in MiB past which a worker is recycled after its call [default: no limit]
+    #[arg(long, env = "PYHERD_MAX_RSS_MB")]
+    pub(crate) max_rss_mb: Option<u64>,
+    /// Age in seconds past which a worker is recycled [default: no limit]
+    #[arg(long, env = "PYHERD_MAX_AGE_S")]
+    pub(crate) max_age_s: Option<u64>,
+    /// Idle seconds after which a worker stops, down to --min-workers [default: never]
+    #[arg(long, env = "PYHERD_IDLE_TIMEOUT_S")]
+    pub(crate) idle_timeout_s: Option<u64>,
     /// Where pyherd keeps its state, such as the Python environment of `pyherd setup`
     /// [default: .pyherd]
     #[arg(long, env = "PYHERD_STATE_DIR")]
@@ -178,6 +202,36 @@ impl PoolArgs {
         if let Some(v) = self.session_ttl_ms {
             pool.session_ttl = ms(v);
         }
+        self.apply_lifecycle(pool);
+    }
+
+    fn apply_lifecycle(&self, pool: &mut PoolConfig) {
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        if self.min_workers.is_some() {
+            pool.min_workers = self.min_workers;
+        }
+        if self.max_workers.is_some() {
+            pool.max_workers = self.max_workers;
+        }
+        if let Some(v) = self.health_interval_ms {
+            pool.health_interval = ms(v);
+        }
+        if let Some(v) = self.health_timeout_ms {
+            pool.health_timeout = ms(v);
+        }
+        if self.max_requests.is_some() {
+            pool.max_requests = self.max_requests;
+        }
+        if self.max_rss_mb.is_some() {
+            pool.max_rss_mb = self.max_rss_mb;
+        }
+        if let Some(v) = self.max_age_s {
+            pool.max_age = Some(secs(v));
+        }
+        if let Some(v) = self.idle_timeout_s {
+            pool.idle_timeout = Some(secs(v));
+        }
     }
 }
 
@@ -274,6 +328,43 @@ mod tests {
         assert!(format!("{e:#}").contains("requirements"), "{e:#}");
         let e = parse_file("dspy = \"yes\"\n").unwrap_err();
         assert!(format!("{e:#}").contains("dspy"), "{e:#}");
+    }
+
+    #[test]
+    fn lifecycle_keys_and_flags_share_their_names() {
+        let mut file = parse_file(
+            "workers = 2\nmin_workers = 1\nmax_workers = 4\nhealth_interval_ms = 500\n\
+             health_timeout_ms = 100\nmax_requests = 1000\nmax_rss_mb = 512\nmax_age_s = 3600\n\
+             idle_timeout_s = 60\n",
+        )
+        .unwrap();
+        assert_eq!(file.pool.worker_bounds(), (1, 4));
+        assert_eq!(file.pool.health_interval, Duration::from_millis(500));
+        assert_eq!(file.pool.idle_timeout, Some(Duration::from_secs(60)));
+        let args = PoolArgs {
+            max_workers: Some(6),
+            health_timeout_ms: Some(250),
+            max_requests: Some(10),
+            max_rss_mb: Some(100),
+            max_age_s: Some(5),
+            idle_timeout_s: Some(2),
+            ..PoolArgs::default()
+        };
+        args.apply(&mut file.pool);
+        let pool = &file.pool;
+        assert_eq!(pool.worker_bounds(), (1, 6));
+        assert_eq!(pool.health_timeout, Duration::from_millis(250));
+        assert_eq!((pool.max_requests, pool.max_rss_mb), (Some(10), Some(100)));
+        assert_eq!(pool.max_age, Some(Duration::from_secs(5)));
+        assert_eq!(pool.idle_timeout, Some(Duration::from_secs(2)));
+        pool.validate().unwrap();
+        let args = PoolArgs {
+            min_workers: Some(3),
+            ..PoolArgs::default()
+        };
+        args.apply(&mut file.pool);
+        let e = file.pool.validate().unwrap_err();
+        assert!(e.message().contains("min_workers"), "{e}");
     }
 
     #[test]

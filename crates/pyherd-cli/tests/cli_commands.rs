@@ -203,3 +203,34 @@ fn exec_runs_a_call_in_a_session() {
     assert_eq!(code, Some(2));
     assert!(stderr.contains("invalid_id"), "{stderr}");
 }
+
+#[test]
+fn every_worker_state_transition_is_logged_with_its_fields() {
+    let out = common::pyherd(None)
+        .env("PYHERD_LOG", "trace")
+        .args(["exec", "echo", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let transitions: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("worker state"))
+        .collect();
+    for (from, to, reason) in [
+        ("starting", "ready", "started"),
+        ("ready", "busy", "call"),
+        ("busy", "ready", "answered"),
+        ("ready", "draining", "shutdown"),
+        ("draining", "stopped", "shutdown"),
+    ] {
+        let needle = format!("from=\"{from}\" to=\"{to}\" reason=\"{reason}\" ms=");
+        assert!(
+            transitions
+                .iter()
+                .any(|l| l.contains("worker=w1 pid=") && l.contains(&needle)),
+            "no {needle} in\n{stderr}"
+        );
+    }
+    assert_eq!(transitions.len(), 5, "{stderr}");
+}

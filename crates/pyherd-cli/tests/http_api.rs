@@ -207,7 +207,16 @@ async fn saturation_and_queue_timeout_are_503_with_retry_after() {
 
 #[tokio::test]
 async fn stats_workers_health_and_metrics_describe_the_pool() {
-    let server = Server::start(&["--workers", "2"]);
+    let server = Server::start(&[
+        "--workers",
+        "2",
+        "--max-workers",
+        "3",
+        "--health-interval-ms",
+        "60000",
+        "--max-requests",
+        "1000",
+    ]);
     for _ in 0..5 {
         execute(&server, json!({"command": "echo"})).await;
     }
@@ -247,6 +256,7 @@ async fn stats_workers_health_and_metrics_describe_the_pool() {
             "{w}"
         );
         assert_eq!(w["state"], "ready");
+        assert!(w["rss_mb"].as_u64().unwrap() >= 1, "{w}");
         assert!(w["uptime_ms"].is_u64() && w["id"].is_string());
     }
     assert_eq!(get_json(&server.url("/healthz")).await["status"], "ok");
@@ -266,7 +276,10 @@ async fn stats_workers_health_and_metrics_describe_the_pool() {
         "pyherd_requests_total{command=\"(unknown)\",outcome=\"unknown_command\"} 1",
         "pyherd_queue_depth 0",
         "pyherd_workers{state=\"ready\"} 2",
-        "pyherd_worker_restarts_total 0",
+        "pyherd_worker_restarts_total{reason=\"crashed\"} 0",
+        "pyherd_worker_transitions_total{from=\"starting\",to=\"ready\"} 2",
+        "pyherd_worker_transitions_total{from=\"ready\",to=\"busy\"} 5",
+        "pyherd_spawn_breaker_open 0",
     ] {
         assert!(text.contains(needle), "missing {needle}:\n{text}");
     }
@@ -311,6 +324,24 @@ async fn readiness_tells_the_truth_while_no_worker_can_start() {
     .await;
     let body = get_json(&readyz).await;
     assert_eq!(body["ready"], false);
+    // Once the starts keep failing, readiness says why and calls fail at once.
+    wait_until(
+        Duration::from_secs(15),
+        "the spawn breaker to open",
+        || async { get_json(&readyz).await.get("spawn_failing").is_some() },
+    )
+    .await;
+    let why = &get_json(&readyz).await["spawn_failing"];
+    assert_eq!(why["kind"], "spawn_failing");
+    assert!(
+        why["context"]["stderr_tail"]
+            .as_str()
+            .is_some_and(|t| t.contains("broken on purpose")),
+        "{why}"
+    );
+    let (status, body) = execute(&server, json!({"command": "alive"})).await;
+    assert_eq!(status, 503);
+    assert_error(&body, "initialization", "spawn_failing");
     // Healed: a replacement starts and readiness comes back.
     std::fs::remove_file(&marker).unwrap();
     wait_until(

@@ -21,7 +21,8 @@ pub const MAX_WORKERS: usize = 1024;
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct PoolConfig {
-    /// Number of worker processes. Default: the number of CPUs.
+    /// Number of worker processes started with the pool (it may then shrink to
+    /// `min_workers` and grow to `max_workers`). Default: the number of CPUs.
     pub workers: usize,
     /// The Python interpreter: a name looked up on `PATH` or a path. Default: `python3`.
     /// A launcher script (such as a pyenv shim) is resolved once to the real interpreter.
@@ -70,6 +71,45 @@ pub struct PoolConfig {
     /// expire). Default: 60 s.
     #[serde(rename = "session_sweep_interval_ms", with = "millis")]
     pub session_sweep_interval: Duration,
+    /// How long a worker stays idle before it is pinged (the built-in `ping`, through the
+    /// protocol). Workers running calls are not pinged. Default: 30 s.
+    #[serde(rename = "health_interval_ms", with = "millis")]
+    pub health_interval: Duration,
+    /// How long a ping may take: one miss makes the worker `degraded` (no new work),
+    /// three in a row (the later ones `health_interval` apart) replace it. Default: 5 s.
+    #[serde(rename = "health_timeout_ms", with = "millis")]
+    pub health_timeout: Duration,
+    /// Calls a worker serves before it is recycled (drained, then replaced); each
+    /// worker's limit is drawn in `[n, n × 1.1]` so workers do not recycle together.
+    /// Default: none (no limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u64>,
+    /// Resident memory (MiB) of a worker's Python process, checked after each call,
+    /// past which it is recycled (drained, then replaced). Default: none (no limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rss_mb: Option<u64>,
+    /// Age past which a worker is recycled once idle, in whole seconds. Default: none.
+    #[serde(
+        rename = "max_age_s",
+        with = "opt_secs",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_age: Option<Duration>,
+    /// How long a worker may stay idle before it is stopped, while more than
+    /// `min_workers` are in service, in whole seconds. Default: none.
+    #[serde(
+        rename = "idle_timeout_s",
+        with = "opt_secs",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idle_timeout: Option<Duration>,
+    /// Fewest workers in service (idle ones are stopped down to this). Default: `workers`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_workers: Option<usize>,
+    /// Most workers in service: while calls wait and no worker is idle, another is
+    /// started up to this. Default: `workers`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_workers: Option<usize>,
 }
 
 /// How a session's calls prefer the worker that served the session last (its programs
@@ -135,11 +175,28 @@ impl Default for PoolConfig {
             session_ttl: Duration::from_secs(3600),
             max_sessions: 10_000,
             session_sweep_interval: Duration::from_secs(60),
+            health_interval: Duration::from_secs(30),
+            health_timeout: Duration::from_secs(5),
+            max_requests: None,
+            max_rss_mb: None,
+            max_age: None,
+            idle_timeout: None,
+            min_workers: None,
+            max_workers: None,
         }
     }
 }
 
 impl PoolConfig {
+    /// The fewest and the most workers in service: `min_workers` and `max_workers`,
+    /// each `workers` when unset.
+    pub fn worker_bounds(&self) -> (usize, usize) {
+        (
+            self.min_workers.unwrap_or(self.workers),
+            self.max_workers.unwrap_or(self.workers),
+        )
+    }
+
     /// Checks every value.
     ///
     /// # Errors
@@ -151,6 +208,29 @@ impl PoolConfig {
                 "workers must be 1..={MAX_WORKERS}, not {}",
                 self.workers
             ));
+        }
+        let (min, max) = self.worker_bounds();
+        if !(1..=self.workers).contains(&min) {
+            return invalid(format!(
+                "min_workers must be 1..=workers ({}), not {min}",
+                self.workers
+            ));
+        }
+        if !(self.workers..=MAX_WORKERS).contains(&max) {
+            return invalid(format!(
+                "max_workers must be workers ({})..={MAX_WORKERS}, not {max}",
+                self.workers
+            ));
+        }
+        for (name, value) in [
+            ("max_requests", self.max_requests),
+            ("max_rss_mb", self.max_rss_mb),
+            ("max_age_s", self.max_age.map(|d| d.as_secs())),
+            ("idle_timeout_s", self.idle_timeout.map(|d| d.as_secs())),
+        ] {
+            if value == Some(0) {
+                return invalid(format!("{name} must be at least 1 when set"));
+            }
         }
         if self.max_queue == 0 {
             return invalid("max_queue must be at least 1".into());
@@ -177,6 +257,8 @@ impl PoolConfig {
             ("kill_timeout", self.kill_timeout),
             ("session_ttl", self.session_ttl),
             ("session_sweep_interval", self.session_sweep_interval),
+            ("health_interval", self.health_interval),
+            ("health_timeout", self.health_timeout),
         ] {
             if value.is_zero() {
                 return invalid(format!("{name} must be greater than zero"));
@@ -203,6 +285,26 @@ mod millis {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+mod opt_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[allow(clippy::ref_option)]
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Option::<u64>::deserialize(d).map(|s| s.map(Duration::from_secs))
     }
 }
 
@@ -259,6 +361,104 @@ mod tests {
         assert!(c.validate().unwrap_err().message().contains("session_ttl"));
         c.session_ttl = crate::session::MAX_TTL * 2;
         assert!(c.validate().unwrap_err().message().contains("session_ttl"));
+    }
+
+    #[test]
+    fn lifecycle_settings_are_read_and_their_bad_values_refused() {
+        let c: PoolConfig = serde_json::from_str(
+            r#"{"workers": 2, "min_workers": 1, "max_workers": 4, "health_interval_ms": 100,
+                "health_timeout_ms": 50, "max_requests": 10, "max_rss_mb": 300,
+                "max_age_s": 60, "idle_timeout_s": 5}"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.worker_bounds(), (1, 4));
+        assert_eq!(c.health_interval, Duration::from_millis(100));
+        assert_eq!(c.max_age, Some(Duration::from_secs(60)));
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(5)));
+        assert_eq!((c.max_requests, c.max_rss_mb), (Some(10), Some(300)));
+        let defaults = PoolConfig::default();
+        assert_eq!(
+            defaults.worker_bounds(),
+            (defaults.workers, defaults.workers)
+        );
+        assert_eq!(defaults.health_interval, Duration::from_secs(30));
+        assert_eq!(defaults.health_timeout, Duration::from_secs(5));
+        let refused = |c: PoolConfig, name: &str| {
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.kind(), &ErrorKind::InvalidConfig);
+            assert!(e.message().contains(name), "{name}: {e}");
+        };
+        refused(
+            PoolConfig {
+                min_workers: Some(3),
+                ..c.clone()
+            },
+            "min_workers",
+        );
+        refused(
+            PoolConfig {
+                min_workers: Some(0),
+                ..c.clone()
+            },
+            "min_workers",
+        );
+        refused(
+            PoolConfig {
+                max_workers: Some(1),
+                ..c.clone()
+            },
+            "max_workers",
+        );
+        refused(
+            PoolConfig {
+                max_workers: Some(MAX_WORKERS + 1),
+                ..c.clone()
+            },
+            "max_workers",
+        );
+        refused(
+            PoolConfig {
+                max_requests: Some(0),
+                ..c.clone()
+            },
+            "max_requests",
+        );
+        refused(
+            PoolConfig {
+                max_rss_mb: Some(0),
+                ..c.clone()
+            },
+            "max_rss_mb",
+        );
+        refused(
+            PoolConfig {
+                max_age: Some(Duration::ZERO),
+                ..c.clone()
+            },
+            "max_age_s",
+        );
+        refused(
+            PoolConfig {
+                idle_timeout: Some(Duration::from_millis(10)),
+                ..c.clone()
+            },
+            "idle_timeout_s",
+        );
+        refused(
+            PoolConfig {
+                health_interval: Duration::ZERO,
+                ..c.clone()
+            },
+            "health_interval",
+        );
+        refused(
+            PoolConfig {
+                health_timeout: Duration::ZERO,
+                ..c
+            },
+            "health_timeout",
+        );
     }
 
     #[test]

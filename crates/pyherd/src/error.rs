@@ -88,6 +88,9 @@ pub enum ErrorKind {
     HandlerImportFailed,
     /// The worker's first frame was not a valid `hello` (garbage, another protocol version).
     HandshakeFailed,
+    /// No worker can take the call and new workers keep failing to start (the spawn
+    /// circuit breaker is open); the context has the last failure's stderr tail.
+    SpawnFailing,
     /// Waited in the queue past the queue timeout.
     QueueTimeout,
     /// Ran past the execution timeout; the worker was killed and replaced.
@@ -145,6 +148,7 @@ impl ErrorKind {
             Self::StartupTimeout => "startup_timeout",
             Self::HandlerImportFailed => "handler_import_failed",
             Self::HandshakeFailed => "handshake_failed",
+            Self::SpawnFailing => "spawn_failing",
             Self::QueueTimeout => "queue_timeout",
             Self::ExecutionTimeout => "execution_timeout",
             Self::PoolSaturated => "pool_saturated",
@@ -178,7 +182,8 @@ impl ErrorKind {
             | Self::StartupFailed
             | Self::StartupTimeout
             | Self::HandlerImportFailed
-            | Self::HandshakeFailed => Category::Initialization,
+            | Self::HandshakeFailed
+            | Self::SpawnFailing => Category::Initialization,
             Self::WorkerCrashed => Category::Communication,
             Self::QueueTimeout | Self::ExecutionTimeout => Category::Timeout,
             Self::PoolSaturated | Self::ResultTooLarge | Self::WorkerBusy => Category::Resource,

@@ -136,6 +136,7 @@ async fn oversize_frames_are_refused_on_the_side_that_would_send_them() {
     assert_eq!(e.kind(), &ErrorKind::PayloadTooLarge, "{e}");
     assert!(e.message().contains("once encoded"), "{e}");
     assert_eq!(odd.workers()[0].pid, pid);
+    assert_eq!(odd.workers()[0].state, pyherd::WorkerState::Ready);
     assert_eq!(odd.stats().restarts, 0);
     odd.shutdown().await;
     let fits = pool
@@ -195,7 +196,7 @@ async fn errors_are_counted_and_measured() {
         "pyherd_requests_total{command=\"(unknown)\",outcome=\"unknown_command\"} 1",
         "pyherd_workers{state=\"ready\"} 1",
         "pyherd_queue_depth 0",
-        "pyherd_worker_restarts_total 0",
+        "pyherd_worker_restarts_total{reason=\"crashed\"} 0",
     ] {
         assert!(metrics.contains(line), "missing {line} in\n{metrics}");
     }

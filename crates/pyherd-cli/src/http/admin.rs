@@ -22,7 +22,9 @@ pub(crate) async fn healthz() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
-/// 200 only while at least one worker can take calls.
+/// 200 only while at least one worker can take calls. The body says why not: the
+/// workers by state and, while new workers keep failing to start, that failure
+/// (`spawn_failing`, with the Python stderr tail).
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let stats = state.pool.stats();
     let ready = state.pool.is_ready();
@@ -31,12 +33,17 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
+    let mut body = json!({
         "ready": ready,
         "available": stats.available,
         "busy": stats.busy,
         "starting": stats.starting,
+        "degraded": stats.degraded,
+        "draining": stats.draining,
     });
+    if let Some(failure) = state.pool.spawn_failure() {
+        body["spawn_failing"] = failure.to_json();
+    }
     (status, Json(body)).into_response()
 }
 

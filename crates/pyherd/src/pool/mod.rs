@@ -1,6 +1,11 @@
 //! The pool: admission, the FIFO queue, worker slots, stats and shutdown (DESIGN §2).
 
+mod health;
 mod job;
+mod lifecycle;
+mod lifecycle_builder;
+mod recycle;
+mod scale;
 mod sessions;
 mod slot;
 mod stats;
@@ -21,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::job::Job;
+use self::lifecycle::Lifecycle;
 use self::slot::Slot;
 use self::stats::{Counters, SlotStatus, bump};
 pub use self::stats::{PoolStats, WorkerInfo};
@@ -166,6 +172,8 @@ pub(crate) struct Shared {
     queued: AtomicUsize,
     store: Arc<dyn SessionStore>,
     counters: Counters,
+    /// Transition and restart counts, the spawn breaker, the slots in service.
+    life: Lifecycle,
     metrics: Metrics,
     next_request: AtomicU64,
     next_worker: AtomicU64,
@@ -280,7 +288,7 @@ impl PoolBuilder {
         self
     }
 
-    /// Number of worker processes.
+    /// Number of worker processes started with the pool.
     pub fn workers(mut self, n: usize) -> Self {
         self.config.workers = n;
         self
@@ -425,12 +433,24 @@ impl PoolBuilder {
         );
         // Admission bounds the calls waiting (`queued`), so the channels need no bound.
         let (queue, incoming) = async_channel::unbounded();
-        let mut slots = Vec::with_capacity(workers.len());
-        let mut directs = Vec::with_capacity(workers.len());
-        for w in &workers {
+        // `max_workers` slots: those past the first `workers` are parked until needed.
+        let (min_workers, max_workers) = config.worker_bounds();
+        let mut slots = Vec::with_capacity(max_workers);
+        let mut directs = Vec::with_capacity(max_workers);
+        for i in 0..max_workers {
             let (direct, receiver) = async_channel::unbounded();
-            let status = Arc::new(SlotStatus::new(w.id().clone(), w.pid(), w.started()));
-            slots.push(SlotHandle { status, direct });
+            let status = match workers.get(i) {
+                Some(w) => {
+                    let status = SlotStatus::new(w.id().clone(), w.started());
+                    status.running(w.pid(), w.started());
+                    status
+                }
+                None => SlotStatus::parked(),
+            };
+            slots.push(SlotHandle {
+                status: Arc::new(status),
+                direct,
+            });
             directs.push(receiver);
         }
         let next_worker = AtomicU64::new(config.workers as u64 + 1);
@@ -445,6 +465,7 @@ impl PoolBuilder {
             queued: AtomicUsize::new(0),
             store,
             counters: Counters::default(),
+            life: Lifecycle::new(workers.len(), min_workers, max_workers),
             metrics: Metrics::default(),
             next_request: AtomicU64::new(1),
             next_worker,
@@ -452,7 +473,14 @@ impl PoolBuilder {
             closing: CancellationToken::new(),
         });
         let tracker = TaskTracker::new();
-        for ((worker, handle), direct) in workers.into_iter().zip(&shared.slots).zip(directs) {
+        let mut workers = workers.into_iter();
+        for (handle, direct) in shared.slots.iter().zip(directs) {
+            let worker = workers.next();
+            if worker.is_some() {
+                handle
+                    .status
+                    .transition(WorkerState::Ready, "started", &shared.life);
+            }
             let slot = Slot {
                 status: handle.status.clone(),
                 shared: shared.clone(),
@@ -551,6 +579,8 @@ impl Pool {
     /// - `resource/pool_saturated` (queue full), `timeout/queue_timeout`,
     ///   `timeout/execution_timeout` (the worker was killed and is being replaced);
     /// - `communication/worker_crashed` (with exit status and stderr tail);
+    /// - `initialization/spawn_failing` at once, when no worker can serve and new ones
+    ///   keep failing to start (with the last failure's stderr tail);
     /// - `python/python_exception` (with `python_type` and `traceback`),
     ///   `python/result_not_serializable`, `resource/result_too_large`;
     /// - `system/shutting_down`.
@@ -707,6 +737,9 @@ impl Pool {
             )
             .with_context(|c| c.limit_bytes = u64::try_from(limit).ok()));
         }
+        if let Some(error) = shared.life.spawn_failing().filter(|_| !shared.serving()) {
+            return Err(error);
+        }
         let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
         let timeout = options.timeout.unwrap_or(shared.config.request_timeout);
         let queue_timeout = options.queue_timeout.unwrap_or(shared.config.queue_timeout);
@@ -752,6 +785,7 @@ impl Pool {
             shared.dequeued();
             return Err(shutting_down());
         }
+        shared.relieve_pressure();
         tokio::pin!(answer);
         let answer = tokio::select! {
             biased;
@@ -781,25 +815,36 @@ impl Pool {
             requests: counters.requests.load(Ordering::Relaxed),
             errors: counters.errors.load(Ordering::Relaxed),
             queue_timeouts: counters.queue_timeouts.load(Ordering::Relaxed),
-            restarts: counters.restarts.load(Ordering::Relaxed),
+            restarts: shared.life.restarts(),
+            spawn_failing: shared.life.spawn_breaker_open(),
             affinity_hits: counters.affinity_hits.load(Ordering::Relaxed),
             affinity_misses: counters.affinity_misses.load(Ordering::Relaxed),
             sessions: shared.store.stats(),
             ..PoolStats::default()
         };
+        let mut in_service = 0;
         for slot in &shared.slots {
             match slot.status.state() {
                 WorkerState::Ready => stats.available += 1,
                 WorkerState::Busy => stats.busy += 1,
                 WorkerState::Starting => stats.starting += 1,
-                WorkerState::Stopping | WorkerState::Stopped => continue,
+                WorkerState::Degraded => stats.degraded += 1,
+                WorkerState::Draining => stats.draining += 1,
+                WorkerState::Stopped => continue,
             }
-            stats.workers += 1;
+            in_service += 1;
         }
+        // Once shut down, no slot is in service any more.
+        stats.workers = if shared.closing.is_cancelled() {
+            in_service
+        } else {
+            shared.life.live()
+        };
         stats
     }
 
-    /// Every worker's id, pid, state, calls answered, RSS and uptime.
+    /// Every worker's id, pid, state, calls answered, RSS and age. A slot out of service
+    /// shows its last worker as `stopped`; one that never had a worker is left out.
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.inner
             .shared
@@ -847,6 +892,13 @@ impl Pool {
         &self.inner.shared.store
     }
 
+    /// While new workers keep failing to start (the spawn breaker is open), the error
+    /// that calls get when no worker can serve them: `initialization/spawn_failing`, with
+    /// the last failure's message and stderr tail. `None` while workers start fine.
+    pub fn spawn_failure(&self) -> Option<Error> {
+        self.inner.shared.life.spawn_failing()
+    }
+
     /// True while at least one worker can take calls (ready or busy).
     pub fn is_ready(&self) -> bool {
         self.inner
@@ -862,7 +914,8 @@ impl Pool {
     }
 
     /// Metrics in the Prometheus text format: requests and latency by command and
-    /// outcome, queue depth, workers by state, restarts.
+    /// outcome, queue depth, workers by state, state transitions, restarts by reason,
+    /// the spawn breaker.
     pub fn render_metrics(&self) -> String {
         let stats = self.stats();
         let mut out = String::with_capacity(4096);
@@ -897,13 +950,7 @@ impl Pool {
                 .count();
             let _ = writeln!(out, "pyherd_workers{{state=\"{}\"}} {n}", state.as_str());
         }
-        metrics::header(
-            &mut out,
-            "pyherd_worker_restarts_total",
-            "counter",
-            "Replacement workers started after a worker died or was killed.",
-        );
-        let _ = writeln!(out, "pyherd_worker_restarts_total {}", stats.restarts);
+        self.inner.shared.life.render(&mut out);
         render_session_metrics(&mut out, &stats);
         out
     }

@@ -8,6 +8,8 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::job::Job;
+use super::lifecycle::RestartReason;
+use super::recycle;
 use super::stats::{SlotStatus, bump};
 use super::{Reply, Shared, shutting_down};
 use crate::error::{Error, ErrorKind};
@@ -30,42 +32,64 @@ pub(crate) struct Slot {
 }
 
 /// Why `serve` returned.
-enum Ending {
-    /// The worker is gone; start another.
-    Replace,
+pub(super) enum Ending {
+    /// The worker is gone or retired; start another.
+    Replace(RestartReason),
+    /// The worker was idle past `idle_timeout_s` with more than `min_workers` in service:
+    /// the slot leaves service until the pool grows again.
+    Park,
     /// The pool is shutting down; the slot ends.
     Stop,
 }
 
 impl Slot {
-    /// Serves until the pool shuts down, replacing the worker whenever it is lost.
-    pub(crate) async fn run(self, mut worker: WorkerProcess) {
-        loop {
-            if let Ending::Stop = self.serve(&mut worker).await {
-                break;
-            }
-            self.hand_back();
-            let lost = worker.id().clone();
-            match self.respawn().await {
-                Some(next) => {
-                    bump(&self.shared.counters.restarts);
-                    tracing::info!(worker = %next.id(), pid = next.pid(), replaces = %lost, "replacement worker ready");
-                    worker = next;
+    /// Serves until the pool shuts down, replacing the worker whenever it is lost or
+    /// retired. `first` is the slot's worker from the pool's start; `None` parks the
+    /// slot until the pool grows.
+    pub(crate) async fn run(self, first: Option<WorkerProcess>) {
+        let mut next = match first {
+            Some(worker) => Some(worker),
+            None => self.unpark().await,
+        };
+        while let Some(mut worker) = next.take() {
+            next = match self.serve(&mut worker).await {
+                Ending::Stop => None,
+                Ending::Replace(reason) => {
+                    self.hand_back();
+                    self.respawn(Some(reason)).await
                 }
-                None => break,
-            }
+                Ending::Park => {
+                    self.hand_back();
+                    self.unpark().await
+                }
+            };
         }
         self.direct.close();
         while let Ok(job) = self.direct.try_recv() {
             self.shared.dequeued();
             job.answer(Err(shutting_down()));
         }
-        self.status.set_state(WorkerState::Stopped);
+        self.go(WorkerState::Stopped, "shutdown");
     }
 
-    /// The worker is lost: calls that waited for it go back to the pool's queue, where any
-    /// worker can serve them (their session loses nothing, it lives in the host).
-    fn hand_back(&self) {
+    /// Waits out of service, then starts a worker; `None` once the pool is going away.
+    async fn unpark(&self) -> Option<WorkerProcess> {
+        if self.park().await {
+            self.respawn(None).await
+        } else {
+            None
+        }
+    }
+
+    /// Moves this slot's worker to `to` (see [`SlotStatus::transition`]).
+    pub(super) fn go(&self, to: WorkerState, reason: &str) {
+        self.status.transition(to, reason, &self.shared.life);
+    }
+
+    /// The worker is lost or takes no new work: calls that waited for it go back to the
+    /// pool's queue, where any worker can serve them (their session loses nothing, it
+    /// lives in the host).
+    pub(super) fn hand_back(&self) {
         while let Ok(job) = self.direct.try_recv() {
             if let Err(refused) = self.requeue.try_send(job) {
                 self.shared.dequeued();
@@ -74,19 +98,33 @@ impl Slot {
         }
     }
 
+    /// Drains an idle worker: it takes no new work, is stopped politely and reaped.
+    pub(super) async fn retire(&self, worker: &mut WorkerProcess, reason: &str) {
+        self.go(WorkerState::Draining, reason);
+        self.hand_back();
+        let exit = worker.stop(self.shared.config.kill_timeout).await;
+        tracing::debug!(worker = %worker.id(), exit = exit.as_deref().unwrap_or("unknown"), reason, "worker stopped");
+        self.go(WorkerState::Stopped, reason);
+    }
+
     async fn serve(&self, worker: &mut WorkerProcess) -> Ending {
         let shared = &self.shared;
+        let limit = recycle::request_limit(shared.config.max_requests, worker.id());
+        let mut idle_since = Instant::now();
+        let mut checked = idle_since;
         loop {
-            self.status.set_state(WorkerState::Ready);
+            let wake = self.next_check(worker, idle_since, checked);
             let job = tokio::select! {
                 biased;
                 () = shared.abort.cancelled() => {
                     worker.kill().await;
+                    self.go(WorkerState::Stopped, "aborted");
                     return Ending::Stop;
                 }
                 fault = worker.idle_fault() => {
                     tracing::warn!(worker = %worker.id(), error = %fault, "worker lost while idle");
-                    return Ending::Replace;
+                    self.go(WorkerState::Stopped, "crashed");
+                    return Ending::Replace(RestartReason::Crashed);
                 }
                 Ok(job) = self.direct.recv() => job,
                 job = self.queue.recv() => match job {
@@ -95,12 +133,17 @@ impl Slot {
                     Err(_) if !self.direct.is_empty() => continue,
                     // Closed and drained: the pool is shutting down.
                     Err(_) => {
-                        self.status.set_state(WorkerState::Stopping);
-                        let exit = worker.stop(shared.config.kill_timeout).await;
-                        tracing::debug!(worker = %worker.id(), exit = exit.as_deref().unwrap_or("unknown"), "worker stopped");
+                        self.retire(worker, "shutdown").await;
                         return Ending::Stop;
                     }
                 },
+                // An async block: the timer is only made when no job was ready at once.
+                () = async { tokio::time::sleep_until(wake).await } => {
+                    match self.idle_check(worker, &mut idle_since, &mut checked).await {
+                        Some(ending) => return ending,
+                        None => continue,
+                    }
+                }
             };
             shared.dequeued();
             if !job.take() {
@@ -114,15 +157,22 @@ impl Slot {
                 };
                 bump(counter);
             }
-            self.status.set_state(WorkerState::Busy);
-            if let Some(ending) = self.run_job(worker, job).await {
+            self.go(WorkerState::Busy, "call");
+            if let Some(ending) = self.run_job(worker, job, limit).await {
                 return ending;
             }
+            idle_since = Instant::now();
+            checked = idle_since;
         }
     }
 
     /// Runs one call; `Some` when the worker cannot go on.
-    async fn run_job(&self, worker: &mut WorkerProcess, job: Job) -> Option<Ending> {
+    async fn run_job(
+        &self,
+        worker: &mut WorkerProcess,
+        job: Job,
+        request_limit: Option<u64>,
+    ) -> Option<Ending> {
         let context = |e: Error, worker: &WorkerProcess| {
             e.with_context(|c| {
                 c.worker_id = Some(worker.id().to_string());
@@ -145,6 +195,7 @@ impl Slot {
         let frame = match serde_json::to_vec(&call) {
             Ok(body) => Bytes::from(body),
             Err(e) => {
+                self.go(WorkerState::Ready, "call_refused");
                 job.answer(Err(Error::new(
                     ErrorKind::MalformedRequest,
                     format!("cannot encode the call: {e}"),
@@ -164,6 +215,7 @@ impl Slot {
                 ),
             )
             .with_context(|c| c.limit_bytes = u64::try_from(limit).ok());
+            self.go(WorkerState::Ready, "call_refused");
             job.answer(Err(error));
             return None;
         }
@@ -173,9 +225,14 @@ impl Slot {
             .await;
         match outcome {
             CallResult::Answered(answer) => {
-                // Ready before the caller hears back, so stats read after an answer are current.
-                self.status.served();
-                self.status.set_state(WorkerState::Ready);
+                // The next state before the caller hears back, so stats read after an
+                // answer are current.
+                let served = self.status.served();
+                let retire = self.recycle_reason(worker, served, request_limit);
+                match retire {
+                    Some(reason) => self.go(WorkerState::Draining, reason.as_str()),
+                    None => self.go(WorkerState::Ready, "answered"),
+                }
                 let answer = match answer {
                     Ok(result) => Ok(Reply {
                         result,
@@ -185,7 +242,13 @@ impl Slot {
                     Err(e) => Err(context(e, worker)),
                 };
                 job.answer(answer);
-                None
+                let reason = retire?;
+                self.hand_back();
+                let exit = worker.stop(self.shared.config.kill_timeout).await;
+                tracing::debug!(worker = %worker.id(), exit = exit.as_deref().unwrap_or("unknown"),
+                    reason = reason.as_str(), "worker recycled");
+                self.go(WorkerState::Stopped, reason.as_str());
+                Some(Ending::Replace(reason))
             }
             CallResult::TimedOut => {
                 let timeout_ms = u64::try_from(job.timeout.as_millis()).unwrap_or(u64::MAX);
@@ -200,7 +263,8 @@ impl Slot {
                 .with_context(|c| c.timeout_ms = Some(timeout_ms));
                 job.answer(Err(context(error, worker)));
                 worker.kill().await;
-                Some(Ending::Replace)
+                self.go(WorkerState::Stopped, "execution_timeout");
+                Some(Ending::Replace(RestartReason::Timeout))
             }
             CallResult::Aborted => {
                 let error = Error::new(
@@ -209,19 +273,24 @@ impl Slot {
                 );
                 job.answer(Err(context(error, worker)));
                 worker.kill().await;
+                self.go(WorkerState::Stopped, "aborted");
                 Some(Ending::Stop)
             }
             CallResult::Failed(error) => {
                 tracing::warn!(worker = %worker.id(), error = %error, "worker lost during a call");
+                self.go(WorkerState::Stopped, "crashed");
                 job.answer(Err(error));
-                Some(Ending::Replace)
+                Some(Ending::Replace(RestartReason::Crashed))
             }
         }
     }
 
-    /// Starts a replacement, retrying with backoff; `None` once the pool is going away.
-    async fn respawn(&self) -> Option<WorkerProcess> {
+    /// Starts a worker in this slot (a replacement when `reason` says why the last one
+    /// ended), retrying with backoff; `None` once the pool is going away. Failures count
+    /// towards the spawn breaker; while it is open, retries wait the longest backoff.
+    async fn respawn(&self, reason: Option<RestartReason>) -> Option<WorkerProcess> {
         let shared = &self.shared;
+        let life = &shared.life;
         let mut delay = RESPAWN_BACKOFF_MIN;
         loop {
             let drained = self.queue.is_closed() && self.queue.is_empty();
@@ -229,7 +298,7 @@ impl Slot {
                 return None;
             }
             let id = shared.next_worker_id();
-            self.status.starting(id.clone());
+            self.status.starting(id.clone(), life);
             let started = tokio::select! {
                 started = WorkerProcess::start(&shared.launch, &shared.spawner, id) => started,
                 () = shared.abort.cancelled() => return None,
@@ -237,10 +306,31 @@ impl Slot {
             match started {
                 Ok(worker) => {
                     self.status.running(worker.pid(), worker.started());
+                    self.go(WorkerState::Ready, "started");
+                    if life.spawn_succeeded() {
+                        tracing::info!(worker = %worker.id(), "a worker started again: the spawn breaker is closed");
+                    }
+                    match reason {
+                        Some(reason) => {
+                            life.restarted(reason);
+                            tracing::info!(worker = %worker.id(), pid = worker.pid(), reason = reason.as_str(), "replacement worker ready");
+                        }
+                        None => {
+                            tracing::info!(worker = %worker.id(), pid = worker.pid(), workers = life.live(), "the pool grew by one worker")
+                        }
+                    }
                     return Some(worker);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "a replacement worker failed to start");
+                    self.go(WorkerState::Stopped, "start_failed");
+                    if life.spawn_failed(&e) {
+                        tracing::error!(error = %e, "workers keep failing to start: spawn breaker open, calls fail at once with initialization/spawn_failing");
+                    }
+                    if life.spawn_breaker_open() {
+                        delay = RESPAWN_BACKOFF_MAX;
+                        self.fail_waiting();
+                    }
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "a worker failed to start");
                 }
             }
             tokio::select! {
@@ -248,6 +338,23 @@ impl Slot {
                 () = shared.abort.cancelled() => return None,
             }
             delay = (delay * 2).min(RESPAWN_BACKOFF_MAX);
+        }
+    }
+
+    /// While the spawn breaker is open and no worker can serve, calls waiting in the
+    /// queue fail at once with `initialization/spawn_failing` instead of timing out.
+    fn fail_waiting(&self) {
+        if self.shared.serving() {
+            return;
+        }
+        let Some(error) = self.shared.life.spawn_failing() else {
+            return;
+        };
+        while let Ok(job) = self.queue.try_recv() {
+            self.shared.dequeued();
+            if job.take() {
+                job.answer(Err(error.clone()));
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::lifecycle::Lifecycle;
 use crate::session::SessionStats;
 use crate::worker::WorkerState;
 
@@ -13,7 +14,8 @@ use crate::worker::WorkerState;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct PoolStats {
-    /// Worker slots in service (the pool's size; a slot being restarted counts).
+    /// Worker slots in service (the pool's size, between `min_workers` and
+    /// `max_workers`; a slot being restarted counts).
     pub workers: usize,
     /// Workers idle and ready for a call.
     pub available: usize,
@@ -21,6 +23,12 @@ pub struct PoolStats {
     pub busy: usize,
     /// Workers starting (first start or replacement).
     pub starting: usize,
+    /// Workers that missed a health check and take no new work until they answer.
+    pub degraded: usize,
+    /// Workers being retired (recycled, idle past `idle_timeout_s`, shutting down).
+    pub draining: usize,
+    /// True while new workers keep failing to start (the spawn circuit breaker is open).
+    pub spawn_failing: bool,
     /// Calls waiting for a worker.
     pub queued: usize,
     /// Calls submitted since the pool started (answered, failed or refused).
@@ -29,7 +37,7 @@ pub struct PoolStats {
     pub errors: u64,
     /// Calls that waited in the queue past their queue timeout.
     pub queue_timeouts: u64,
-    /// Replacement workers started after a worker died or was killed.
+    /// Replacement workers started after a worker died, was killed or was recycled.
     pub restarts: u64,
     /// Session calls run on the worker the session preferred.
     pub affinity_hits: u64,
@@ -53,7 +61,9 @@ pub struct WorkerInfo {
     pub requests: u64,
     /// Resident memory of the Python process, from `/proc/<pid>/statm`.
     pub rss_bytes: Option<u64>,
-    /// Milliseconds since the process was spawned.
+    /// The same in MiB (rounded down): what `max_rss_mb` is compared with.
+    pub rss_mb: Option<u64>,
+    /// Milliseconds since the process was spawned (its age).
     pub uptime_ms: u64,
 }
 
@@ -63,7 +73,6 @@ pub(crate) struct Counters {
     pub(crate) requests: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) queue_timeouts: AtomicU64,
-    pub(crate) restarts: AtomicU64,
     pub(crate) affinity_hits: AtomicU64,
     pub(crate) affinity_misses: AtomicU64,
 }
@@ -78,22 +87,38 @@ struct Process {
     started: Instant,
 }
 
-/// The live status of one worker slot, shared between its task and readers.
+/// The live status of one worker slot, shared between its task (the only writer of its
+/// state) and readers.
 pub(crate) struct SlotStatus {
     state: AtomicU8,
     requests: AtomicU64,
+    /// When the current state was entered, in microseconds since `born`.
+    since_us: AtomicU64,
+    born: Instant,
     process: Mutex<Process>,
 }
 
 impl SlotStatus {
-    pub(crate) fn new(id: Arc<str>, pid: u32, started: Instant) -> Self {
+    /// A slot whose first worker, `id`, has been starting since `spawned`.
+    pub(crate) fn new(id: Arc<str>, spawned: Instant) -> Self {
+        Self::with_state(WorkerState::Starting, id, spawned)
+    }
+
+    /// A slot out of service until the pool grows.
+    pub(crate) fn parked() -> Self {
+        Self::with_state(WorkerState::Stopped, "".into(), Instant::now())
+    }
+
+    fn with_state(state: WorkerState, id: Arc<str>, born: Instant) -> Self {
         Self {
-            state: AtomicU8::new(WorkerState::Ready as u8),
+            state: AtomicU8::new(state as u8),
             requests: AtomicU64::new(0),
+            since_us: AtomicU64::new(0),
+            born,
             process: Mutex::new(Process {
                 id,
-                pid: Some(pid),
-                started,
+                pid: None,
+                started: born,
             }),
         }
     }
@@ -102,13 +127,53 @@ impl SlotStatus {
         WorkerState::from_u8(self.state.load(Ordering::Relaxed))
     }
 
-    pub(crate) fn set_state(&self, state: WorkerState) {
-        self.state.store(state as u8, Ordering::Relaxed);
+    /// Moves the slot's worker to `to`, if the lifecycle allows it: logs the transition
+    /// (worker, pid, from, to, reason, ms in the previous state) and counts it. A
+    /// transition outside [`WorkerState::allows`] is a bug: it is logged and refused.
+    pub(crate) fn transition(&self, to: WorkerState, reason: &str, life: &Lifecycle) {
+        let from = self.state();
+        if from == to {
+            return;
+        }
+        if !from.allows(to) {
+            tracing::error!(worker = %self.worker_id(), from = from.as_str(), to = to.as_str(),
+                reason, "bug: refused a worker state transition outside the lifecycle");
+            return;
+        }
+        self.state.store(to as u8, Ordering::Relaxed);
+        let now = u64::try_from(self.born.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let ms = now.saturating_sub(self.since_us.swap(now, Ordering::Relaxed)) / 1000;
+        life.transitioned(from, to);
+        macro_rules! event {
+            ($level:expr) => {
+                tracing::event!($level, worker = %self.worker_id(), pid = self.pid(),
+                    from = from.as_str(), to = to.as_str(), reason, ms, "worker state")
+            };
+        }
+        match (from, to) {
+            (WorkerState::Ready, WorkerState::Busy) | (WorkerState::Busy, WorkerState::Ready) => {
+                event!(tracing::Level::TRACE);
+            }
+            (_, WorkerState::Degraded)
+            | (WorkerState::Degraded | WorkerState::Starting, WorkerState::Stopped) => {
+                event!(tracing::Level::WARN);
+            }
+            _ => event!(tracing::Level::INFO),
+        }
     }
 
-    /// A new process is being started in this slot.
-    pub(crate) fn starting(&self, id: Arc<str>) {
-        self.set_state(WorkerState::Starting);
+    fn worker_id(&self) -> Arc<str> {
+        self.process
+            .lock()
+            .map_or_else(|_| "".into(), |p| p.id.clone())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.process.lock().ok().and_then(|p| p.pid)
+    }
+
+    /// A new process, `id`, is being started in this slot.
+    pub(crate) fn starting(&self, id: Arc<str>, life: &Lifecycle) {
         self.requests.store(0, Ordering::Relaxed);
         if let Ok(mut p) = self.process.lock() {
             *p = Process {
@@ -117,6 +182,7 @@ impl SlotStatus {
                 started: Instant::now(),
             };
         }
+        self.transition(WorkerState::Starting, "starting", life);
     }
 
     /// The new process said hello.
@@ -133,18 +199,25 @@ impl SlotStatus {
             && self.process.lock().is_ok_and(|p| &*p.id == id)
     }
 
-    pub(crate) fn served(&self) {
-        bump(&self.requests);
+    /// Counts one answered call; returns the calls answered by this process so far.
+    pub(crate) fn served(&self) -> u64 {
+        self.requests.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// The slot's worker, or `None` for a slot that never had one.
     pub(crate) fn info(&self) -> Option<WorkerInfo> {
         let p = self.process.lock().ok()?;
+        if p.id.is_empty() {
+            return None;
+        }
+        let rss_bytes = p.pid.and_then(rss_bytes);
         Some(WorkerInfo {
             id: p.id.to_string(),
             pid: p.pid,
             state: self.state(),
             requests: self.requests.load(Ordering::Relaxed),
-            rss_bytes: p.pid.and_then(rss_bytes),
+            rss_bytes,
+            rss_mb: rss_bytes.map(|b| b >> 20),
             uptime_ms: u64::try_from(p.started.elapsed().as_millis()).unwrap_or(u64::MAX),
         })
     }
@@ -171,14 +244,27 @@ mod tests {
 
     #[test]
     fn a_restarting_slot_reports_its_new_worker() {
-        let slot = SlotStatus::new("w1".into(), 42, Instant::now());
-        slot.served();
+        let life = Lifecycle::new(1, 1, 1);
+        let slot = SlotStatus::new("w1".into(), Instant::now());
+        slot.running(42, Instant::now());
+        slot.transition(WorkerState::Ready, "started", &life);
+        assert_eq!(slot.served(), 1);
         assert_eq!(slot.info().unwrap().requests, 1);
-        slot.starting("w5".into());
+        slot.transition(WorkerState::Stopped, "crashed", &life);
+        slot.starting("w5".into(), &life);
         let info = slot.info().unwrap();
         assert_eq!(
             (info.id.as_str(), info.pid, info.state, info.requests),
             ("w5", None, WorkerState::Starting, 0)
         );
+        assert!(SlotStatus::parked().info().is_none());
+    }
+
+    #[test]
+    fn a_transition_outside_the_table_is_refused() {
+        let life = Lifecycle::new(1, 1, 1);
+        let slot = SlotStatus::new("w1".into(), Instant::now());
+        slot.transition(WorkerState::Busy, "bug", &life);
+        assert_eq!(slot.state(), WorkerState::Starting);
     }
 }

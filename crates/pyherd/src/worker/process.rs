@@ -242,38 +242,52 @@ impl WorkerProcess {
         deadline: tokio::time::Instant,
         abort: &CancellationToken,
     ) -> CallResult {
-        let Some(requests) = self.requests.as_mut() else {
-            return CallResult::Failed(Error::new(
-                ErrorKind::WorkerCrashed,
-                "worker's request pipe is closed",
-            ));
-        };
-        let replies = &mut self.replies;
         let exchange = async {
-            requests
-                .send(frame)
-                .await
-                .map_err(|e| Fault::Gone(format!("writing the call failed: {e}")))?;
-            match replies.next().await {
-                Some(Ok(body)) => match protocol::decode(&body) {
-                    Ok(Message::Ok { id: got, result }) if got == id => Ok(Ok(result)),
-                    Ok(Message::Err { id: got, error }) if got == id => Ok(Err(error)),
-                    Ok(other) => Err(Fault::Protocol(format!(
-                        "expected the answer to call {id}, got {other:?}"
-                    ))),
-                    Err(why) => Err(Fault::Protocol(why)),
-                },
-                Some(Err(e)) => Err(Fault::Protocol(format!("unreadable frame: {e}"))),
-                None => Err(Fault::Gone("reply pipe closed".into())),
-            }
+            self.send_frame(frame).await?;
+            self.answer(id).await
         };
-        tokio::select! {
-            outcome = exchange => match outcome {
-                Ok(answer) => CallResult::Answered(answer),
-                Err(fault) => CallResult::Failed(self.crashed(fault).await),
+        let outcome = tokio::select! {
+            outcome = exchange => outcome,
+            () = tokio::time::sleep_until(deadline) => return CallResult::TimedOut,
+            () = abort.cancelled() => return CallResult::Aborted,
+        };
+        match outcome {
+            Ok(answer) => CallResult::Answered(answer),
+            Err(fault) => CallResult::Failed(self.crashed(fault).await),
+        }
+    }
+
+    /// Writes one frame on the request pipe.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a write abandoned half-way leaves the pipe mid-frame.
+    pub(crate) async fn send_frame(&mut self, frame: Bytes) -> Result<(), Fault> {
+        let Some(requests) = self.requests.as_mut() else {
+            return Err(Fault::Gone("the request pipe is closed".into()));
+        };
+        requests
+            .send(frame)
+            .await
+            .map_err(|e| Fault::Gone(format!("writing the call failed: {e}")))
+    }
+
+    /// Waits for the answer to call `id` (a result or a Python-side error).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is consumed unless a whole frame arrived, so a caller may
+    /// stop waiting and wait again later for the same answer.
+    pub(crate) async fn answer(&mut self, id: u64) -> Result<Result<Box<RawValue>, Error>, Fault> {
+        match self.replies.next().await {
+            Some(Ok(body)) => match protocol::decode(&body) {
+                Ok(Message::Ok { id: got, result }) if got == id => Ok(Ok(result)),
+                Ok(Message::Err { id: got, error }) if got == id => Ok(Err(error)),
+                Ok(other) => Err(Fault::Protocol(format!(
+                    "expected the answer to call {id}, got {other:?}"
+                ))),
+                Err(why) => Err(Fault::Protocol(why)),
             },
-            () = tokio::time::sleep_until(deadline) => CallResult::TimedOut,
-            () = abort.cancelled() => CallResult::Aborted,
+            Some(Err(e)) => Err(Fault::Protocol(format!("unreadable frame: {e}"))),
+            None => Err(Fault::Gone("reply pipe closed".into())),
         }
     }
 
@@ -292,7 +306,7 @@ impl WorkerProcess {
     }
 
     /// Ends a worker that died or broke the protocol and describes it for the caller.
-    async fn crashed(&mut self, fault: Fault) -> Error {
+    pub(crate) async fn crashed(&mut self, fault: Fault) -> Error {
         let (message, patience) = match fault {
             Fault::Gone(why) => (format!("worker {} died ({why})", self.id), DYING_PATIENCE),
             Fault::Protocol(why) => (
@@ -372,7 +386,8 @@ impl Drop for WorkerProcess {
     }
 }
 
-enum Fault {
+/// How a worker broke down during an exchange; [`WorkerProcess::crashed`] ends it.
+pub(crate) enum Fault {
     /// The process is gone (pipe closed, write failed).
     Gone(String),
     /// The process sent something that is not the protocol.

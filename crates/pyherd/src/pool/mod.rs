@@ -1,6 +1,7 @@
 //! The pool: admission, the FIFO queue, worker slots, stats and shutdown (DESIGN §2).
 
 mod job;
+mod retry;
 mod sessions;
 mod slot;
 mod stats;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::job::Job;
+use self::retry::Resilience;
 use self::slot::Slot;
 use self::stats::{Counters, SlotStatus, bump};
 pub use self::stats::{PoolStats, WorkerInfo};
@@ -44,6 +46,9 @@ pub struct CallOptions {
     pub session_id: Option<String>,
     /// Session affinity for this call (default: [`PoolConfig::affinity`]).
     pub affinity: Option<Affinity>,
+    /// Whether the call may run more than once, so a retryable failure is retried
+    /// (default: whether its command is in [`PoolConfig::idempotent_commands`]).
+    pub idempotent: Option<bool>,
 }
 
 impl CallOptions {
@@ -77,6 +82,13 @@ impl CallOptions {
     #[must_use]
     pub fn affinity(mut self, affinity: Affinity) -> Self {
         self.affinity = Some(affinity);
+        self
+    }
+
+    /// Marks the call idempotent (or not, overriding [`PoolConfig::idempotent_commands`]).
+    #[must_use]
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = Some(idempotent);
         self
     }
 }
@@ -167,6 +179,8 @@ pub(crate) struct Shared {
     store: Arc<dyn SessionStore>,
     counters: Counters,
     metrics: Metrics,
+    /// Retry policy, idempotent commands and circuit breakers.
+    resilience: Resilience,
     next_request: AtomicU64,
     next_worker: AtomicU64,
     /// Cancelled when shutdown's grace period is over (or the pool is dropped):
@@ -435,6 +449,7 @@ impl PoolBuilder {
         }
         let next_worker = AtomicU64::new(config.workers as u64 + 1);
         let sweep_every = config.session_sweep_interval;
+        let resilience = Resilience::new(&config);
         let shared = Arc::new(Shared {
             config,
             launch,
@@ -446,6 +461,7 @@ impl PoolBuilder {
             store,
             counters: Counters::default(),
             metrics: Metrics::default(),
+            resilience,
             next_request: AtomicU64::new(1),
             next_worker,
             abort: CancellationToken::new(),
@@ -551,6 +567,7 @@ impl Pool {
     /// - `resource/pool_saturated` (queue full), `timeout/queue_timeout`,
     ///   `timeout/execution_timeout` (the worker was killed and is being replaced);
     /// - `communication/worker_crashed` (with exit status and stderr tail);
+    /// - `resource/circuit_open` (the command's circuit breaker is open);
     /// - `python/python_exception` (with `python_type` and `traceback`),
     ///   `python/result_not_serializable`, `resource/result_too_large`;
     /// - `system/shutting_down`.
@@ -674,14 +691,16 @@ impl Pool {
     }
 
     /// Admits a call into the queue (or, for a session, its worker's channel) and waits
-    /// for its answer. `preferred` is the worker the call's session served on last.
-    async fn submit(
+    /// for its answer. `preferred` is the worker the call's session served on last;
+    /// `avoid` the worker that failed the call's previous attempt.
+    async fn submit_once(
         &self,
         command: &str,
         known: bool,
         args: Box<RawValue>,
         options: &CallOptions,
         preferred: Option<Arc<str>>,
+        avoid: Option<&str>,
     ) -> Result<Reply, Error> {
         let shared = &self.inner.shared;
         let queue = &self.inner.queue;
@@ -722,7 +741,10 @@ impl Pool {
             ));
         }
         let affinity = options.affinity.unwrap_or(shared.config.affinity);
-        let target = match preferred.as_deref().and_then(|w| shared.slot_running(w)) {
+        // A retry leaves the worker that failed it, whatever the session's affinity.
+        let elsewhere = avoid.and_then(|w| shared.elsewhere(w));
+        let session_slot = preferred.as_deref().filter(|_| elsewhere.is_none());
+        let target = match session_slot.and_then(|w| shared.slot_running(w)) {
             Some(slot) => {
                 let idle = slot.status.state() == WorkerState::Ready && slot.direct.is_empty();
                 match affinity {
@@ -743,6 +765,7 @@ impl Pool {
             }
             None => None,
         };
+        let target = elsewhere.or(target);
         job.preferred = preferred;
         let sent = match target {
             Some(slot) => slot.direct.try_send(job).is_ok(),
@@ -785,6 +808,8 @@ impl Pool {
             affinity_hits: counters.affinity_hits.load(Ordering::Relaxed),
             affinity_misses: counters.affinity_misses.load(Ordering::Relaxed),
             sessions: shared.store.stats(),
+            retries: shared.resilience.retries(),
+            breakers: shared.resilience.breakers(),
             ..PoolStats::default()
         };
         for slot in &shared.slots {
@@ -904,6 +929,7 @@ impl Pool {
             "Replacement workers started after a worker died or was killed.",
         );
         let _ = writeln!(out, "pyherd_worker_restarts_total {}", stats.restarts);
+        self.inner.shared.resilience.render_metrics(&mut out);
         render_session_metrics(&mut out, &stats);
         out
     }

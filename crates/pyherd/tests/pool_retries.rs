@@ -236,3 +236,30 @@ async fn with_one_worker_a_retry_runs_on_it_and_unmarked_errors_are_not_retried(
     assert_eq!(files.attempts().len(), 1);
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_the_backoff_ends_the_call_at_once() {
+    let pool = flaky_pool(2)
+        .retry_base(Duration::from_secs(30))
+        .retry_cap(Duration::from_secs(30))
+        .build()
+        .await
+        .unwrap();
+    let files = Files::new();
+    let call = {
+        let (pool, args) = (pool.clone(), files.args());
+        tokio::spawn(async move { pool.execute_with("crash_first", args, &idempotent()).await })
+    };
+    wait_until(Duration::from_secs(10), "the first retry to wait", || {
+        pool.stats().retries == 1
+    })
+    .await;
+    pool.shutdown().await;
+    let e = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call ended")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::ShuttingDown, "{e}");
+    assert_eq!(files.attempts().len(), 1);
+}

@@ -302,3 +302,46 @@ impl PoolBuilder {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_call_says_why_and_when_to_come_back() {
+        let e = circuit_open("crashy", Refusal::Open(Duration::from_micros(1_499_001)));
+        assert_eq!(e.kind(), &ErrorKind::CircuitOpen);
+        assert_eq!(e.category(), crate::Category::Resource);
+        assert!(!e.is_retryable());
+        assert_eq!(e.context().retry_after_ms, Some(1500));
+        assert!(e.message().contains("\"crashy\"") && e.message().contains("1500 ms"));
+        let e = circuit_open("crashy", Refusal::Trying);
+        assert_eq!(e.context().retry_after_ms, None);
+        assert!(e.message().contains("trial call"), "{e}");
+    }
+
+    #[test]
+    fn only_a_worker_that_answered_counts_as_a_success() {
+        let host = Reply::from_host(RawValue::NULL.to_owned(), Duration::ZERO);
+        assert_eq!(outcome(&Ok(host)), Outcome::Success);
+        let on = |kind: ErrorKind, worker: Option<&str>| {
+            Err(Error::new(kind, "x").with_context(|c| c.worker_id = worker.map(Into::into)))
+        };
+        let cases = [
+            (on(ErrorKind::WorkerCrashed, Some("w1")), Outcome::Failure),
+            (
+                on(ErrorKind::ExecutionTimeout, Some("w1")),
+                Outcome::Failure,
+            ),
+            (on(ErrorKind::PythonException, Some("w1")), Outcome::Success),
+            (on(ErrorKind::QueueTimeout, None), Outcome::Neutral),
+            (
+                on(ErrorKind::ProgramNotFound, Some(HOST_WORKER_ID)),
+                Outcome::Neutral,
+            ),
+        ];
+        for (result, expected) in cases {
+            assert_eq!(outcome(&result), expected, "{result:?}");
+        }
+    }
+}

@@ -171,7 +171,7 @@ impl Pool {
         let idempotent = policy.idempotent(command, options);
         let attempts = if idempotent { policy.attempts } else { 1 };
         let breaker = policy.breakers.get(command);
-        let mut delays = Delays::seeded(policy.backoff, policy.base, policy.cap);
+        let mut delays = None;
         let mut avoid: Option<Arc<str>> = None;
         // Attempts that reached admission; the last is the one whose error is returned.
         let mut made = 0;
@@ -206,7 +206,10 @@ impl Pool {
             if made >= attempts || !policy::action(error.kind()).retry || !error.is_retryable() {
                 break error;
             }
-            let wait = delays.next().unwrap_or(policy.cap);
+            let wait = delays
+                .get_or_insert_with(|| Delays::seeded(policy.backoff, policy.base, policy.cap))
+                .next()
+                .unwrap_or(policy.cap);
             bump(&policy.retries);
             tracing::info!(
                 command,

@@ -81,21 +81,26 @@ class HandlerError(Exception):
         raise HandlerError("invalid_request", "invalid_signature", "no '->' in 'q a'")
 
     The category must be one of the host's (`CATEGORIES`) and the kind snake_case;
-    anything else is a ValueError here, where the mistake is made.
+    anything else is a ValueError here, where the mistake is made. ``retryable=True``
+    says trying again can succeed (an upstream that is briefly away, say): the host then
+    retries idempotent calls, on another worker when there is one.
     """
 
-    def __init__(self, category: str, kind: str, message: str) -> None:
+    def __init__(self, category: str, kind: str, message: str, retryable: bool = False) -> None:
         if not isinstance(category, str) or category not in CATEGORIES:
             raise ValueError(f"unknown error category {category!r} (one of {', '.join(sorted(CATEGORIES))})")
         if not isinstance(kind, str) or not _KIND.fullmatch(kind):
             raise ValueError(f"an error kind is snake_case, like 'invalid_signature', not {kind!r}")
+        if not isinstance(retryable, bool):
+            raise ValueError(f"retryable is True or False, not {retryable!r}")
         super().__init__(message)
         self.category = category
         self.kind = kind
+        self.retryable = retryable
 
     def __reduce__(self) -> Any:
         # Exception pickles as cls(*self.args), which would lose the category and kind.
-        return (type(self), (self.category, self.kind, str(self)))
+        return (type(self), (self.category, self.kind, str(self), self.retryable))
 
 
 _REGISTRY: Dict[str, Handler] = {}

@@ -52,7 +52,13 @@ def _message(exc: BaseException) -> str:
     return _text(text) or type(exc).__name__
 
 
-def exception_frame(request_id: int, exc: BaseException, category: str = "python", kind: str = "python_exception") -> Dict[str, Any]:
+def exception_frame(
+    request_id: int,
+    exc: BaseException,
+    category: str = "python",
+    kind: str = "python_exception",
+    retryable: bool = False,
+) -> Dict[str, Any]:
     tb = _text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     if len(tb) > TRACEBACK_LIMIT:
         tb = "…" + tb[-TRACEBACK_LIMIT:]
@@ -63,6 +69,7 @@ def exception_frame(request_id: int, exc: BaseException, category: str = "python
         _message(exc),
         python_type=_python_type(exc),
         traceback=tb,
+        retryable=retryable,
     )
 
 
@@ -124,7 +131,7 @@ class Worker:
         try:
             result = handlers.invoke(h, msg.get("args"), ctx)
         except handlers.HandlerError as exc:
-            return self.dumps(exception_frame(request_id, exc, exc.category, exc.kind))
+            return self.dumps(exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable))
         except Exception as exc:  # a handler's failure is the caller's answer, not the worker's end
             return self.dumps(exception_frame(request_id, exc))
         try:

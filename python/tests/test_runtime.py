@@ -57,6 +57,11 @@ def _unprintable_fail(args):
     raise UnprintableError()
 
 
+@handler("rt_retryable_fail")
+def _retryable_fail(args):
+    raise HandlerError("connection", "upstream_away", "the upstream is restarting", retryable=True)
+
+
 @handler("rt_typed_fail")
 def _typed_fail(args):
     raise HandlerError("invalid_request", "invalid_signature", "no '->' in 'q a'")
@@ -200,7 +205,22 @@ def test_a_handler_error_carries_its_own_category_and_kind(worker):
     assert reply["message"] == "no '->' in 'q a'"
     assert reply["python_type"] == "pyherd_worker.handlers.HandlerError"
     assert "_typed_fail" in reply["traceback"]
+    assert reply["retryable"] is False
     assert_alive(worker)
+
+
+def test_a_handler_error_can_say_it_is_retryable(worker):
+    reply = call(worker, "rt_retryable_fail", request_id=13)
+    assert (reply["category"], reply["kind"], reply["retryable"]) == ("connection", "upstream_away", True)
+    reply = call(worker, "rt_fail", request_id=14)
+    assert reply["retryable"] is False
+    assert_alive(worker)
+
+
+@pytest.mark.parametrize("retryable", [1, "yes", None])
+def test_retryable_must_be_a_bool(retryable):
+    with pytest.raises(ValueError):
+        HandlerError("connection", "upstream_away", "message", retryable)
 
 
 @pytest.mark.parametrize(
@@ -234,10 +254,10 @@ def test_every_host_category_is_accepted(category):
 
 
 def test_a_handler_error_survives_pickle_and_copy():
-    e = HandlerError("python", "lm_error", "the LM failed")
+    e = HandlerError("python", "lm_error", "the LM failed", retryable=True)
     for twin in (pickle.loads(pickle.dumps(e)), copy.copy(e), copy.deepcopy(e)):
         assert type(twin) is HandlerError
-        assert (twin.category, twin.kind, str(twin)) == ("python", "lm_error", "the LM failed")
+        assert (twin.category, twin.kind, str(twin), twin.retryable) == ("python", "lm_error", "the LM failed", True)
 
 
 def test_the_python_type_of_a_non_builtin_exception_names_its_module(worker):

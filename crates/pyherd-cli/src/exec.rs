@@ -13,6 +13,9 @@ pub(crate) struct ExecArgs {
     /// Run the call in this session (created for the call)
     #[arg(long)]
     session: Option<String>,
+    /// The call may run more than once: retry it on a retryable failure
+    #[arg(long)]
+    idempotent: bool,
     /// The handler to call
     command: String,
     /// Its arguments as JSON [default: {}]
@@ -28,6 +31,9 @@ pub(crate) async fn run(args: ExecArgs) -> anyhow::Result<u8> {
     let mut options = CallOptions::new();
     if let Some(session) = args.session {
         options = options.session_id(session);
+    }
+    if args.idempotent {
+        options = options.idempotent(true);
     }
     let outcome = call(settings.pool, &args.command, args.args.as_deref(), &options).await;
     match outcome {

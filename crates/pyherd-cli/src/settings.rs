@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use pyherd::{Affinity, PoolConfig};
+use pyherd::{Affinity, Backoff, PoolConfig};
 
 /// The default address of `serve`.
 pub(crate) const DEFAULT_BIND: &str = "127.0.0.1:7878";
@@ -90,6 +90,44 @@ pub(crate) struct PoolArgs {
     /// Idle seconds after which a worker stops, down to --min-workers [default: never]
     #[arg(long, env = "PYHERD_IDLE_TIMEOUT_S")]
     pub(crate) idle_timeout_s: Option<u64>,
+    /// Most attempts of an idempotent call, the first included (1 = no retry) [default: 3]
+    #[arg(long, env = "PYHERD_RETRY_ATTEMPTS")]
+    pub(crate) retry_attempts: Option<u32>,
+    /// Wait between attempts: linear, exponential, fibonacci or decorrelated_jitter
+    /// [default: exponential]
+    #[arg(long, env = "PYHERD_RETRY_BACKOFF")]
+    pub(crate) retry_backoff: Option<Backoff>,
+    /// First wait between attempts, ms [default: 50]
+    #[arg(long, env = "PYHERD_RETRY_BASE_MS")]
+    pub(crate) retry_base_ms: Option<u64>,
+    /// Longest wait between attempts, ms [default: 2000]
+    #[arg(long, env = "PYHERD_RETRY_CAP_MS")]
+    pub(crate) retry_cap_ms: Option<u64>,
+    /// Command whose calls are idempotent unless a call says otherwise (repeatable;
+    /// env: comma-separated)
+    #[arg(
+        long = "idempotent-commands",
+        env = "PYHERD_IDEMPOTENT_COMMANDS",
+        value_delimiter = ','
+    )]
+    pub(crate) idempotent_commands: Vec<String>,
+    /// Command guarded by a circuit breaker (repeatable; env: comma-separated)
+    #[arg(
+        long = "breaker-commands",
+        env = "PYHERD_BREAKER_COMMANDS",
+        value_delimiter = ','
+    )]
+    pub(crate) breaker_commands: Vec<String>,
+    /// Consecutive calls that crash or time out their worker before a breaker opens
+    /// [default: 5]
+    #[arg(long, env = "PYHERD_BREAKER_FAILURES")]
+    pub(crate) breaker_failures: Option<u32>,
+    /// Consecutive successful trial calls that close a half-open breaker [default: 3]
+    #[arg(long, env = "PYHERD_BREAKER_SUCCESSES")]
+    pub(crate) breaker_successes: Option<u32>,
+    /// How long an open breaker refuses calls, ms [default: 60000]
+    #[arg(long, env = "PYHERD_BREAKER_OPEN_MS")]
+    pub(crate) breaker_open_ms: Option<u64>,
     /// Where pyherd keeps its state, such as the Python environment of `pyherd setup`
     /// [default: .pyherd]
     #[arg(long, env = "PYHERD_STATE_DIR")]
@@ -203,6 +241,7 @@ impl PoolArgs {
             pool.session_ttl = ms(v);
         }
         self.apply_lifecycle(pool);
+        self.apply_resilience(pool);
     }
 
     fn apply_lifecycle(&self, pool: &mut PoolConfig) {
@@ -231,6 +270,38 @@ impl PoolArgs {
         }
         if let Some(v) = self.idle_timeout_s {
             pool.idle_timeout = Some(secs(v));
+        }
+    }
+
+    fn apply_resilience(&self, pool: &mut PoolConfig) {
+        let ms = Duration::from_millis;
+        if let Some(v) = self.retry_attempts {
+            pool.retry_attempts = v;
+        }
+        if let Some(v) = self.retry_backoff {
+            pool.retry_backoff = v;
+        }
+        if let Some(v) = self.retry_base_ms {
+            pool.retry_base = ms(v);
+        }
+        if let Some(v) = self.retry_cap_ms {
+            pool.retry_cap = ms(v);
+        }
+        if !self.idempotent_commands.is_empty() {
+            pool.idempotent_commands
+                .clone_from(&self.idempotent_commands);
+        }
+        if !self.breaker_commands.is_empty() {
+            pool.breaker_commands.clone_from(&self.breaker_commands);
+        }
+        if let Some(v) = self.breaker_failures {
+            pool.breaker_failures = v;
+        }
+        if let Some(v) = self.breaker_successes {
+            pool.breaker_successes = v;
+        }
+        if let Some(v) = self.breaker_open_ms {
+            pool.breaker_open = ms(v);
         }
     }
 }
@@ -365,6 +436,55 @@ mod tests {
         args.apply(&mut file.pool);
         let e = file.pool.validate().unwrap_err();
         assert!(e.message().contains("min_workers"), "{e}");
+    }
+
+    #[test]
+    fn retry_and_breaker_settings_come_from_file_and_flags() {
+        let mut file = parse_file(
+            "retry_attempts = 5\nretry_backoff = \"fibonacci\"\nretry_base_ms = 20\n\
+             idempotent_commands = [\"ping\", \"lookup\"]\nbreaker_commands = [\"crashy\"]\n\
+             breaker_open_ms = 1500\n",
+        )
+        .unwrap();
+        assert_eq!(file.pool.retry_attempts, 5);
+        assert_eq!(file.pool.retry_backoff, Backoff::Fibonacci);
+        assert_eq!(file.pool.idempotent_commands, ["ping", "lookup"]);
+        assert_eq!(file.pool.breaker_open, Duration::from_millis(1500));
+        let args = PoolArgs {
+            retry_backoff: Some(Backoff::DecorrelatedJitter),
+            retry_cap_ms: Some(900),
+            breaker_commands: vec!["other".into()],
+            breaker_failures: Some(2),
+            breaker_successes: Some(1),
+            ..PoolArgs::default()
+        };
+        args.apply(&mut file.pool);
+        let pool = &file.pool;
+        assert_eq!(pool.retry_backoff, Backoff::DecorrelatedJitter);
+        assert_eq!(pool.retry_base, Duration::from_millis(20));
+        assert_eq!(pool.retry_cap, Duration::from_millis(900));
+        assert_eq!(pool.breaker_commands, ["other"]);
+        assert_eq!((pool.breaker_failures, pool.breaker_successes), (2, 1));
+        pool.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_retry_settings_are_refused_by_name() {
+        let e = parse_file("retry_backoff = \"quadratic\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("quadratic"), "{e:#}");
+        let e = "quadratic".parse::<Backoff>().unwrap_err();
+        assert!(e.to_string().contains("retry_backoff"), "{e}");
+        let mut file = parse_file("retry_attempts = 0\n").unwrap();
+        let e = file.pool.validate().unwrap_err();
+        assert!(e.message().contains("retry_attempts"), "{e}");
+        PoolArgs {
+            retry_attempts: Some(2),
+            retry_base_ms: Some(5000),
+            ..PoolArgs::default()
+        }
+        .apply(&mut file.pool);
+        let e = file.pool.validate().unwrap_err();
+        assert!(e.message().contains("retry_cap"), "{e}");
     }
 
     #[test]

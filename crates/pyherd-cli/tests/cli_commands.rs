@@ -234,3 +234,42 @@ fn every_worker_state_transition_is_logged_with_its_fields() {
     }
     assert_eq!(transitions.len(), 5, "{stderr}");
 }
+
+#[test]
+fn exec_idempotent_retries_a_call_that_crashed_its_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = serde_json::json!({
+        "marker": dir.path().join("marker"),
+        "log": dir.path().join("log"),
+    })
+    .to_string();
+    let flaky = common::fixture("flaky.py");
+    let base = ["exec", "--handlers", flaky.as_str(), "--retry-base-ms", "5"];
+    let (code, stdout, stderr) =
+        run(&[&base[..], &["--idempotent", "crash_first", &args]].concat());
+    assert_eq!(code, Some(0), "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+    assert_eq!(log.lines().collect::<Vec<_>>(), ["w1", "w2"]);
+    assert_eq!(v["worker"], "w2");
+    std::fs::remove_file(dir.path().join("marker")).unwrap();
+    let (code, _, stderr) = run(&[&base[..], &["crash_first", &args]].concat());
+    assert_eq!(code, Some(6), "{stderr}");
+    assert!(stderr.contains("worker_crashed"), "{stderr}");
+}
+
+#[test]
+fn bad_retry_settings_are_refused_by_name() {
+    let (code, _, stderr) = run(&["exec", "--retry-backoff", "quadratic", "ping"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("quadratic") && stderr.contains("retry_backoff"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(&["exec", "--retry-attempts", "0", "ping"]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains("retry_attempts"), "{stderr}");
+    let (code, _, stderr) = run(&["exec", "--breaker-open-ms", "0", "ping"]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains("breaker_open"), "{stderr}");
+}

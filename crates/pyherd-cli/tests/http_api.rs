@@ -352,3 +352,84 @@ async fn readiness_tells_the_truth_while_no_worker_can_start() {
     .await;
     assert_eq!(execute(&server, json!({"command": "alive"})).await.0, 200);
 }
+
+#[tokio::test]
+async fn idempotent_calls_are_retried_and_an_open_breaker_answers_503() {
+    let flaky = common::fixture("flaky.py");
+    let server = Server::start(&[
+        "--workers",
+        "2",
+        "--handlers",
+        &flaky,
+        "--retry-base-ms",
+        "5",
+        "--breaker-commands",
+        "crash_while",
+        "--breaker-failures",
+        "1",
+        "--breaker-open-ms",
+        "60000",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let args = json!({"marker": dir.path().join("marker"), "log": dir.path().join("log")});
+    let (status, body) = execute(
+        &server,
+        json!({"command": "crash_first", "args": args, "idempotent": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for wrong in [json!("yes"), json!(1), json!({})] {
+        let (status, body) =
+            execute(&server, json!({"command": "echo", "idempotent": wrong})).await;
+        assert_eq!(status, 400, "{body}");
+        assert_error(&body, "invalid_request", "malformed_request");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains("bool"),
+            "{body}"
+        );
+    }
+    let url = server.url("/v1/sessions/retry-1/execute");
+    let (status, body) = common::post_execute(
+        url,
+        json!({"command": "echo", "args": 7, "idempotent": false}),
+    )
+    .await;
+    assert_eq!((status, &body["result"]), (200, &json!(7)), "{body}");
+
+    let (status, body) = execute(&server, json!({"command": "crash_while", "args": args})).await;
+    assert_eq!(status, 502, "{body}");
+    let response = reqwest::Client::new()
+        .post(server.url("/v1/execute"))
+        .json(&json!({"command": "crash_while", "args": args}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let body: Value = response.json().await.unwrap();
+    assert_error(&body, "resource", "circuit_open");
+    assert_eq!(body["error"]["retryable"], false);
+    assert!(body["error"]["context"]["retry_after_ms"].as_u64().unwrap() <= 60_000);
+
+    let stats = get_json(&server.url("/v1/stats")).await;
+    assert_eq!(stats["retries"], 1, "{stats}");
+    assert_eq!(stats["breakers"][0]["command"], "crash_while", "{stats}");
+    assert_eq!(stats["breakers"][0]["state"], "open", "{stats}");
+    assert_eq!(stats["breakers"][0]["opens"], 1, "{stats}");
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("\npyherd_retries_total 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("pyherd_circuit_breaker_state{command=\"crash_while\",state=\"open\"} 1"),
+        "{metrics}"
+    );
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind};
+use crate::policy::Backoff;
 
 /// Smallest accepted frame limit (a call frame needs room for its envelope).
 pub const MIN_FRAME_BYTES: usize = 1024;
@@ -110,6 +111,30 @@ pub struct PoolConfig {
     /// started up to this. Default: `workers`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_workers: Option<usize>,
+    /// Most attempts of an idempotent call (the first one and its retries), 1..=100;
+    /// only retryable errors are retried. Default: 3.
+    pub retry_attempts: u32,
+    /// How the wait between attempts grows. Default: `exponential`.
+    pub retry_backoff: Backoff,
+    /// The first wait between attempts (the unit of every backoff). Default: 50 ms.
+    #[serde(rename = "retry_base_ms", with = "millis")]
+    pub retry_base: Duration,
+    /// The longest wait between attempts. Default: 2 s.
+    #[serde(rename = "retry_cap_ms", with = "millis")]
+    pub retry_cap: Duration,
+    /// Commands whose calls are idempotent unless a call says otherwise
+    /// ([`CallOptions::idempotent`](crate::CallOptions::idempotent)). Default: none.
+    pub idempotent_commands: Vec<String>,
+    /// Commands guarded by a circuit breaker. Default: none (breakers are opt-in).
+    pub breaker_commands: Vec<String>,
+    /// Consecutive calls that harm their worker (crash it or time out) after which a
+    /// command's breaker opens. Default: 5.
+    pub breaker_failures: u32,
+    /// Consecutive successful trial calls that close a half-open breaker. Default: 3.
+    pub breaker_successes: u32,
+    /// How long an open breaker refuses calls before it half-opens. Default: 60 s.
+    #[serde(rename = "breaker_open_ms", with = "millis")]
+    pub breaker_open: Duration,
 }
 
 /// How a session's calls prefer the worker that served the session last (its programs
@@ -183,6 +208,15 @@ impl Default for PoolConfig {
             idle_timeout: None,
             min_workers: None,
             max_workers: None,
+            retry_attempts: 3,
+            retry_backoff: Backoff::Exponential,
+            retry_base: Duration::from_millis(50),
+            retry_cap: Duration::from_secs(2),
+            idempotent_commands: Vec::new(),
+            breaker_commands: Vec::new(),
+            breaker_failures: 5,
+            breaker_successes: 3,
+            breaker_open: Duration::from_secs(60),
         }
     }
 }
@@ -270,7 +304,7 @@ impl PoolConfig {
         if let Some(h) = self.handlers.iter().find(|h| h.trim().is_empty()) {
             return invalid(format!("handler module names must not be empty ({h:?})"));
         }
-        Ok(())
+        crate::policy::check(self)
     }
 }
 
@@ -483,6 +517,16 @@ mod tests {
                 .message()
                 .contains("sticky")
         );
+        let c: PoolConfig = serde_json::from_str(
+            r#"{"retry_backoff": "decorrelated_jitter", "retry_base_ms": 10, "breaker_open_ms": 500}"#,
+        )
+        .unwrap();
+        assert_eq!(c.retry_backoff, Backoff::DecorrelatedJitter);
+        assert_eq!(c.retry_base, Duration::from_millis(10));
+        assert_eq!(c.breaker_open, Duration::from_millis(500));
+        let e =
+            serde_json::from_str::<PoolConfig>(r#"{"retry_backoff": "quadratic"}"#).unwrap_err();
+        assert!(e.to_string().contains("quadratic"), "{e}");
         let e = serde_json::from_str::<PoolConfig>(r#"{"wokers": 3}"#).unwrap_err();
         assert!(e.to_string().contains("wokers"));
     }

@@ -134,6 +134,9 @@ pub enum ErrorKind {
     LmError,
     /// The session's worker is busy and the call asked not to wait (`strict_fail_fast`).
     WorkerBusy,
+    /// The command's circuit breaker is open: it harmed workers too often, so calls to it
+    /// fail at once until the breaker half-opens (`retry_after_ms` in the context).
+    CircuitOpen,
     /// A kind sent by the worker that this host does not know.
     Other(String),
 }
@@ -170,6 +173,7 @@ impl ErrorKind {
             Self::InvalidSignature => "invalid_signature",
             Self::LmError => "lm_error",
             Self::WorkerBusy => "worker_busy",
+            Self::CircuitOpen => "circuit_open",
             Self::Other(name) => name,
         }
     }
@@ -186,7 +190,9 @@ impl ErrorKind {
             | Self::SpawnFailing => Category::Initialization,
             Self::WorkerCrashed => Category::Communication,
             Self::QueueTimeout | Self::ExecutionTimeout => Category::Timeout,
-            Self::PoolSaturated | Self::ResultTooLarge | Self::WorkerBusy => Category::Resource,
+            Self::PoolSaturated | Self::ResultTooLarge | Self::WorkerBusy | Self::CircuitOpen => {
+                Category::Resource
+            }
             Self::SessionNotFound
             | Self::SessionExists
             | Self::QuotaExceeded
@@ -276,6 +282,12 @@ pub struct ErrorContext {
     /// A size limit that was exceeded, in bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit_bytes: Option<u64>,
+    /// How many times an idempotent call was tried (the first attempt and its retries).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// Milliseconds until trying again can help (an open circuit breaker half-opens).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 /// A pyherd failure. Cheap to move (one box); see [`Category`] and [`ErrorKind`].

@@ -24,6 +24,7 @@
 pub mod config;
 pub mod error;
 mod metrics;
+pub mod policy;
 mod pool;
 mod protocol;
 mod python;
@@ -32,6 +33,7 @@ mod worker;
 
 pub use config::{Affinity, PoolConfig};
 pub use error::{Category, Error, ErrorContext, ErrorKind};
+pub use policy::{Backoff, BreakerInfo, BreakerState, Recovery};
 pub use pool::{CallOptions, HOST_WORKER_ID, Pool, PoolBuilder, PoolStats, Reply, WorkerInfo};
 pub use worker::WorkerState;
 

@@ -6,8 +6,9 @@ use axum::response::{IntoResponse, Response};
 use pyherd::{Category, Error, ErrorKind};
 use serde_json::json;
 
-/// Seconds a client should wait before retrying a 503.
-const RETRY_AFTER_SECONDS: &str = "1";
+/// Seconds a client should wait before retrying a 503, unless the error's context says
+/// (`retry_after_ms` of an open circuit breaker, rounded up to whole seconds).
+const RETRY_AFTER_SECONDS: u64 = 1;
 
 /// An error on its way to the client.
 pub(crate) struct ApiError {
@@ -48,7 +49,8 @@ pub(crate) fn status_of(error: &Error) -> StatusCode {
         ErrorKind::QueueTimeout
         | ErrorKind::PoolSaturated
         | ErrorKind::ShuttingDown
-        | ErrorKind::WorkerBusy => StatusCode::SERVICE_UNAVAILABLE,
+        | ErrorKind::WorkerBusy
+        | ErrorKind::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::ExecutionTimeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::WorkerCrashed | ErrorKind::LmError => StatusCode::BAD_GATEWAY,
         _ => match error.category() {
@@ -75,10 +77,12 @@ impl IntoResponse for ApiError {
         let body = json!({"ok": false, "error": self.body});
         let mut response = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECONDS),
-            );
+            let seconds = self.body["context"]["retry_after_ms"]
+                .as_u64()
+                .map_or(RETRY_AFTER_SECONDS, |ms| ms.div_ceil(1000).max(1));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -108,6 +112,7 @@ mod tests {
             (ErrorKind::SessionExists, 409),
             (ErrorKind::QuotaExceeded, 429),
             (ErrorKind::WorkerBusy, 503),
+            (ErrorKind::CircuitOpen, 503),
             (ErrorKind::LmError, 502),
             (ErrorKind::InvalidId, 400),
             (ErrorKind::InvalidSignature, 400),
@@ -122,7 +127,11 @@ mod tests {
     #[test]
     fn a_503_says_when_to_retry() {
         let r = ApiError::from(Error::new(ErrorKind::PoolSaturated, "full")).into_response();
-        assert_eq!(r.headers()[header::RETRY_AFTER], RETRY_AFTER_SECONDS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let open = Error::new(ErrorKind::CircuitOpen, "open")
+            .with_context(|c| c.retry_after_ms = Some(59_001));
+        let r = ApiError::from(open).into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "60");
         let r = ApiError::from(Error::new(ErrorKind::ExecutionTimeout, "slow")).into_response();
         assert!(r.headers().get(header::RETRY_AFTER).is_none());
     }

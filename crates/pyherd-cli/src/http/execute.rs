@@ -27,6 +27,7 @@ pub(crate) struct ExecuteRequest {
     pub(crate) session_id: Option<String>,
     timeout_ms: Option<u64>,
     affinity: Option<Affinity>,
+    idempotent: Option<bool>,
 }
 
 fn empty_object() -> Box<RawValue> {
@@ -59,6 +60,9 @@ impl ExecuteRequest {
         }
         if let Some(affinity) = self.affinity {
             options = options.affinity(affinity);
+        }
+        if let Some(idempotent) = self.idempotent {
+            options = options.idempotent(idempotent);
         }
         Ok(options)
     }

@@ -5,6 +5,7 @@ mod job;
 mod lifecycle;
 mod lifecycle_builder;
 mod recycle;
+mod retry;
 mod scale;
 mod sessions;
 mod slot;
@@ -27,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use self::job::Job;
 use self::lifecycle::Lifecycle;
+use self::retry::Resilience;
 use self::slot::Slot;
 use self::stats::{Counters, SlotStatus, bump};
 pub use self::stats::{PoolStats, WorkerInfo};
@@ -50,6 +52,9 @@ pub struct CallOptions {
     pub session_id: Option<String>,
     /// Session affinity for this call (default: [`PoolConfig::affinity`]).
     pub affinity: Option<Affinity>,
+    /// Whether the call may run more than once, so a retryable failure is retried
+    /// (default: whether its command is in [`PoolConfig::idempotent_commands`]).
+    pub idempotent: Option<bool>,
 }
 
 impl CallOptions {
@@ -83,6 +88,13 @@ impl CallOptions {
     #[must_use]
     pub fn affinity(mut self, affinity: Affinity) -> Self {
         self.affinity = Some(affinity);
+        self
+    }
+
+    /// Marks the call idempotent (or not, overriding [`PoolConfig::idempotent_commands`]).
+    #[must_use]
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = Some(idempotent);
         self
     }
 }
@@ -175,6 +187,8 @@ pub(crate) struct Shared {
     /// Transition and restart counts, the spawn breaker, the slots in service.
     life: Lifecycle,
     metrics: Metrics,
+    /// Retry policy, idempotent commands and circuit breakers.
+    resilience: Resilience,
     next_request: AtomicU64,
     next_worker: AtomicU64,
     /// Cancelled when shutdown's grace period is over (or the pool is dropped):
@@ -455,6 +469,7 @@ impl PoolBuilder {
         }
         let next_worker = AtomicU64::new(config.workers as u64 + 1);
         let sweep_every = config.session_sweep_interval;
+        let resilience = Resilience::new(&config);
         let shared = Arc::new(Shared {
             config,
             launch,
@@ -467,6 +482,7 @@ impl PoolBuilder {
             counters: Counters::default(),
             life: Lifecycle::new(workers.len(), min_workers, max_workers),
             metrics: Metrics::default(),
+            resilience,
             next_request: AtomicU64::new(1),
             next_worker,
             abort: CancellationToken::new(),
@@ -581,6 +597,7 @@ impl Pool {
     /// - `communication/worker_crashed` (with exit status and stderr tail);
     /// - `initialization/spawn_failing` at once, when no worker can serve and new ones
     ///   keep failing to start (with the last failure's stderr tail);
+    /// - `resource/circuit_open` (the command's circuit breaker is open);
     /// - `python/python_exception` (with `python_type` and `traceback`),
     ///   `python/result_not_serializable`, `resource/result_too_large`;
     /// - `system/shutting_down`.
@@ -704,14 +721,16 @@ impl Pool {
     }
 
     /// Admits a call into the queue (or, for a session, its worker's channel) and waits
-    /// for its answer. `preferred` is the worker the call's session served on last.
-    async fn submit(
+    /// for its answer. `preferred` is the worker the call's session served on last;
+    /// `avoid` the worker that failed the call's previous attempt.
+    async fn submit_once(
         &self,
         command: &str,
         known: bool,
         args: Box<RawValue>,
         options: &CallOptions,
         preferred: Option<Arc<str>>,
+        avoid: Option<&str>,
     ) -> Result<Reply, Error> {
         let shared = &self.inner.shared;
         let queue = &self.inner.queue;
@@ -755,7 +774,10 @@ impl Pool {
             ));
         }
         let affinity = options.affinity.unwrap_or(shared.config.affinity);
-        let target = match preferred.as_deref().and_then(|w| shared.slot_running(w)) {
+        // A retry leaves the worker that failed it, whatever the session's affinity.
+        let elsewhere = avoid.and_then(|w| shared.elsewhere(w));
+        let session_slot = preferred.as_deref().filter(|_| elsewhere.is_none());
+        let target = match session_slot.and_then(|w| shared.slot_running(w)) {
             Some(slot) => {
                 let idle = slot.status.state() == WorkerState::Ready && slot.direct.is_empty();
                 match affinity {
@@ -776,6 +798,7 @@ impl Pool {
             }
             None => None,
         };
+        let target = elsewhere.or(target);
         job.preferred = preferred;
         let sent = match target {
             Some(slot) => slot.direct.try_send(job).is_ok(),
@@ -820,6 +843,8 @@ impl Pool {
             affinity_hits: counters.affinity_hits.load(Ordering::Relaxed),
             affinity_misses: counters.affinity_misses.load(Ordering::Relaxed),
             sessions: shared.store.stats(),
+            retries: shared.resilience.retries(),
+            breakers: shared.resilience.breakers(),
             ..PoolStats::default()
         };
         let mut in_service = 0;
@@ -951,6 +976,7 @@ impl Pool {
             let _ = writeln!(out, "pyherd_workers{{state=\"{}\"}} {n}", state.as_str());
         }
         self.inner.shared.life.render(&mut out);
+        self.inner.shared.resilience.render_metrics(&mut out);
         render_session_metrics(&mut out, &stats);
         out
     }

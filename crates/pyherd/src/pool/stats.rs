@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::lifecycle::Lifecycle;
+use crate::policy::BreakerInfo;
 use crate::session::SessionStats;
 use crate::worker::WorkerState;
 
@@ -45,6 +46,10 @@ pub struct PoolStats {
     pub affinity_misses: u64,
     /// The session store's counts.
     pub sessions: SessionStats,
+    /// Retries of idempotent calls after a retryable error.
+    pub retries: u64,
+    /// The circuit breakers of the commands that have one, sorted by command.
+    pub breakers: Vec<BreakerInfo>,
 }
 
 /// A snapshot of one worker, from [`Pool::workers`](crate::Pool::workers).

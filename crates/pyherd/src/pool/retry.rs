@@ -1,0 +1,350 @@
+//! Retries and circuit breakers around each call that goes to a worker: the command's
+//! breaker is asked first, and an idempotent call that fails with a retryable error is
+//! tried again after a backoff, on another worker when one is available.
+
+use std::collections::HashSet;
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+
+use super::stats::bump;
+use super::{CallOptions, HOST_WORKER_ID, Pool, PoolBuilder, Reply, Shared, SlotHandle};
+use crate::config::PoolConfig;
+use crate::error::{Error, ErrorKind};
+use crate::metrics;
+use crate::policy::{
+    self, Backoff, BreakerInfo, BreakerSettings, BreakerState, Breakers, Delays, Outcome, Refusal,
+};
+use crate::worker::WorkerState;
+
+/// The pool's retry policy, breakers and retry count.
+pub(crate) struct Resilience {
+    attempts: u32,
+    backoff: Backoff,
+    base: Duration,
+    cap: Duration,
+    idempotent: HashSet<String>,
+    breakers: Breakers,
+    retries: AtomicU64,
+}
+
+impl Resilience {
+    pub(crate) fn new(config: &PoolConfig) -> Self {
+        let settings = BreakerSettings {
+            failures: config.breaker_failures,
+            successes: config.breaker_successes,
+            open_for: config.breaker_open,
+        };
+        Self {
+            attempts: config.retry_attempts,
+            backoff: config.retry_backoff,
+            base: config.retry_base,
+            cap: config.retry_cap,
+            idempotent: config.idempotent_commands.iter().cloned().collect(),
+            breakers: Breakers::new(&config.breaker_commands, settings),
+            retries: AtomicU64::new(0),
+        }
+    }
+
+    /// Retries made since the pool started.
+    pub(crate) fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// Every breaker, sorted by command.
+    pub(crate) fn breakers(&self) -> Vec<BreakerInfo> {
+        self.breakers.infos()
+    }
+
+    /// The call's own choice, else whether its command is listed as idempotent.
+    fn idempotent(&self, command: &str, options: &CallOptions) -> bool {
+        options
+            .idempotent
+            .unwrap_or_else(|| self.idempotent.contains(command))
+    }
+
+    /// `pyherd_retries_total` and the breakers' state and opens.
+    pub(crate) fn render_metrics(&self, out: &mut String) {
+        metrics::header(
+            out,
+            "pyherd_retries_total",
+            "counter",
+            "Retries of idempotent calls after a retryable error.",
+        );
+        let _ = writeln!(out, "pyherd_retries_total {}", self.retries());
+        let breakers = self.breakers();
+        if breakers.is_empty() {
+            return;
+        }
+        metrics::header(
+            out,
+            "pyherd_circuit_breaker_state",
+            "gauge",
+            "1 for the state each command's circuit breaker is in, 0 for the others.",
+        );
+        for b in &breakers {
+            for state in BreakerState::ALL {
+                let _ = writeln!(
+                    out,
+                    "pyherd_circuit_breaker_state{{command=\"{}\",state=\"{}\"}} {}",
+                    metrics::escape(&b.command),
+                    state.as_str(),
+                    u8::from(b.state == state)
+                );
+            }
+        }
+        metrics::header(
+            out,
+            "pyherd_circuit_breaker_opens_total",
+            "counter",
+            "Times each command's circuit breaker opened.",
+        );
+        for b in &breakers {
+            let _ = writeln!(
+                out,
+                "pyherd_circuit_breaker_opens_total{{command=\"{}\"}} {}",
+                metrics::escape(&b.command),
+                b.opens
+            );
+        }
+    }
+}
+
+/// What a finished attempt tells the command's breaker: harm from the recovery table,
+/// success when a worker answered (even with an error) and lives on.
+fn outcome(result: &Result<Reply, Error>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Success,
+        Err(e) if policy::action(e.kind()).trips_breaker => Outcome::Failure,
+        Err(e)
+            if e.context()
+                .worker_id
+                .as_deref()
+                .is_some_and(|w| w != HOST_WORKER_ID) =>
+        {
+            Outcome::Success
+        }
+        Err(_) => Outcome::Neutral,
+    }
+}
+
+fn circuit_open(command: &str, refusal: Refusal) -> Error {
+    match refusal {
+        Refusal::Open(left) => {
+            let ms = policy::millis(left);
+            Error::new(
+                ErrorKind::CircuitOpen,
+                format!(
+                    "{command:?} harmed its workers too often: its circuit breaker is open and half-opens in {ms} ms"
+                ),
+            )
+            .with_context(|c| c.retry_after_ms = Some(ms))
+        }
+        Refusal::Trying => Error::new(
+            ErrorKind::CircuitOpen,
+            format!(
+                "{command:?} is being tried again after its circuit breaker opened: calls fail at once until a trial call succeeds"
+            ),
+        ),
+    }
+}
+
+impl Pool {
+    /// Runs a call through its command's breaker and, when it is idempotent, retries it
+    /// while the recovery table and the error allow. `preferred` is the session's worker.
+    ///
+    /// # Cancel safety
+    /// As [`submit_once`](Self::submit_once); a breaker's trial slot is freed on drop.
+    pub(super) async fn submit(
+        &self,
+        command: &str,
+        known: bool,
+        mut args: Box<RawValue>,
+        options: &CallOptions,
+        preferred: Option<Arc<str>>,
+    ) -> Result<Reply, Error> {
+        let shared = &self.inner.shared;
+        let policy = &shared.resilience;
+        let idempotent = policy.idempotent(command, options);
+        let attempts = if idempotent { policy.attempts } else { 1 };
+        let breaker = policy.breakers.get(command);
+        let mut delays = None;
+        let mut avoid: Option<Arc<str>> = None;
+        // Attempts that reached admission; the last is the one whose error is returned.
+        let mut made = 0;
+        let error = loop {
+            let permit = match breaker.map(|b| b.admit()).transpose() {
+                Ok(permit) => permit,
+                Err(refusal) => break circuit_open(command, refusal),
+            };
+            made += 1;
+            let this = if made < attempts {
+                args.clone()
+            } else {
+                std::mem::replace(&mut args, RawValue::NULL.to_owned())
+            };
+            let result = self
+                .submit_once(
+                    command,
+                    known,
+                    this,
+                    options,
+                    preferred.clone(),
+                    avoid.as_deref(),
+                )
+                .await;
+            if let Some(permit) = permit {
+                permit.record(outcome(&result));
+            }
+            let error = match result {
+                Ok(reply) => return Ok(reply),
+                Err(e) => e,
+            };
+            if made >= attempts || !policy::action(error.kind()).retry || !error.is_retryable() {
+                break error;
+            }
+            let wait = delays
+                .get_or_insert_with(|| Delays::seeded(policy.backoff, policy.base, policy.cap))
+                .next()
+                .unwrap_or(policy.cap);
+            bump(&policy.retries);
+            tracing::info!(
+                command,
+                attempt = made,
+                error = %error.kind(),
+                worker = error.context().worker_id.as_deref().unwrap_or("-"),
+                wait_ms = wait.as_millis() as u64,
+                "retrying an idempotent call"
+            );
+            avoid = error.context().worker_id.as_deref().map(Arc::from);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = shared.closing.cancelled() => {}
+            }
+        };
+        Err(if idempotent && made > 0 {
+            error.with_context(|c| c.attempts = Some(made))
+        } else {
+            error
+        })
+    }
+}
+
+impl Shared {
+    /// Where a retry goes when the worker `avoid` failed it but still runs: an idle other
+    /// worker, else the other worker with the fewest calls waiting for it. `None` when
+    /// `avoid` is gone (any worker will do) or no other worker can take calls.
+    pub(super) fn elsewhere(&self, avoid: &str) -> Option<&SlotHandle> {
+        self.slot_running(avoid)?;
+        let others = self.slots.iter().filter(|s| {
+            matches!(s.status.state(), WorkerState::Ready | WorkerState::Busy)
+                && !s.status.runs(avoid)
+        });
+        others.min_by_key(|s| {
+            let idle = s.status.state() == WorkerState::Ready && s.direct.is_empty();
+            (!idle, s.direct.len())
+        })
+    }
+}
+
+impl PoolBuilder {
+    /// Most attempts of an idempotent call (1 = no retry).
+    pub fn retry_attempts(mut self, n: u32) -> Self {
+        self.config.retry_attempts = n;
+        self
+    }
+
+    /// How the wait between attempts grows.
+    pub fn retry_backoff(mut self, backoff: Backoff) -> Self {
+        self.config.retry_backoff = backoff;
+        self
+    }
+
+    /// The first wait between attempts.
+    pub fn retry_base(mut self, base: Duration) -> Self {
+        self.config.retry_base = base;
+        self
+    }
+
+    /// The longest wait between attempts.
+    pub fn retry_cap(mut self, cap: Duration) -> Self {
+        self.config.retry_cap = cap;
+        self
+    }
+
+    /// Marks `command`'s calls idempotent unless a call says otherwise.
+    pub fn idempotent_command(mut self, command: impl Into<String>) -> Self {
+        self.config.idempotent_commands.push(command.into());
+        self
+    }
+
+    /// Guards `command` with a circuit breaker.
+    pub fn breaker_command(mut self, command: impl Into<String>) -> Self {
+        self.config.breaker_commands.push(command.into());
+        self
+    }
+
+    /// Consecutive harmful calls that open a breaker.
+    pub fn breaker_failures(mut self, n: u32) -> Self {
+        self.config.breaker_failures = n;
+        self
+    }
+
+    /// Consecutive successful trial calls that close a half-open breaker.
+    pub fn breaker_successes(mut self, n: u32) -> Self {
+        self.config.breaker_successes = n;
+        self
+    }
+
+    /// How long an open breaker refuses calls.
+    pub fn breaker_open(mut self, open_for: Duration) -> Self {
+        self.config.breaker_open = open_for;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_call_says_why_and_when_to_come_back() {
+        let e = circuit_open("crashy", Refusal::Open(Duration::from_micros(1_499_001)));
+        assert_eq!(e.kind(), &ErrorKind::CircuitOpen);
+        assert_eq!(e.category(), crate::Category::Resource);
+        assert!(!e.is_retryable());
+        assert_eq!(e.context().retry_after_ms, Some(1500));
+        assert!(e.message().contains("\"crashy\"") && e.message().contains("1500 ms"));
+        let e = circuit_open("crashy", Refusal::Trying);
+        assert_eq!(e.context().retry_after_ms, None);
+        assert!(e.message().contains("trial call"), "{e}");
+    }
+
+    #[test]
+    fn only_a_worker_that_answered_counts_as_a_success() {
+        let host = Reply::from_host(RawValue::NULL.to_owned(), Duration::ZERO);
+        assert_eq!(outcome(&Ok(host)), Outcome::Success);
+        let on = |kind: ErrorKind, worker: Option<&str>| {
+            Err(Error::new(kind, "x").with_context(|c| c.worker_id = worker.map(Into::into)))
+        };
+        let cases = [
+            (on(ErrorKind::WorkerCrashed, Some("w1")), Outcome::Failure),
+            (
+                on(ErrorKind::ExecutionTimeout, Some("w1")),
+                Outcome::Failure,
+            ),
+            (on(ErrorKind::PythonException, Some("w1")), Outcome::Success),
+            (on(ErrorKind::QueueTimeout, None), Outcome::Neutral),
+            (
+                on(ErrorKind::ProgramNotFound, Some(HOST_WORKER_ID)),
+                Outcome::Neutral,
+            ),
+        ];
+        for (result, expected) in cases {
+            assert_eq!(outcome(&result), expected, "{result:?}");
+        }
+    }
+}

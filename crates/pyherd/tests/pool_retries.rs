@@ -1,0 +1,265 @@
+//! Retries of idempotent calls, with real workers that crash or fail on the call a test
+//! chooses: only retryable errors of idempotent calls are retried, never on the worker
+//! that just failed when another can take the call, and the final error counts attempts.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{fixture, wait_until};
+use pyherd::{Backoff, CallOptions, Category, ErrorKind, Pool, PoolBuilder};
+use serde_json::{Value, json};
+
+/// A marker file (absent until a handler or the test makes it) and the attempts log.
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn marker(&self) -> PathBuf {
+        self.dir.path().join("marker")
+    }
+
+    fn args(&self) -> Value {
+        json!({"marker": self.marker(), "log": self.dir.path().join("log")})
+    }
+
+    /// The worker of every attempt, in order.
+    fn attempts(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+fn flaky_pool(workers: usize) -> PoolBuilder {
+    Pool::builder()
+        .workers(workers)
+        .handlers(fixture("flaky.py"))
+        .startup_timeout(Duration::from_secs(20))
+        .retry_base(Duration::from_millis(10))
+        .retry_cap(Duration::from_millis(100))
+}
+
+fn idempotent() -> CallOptions {
+    CallOptions::new().idempotent(true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_call_that_crashed_its_worker_succeeds_on_another() {
+    let pool = flaky_pool(2).build().await.unwrap();
+    let files = Files::new();
+    let reply = pool
+        .execute_with("crash_first", files.args(), &idempotent())
+        .await
+        .unwrap();
+    let attempts = files.attempts();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_ne!(attempts[0], attempts[1]);
+    assert_eq!(reply.worker_id(), attempts[1]);
+    assert_eq!(reply.value().unwrap()["worker"], attempts[1]);
+    let stats = pool.stats();
+    assert_eq!((stats.retries, stats.requests, stats.errors), (1, 1, 0));
+    wait_until(
+        Duration::from_secs(10),
+        "the crashed worker's replacement",
+        || {
+            let s = pool.stats();
+            s.restarts == 1 && s.available == 2
+        },
+    )
+    .await;
+    assert!(pool.workers().iter().all(|w| w.id != attempts[0]));
+    assert!(
+        pool.render_metrics().contains("\npyherd_retries_total 1\n"),
+        "{}",
+        pool.render_metrics()
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_not_marked_idempotent_that_crashed_its_worker_is_not_retried() {
+    let pool = flaky_pool(2).build().await.unwrap();
+    let files = Files::new();
+    let e = pool.execute("crash_first", files.args()).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
+    assert_eq!(e.category(), Category::Communication);
+    assert!(
+        e.is_retryable(),
+        "retryable, but the call was not idempotent"
+    );
+    assert_eq!(e.context().attempts, None);
+    assert_eq!(files.attempts().len(), 1);
+    assert_eq!(pool.stats().retries, 0);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_exception_is_never_retried() {
+    let pool = flaky_pool(2).build().await.unwrap();
+    let files = Files::new();
+    let e = pool
+        .execute_with("raise_always", files.args(), &idempotent())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::PythonException, "{e}");
+    assert!(!e.is_retryable());
+    assert_eq!(e.context().attempts, Some(1));
+    assert_eq!(files.attempts().len(), 1);
+    assert_eq!(pool.stats().retries, 0);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_call_gives_up_after_its_attempts_and_says_how_many() {
+    let pool = flaky_pool(2)
+        .retry_attempts(3)
+        .retry_backoff(Backoff::Linear)
+        .build()
+        .await
+        .unwrap();
+    let files = Files::new();
+    std::fs::write(files.marker(), "").unwrap();
+    let e = pool
+        .execute_with("crash_while", files.args(), &idempotent())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
+    assert_eq!(e.context().attempts, Some(3));
+    let attempts = files.attempts();
+    assert_eq!(attempts.len(), 3, "{attempts:?}");
+    for pair in attempts.windows(2) {
+        assert_ne!(
+            pair[0], pair[1],
+            "a retry ran on the worker that just failed"
+        );
+    }
+    assert_eq!(pool.stats().retries, 2);
+    assert_eq!(pool.stats().errors, 1);
+    wait_until(Duration::from_secs(10), "three replacements", || {
+        let s = pool.stats();
+        s.restarts == 3 && s.available == 2
+    })
+    .await;
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_configured_idempotent_are_retried_unless_the_call_says_no() {
+    let pool = flaky_pool(2)
+        .idempotent_command("crash_first")
+        .build()
+        .await
+        .unwrap();
+    let files = Files::new();
+    let reply = pool.execute("crash_first", files.args()).await.unwrap();
+    assert_eq!(reply["worker"], files.attempts()[1]);
+    let other = Files::new();
+    let e = pool
+        .execute_with(
+            "crash_first",
+            other.args(),
+            &CallOptions::new().idempotent(false),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::WorkerCrashed);
+    assert_eq!(other.attempts().len(), 1);
+    let unlisted = Files::new();
+    std::fs::write(unlisted.marker(), "").unwrap();
+    let e = pool
+        .execute("crash_while", unlisted.args())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::WorkerCrashed);
+    assert_eq!(unlisted.attempts().len(), 1);
+    assert_eq!(pool.stats().retries, 1);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_avoids_the_live_worker_that_failed_even_against_session_affinity() {
+    let pool = flaky_pool(2).build().await.unwrap();
+    for round in 0..5 {
+        let session = format!("s{round}");
+        let options = idempotent().session_id(&session);
+        let first = pool
+            .execute_with("echo", json!(round), &options)
+            .await
+            .unwrap();
+        let home = first.worker_id().to_owned();
+        let files = Files::new();
+        let reply = pool
+            .execute_with("busy_first", files.args(), &options)
+            .await
+            .unwrap();
+        let attempts = files.attempts();
+        assert_eq!(attempts.len(), 2, "{attempts:?}");
+        assert_eq!(
+            attempts[0], home,
+            "the first attempt ran on the session's worker"
+        );
+        assert_ne!(
+            attempts[1], home,
+            "the retry ran on the worker that failed it"
+        );
+        assert_eq!(reply.worker_id(), attempts[1]);
+    }
+    let stats = pool.stats();
+    assert_eq!((stats.retries, stats.restarts), (5, 0));
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_worker_a_retry_runs_on_it_and_unmarked_errors_are_not_retried() {
+    let pool = flaky_pool(1).build().await.unwrap();
+    let files = Files::new();
+    pool.execute_with("busy_first", files.args(), &idempotent())
+        .await
+        .unwrap();
+    assert_eq!(files.attempts(), ["w1", "w1"]);
+    let files = Files::new();
+    let e = pool.execute("busy_first", files.args()).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::Other("upstream_away".into()));
+    assert_eq!(e.category(), Category::Connection);
+    assert!(e.is_retryable());
+    assert_eq!(files.attempts().len(), 1);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_the_backoff_ends_the_call_at_once() {
+    let pool = flaky_pool(2)
+        .retry_base(Duration::from_secs(30))
+        .retry_cap(Duration::from_secs(30))
+        .build()
+        .await
+        .unwrap();
+    let files = Files::new();
+    let call = {
+        let (pool, args) = (pool.clone(), files.args());
+        tokio::spawn(async move { pool.execute_with("crash_first", args, &idempotent()).await })
+    };
+    wait_until(Duration::from_secs(10), "the first retry to wait", || {
+        pool.stats().retries == 1
+    })
+    .await;
+    pool.shutdown().await;
+    let e = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call ended")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::ShuttingDown, "{e}");
+    assert_eq!(files.attempts().len(), 1);
+}

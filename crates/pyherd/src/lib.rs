@@ -33,7 +33,7 @@ mod worker;
 pub use config::{Affinity, PoolConfig};
 pub use error::{Category, Error, ErrorContext, ErrorKind};
 pub use pool::{CallOptions, HOST_WORKER_ID, Pool, PoolBuilder, PoolStats, Reply, WorkerInfo};
-pub use worker::WorkerState;
+pub use worker::{StartedBy, WorkerState};
 
 /// The README's Rust examples compile as doc tests, so they stay true.
 #[cfg(doctest)]

@@ -231,12 +231,13 @@ impl Slot {
             let id = shared.next_worker_id();
             self.status.starting(id.clone());
             let started = tokio::select! {
-                started = WorkerProcess::start(&shared.launch, &shared.spawner, id) => started,
+                started = shared.launcher.start(id) => started,
                 () = shared.abort.cancelled() => return None,
             };
             match started {
                 Ok(worker) => {
-                    self.status.running(worker.pid(), worker.started());
+                    self.status
+                        .running(worker.pid(), worker.started(), worker.started_by());
                     return Some(worker);
                 }
                 Err(e) => {

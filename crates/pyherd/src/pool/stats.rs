@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::session::SessionStats;
-use crate::worker::WorkerState;
+use crate::worker::{StartedBy, WorkerState};
 
 /// A snapshot of the pool, from [`Pool::stats`](crate::Pool::stats).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -55,6 +55,8 @@ pub struct WorkerInfo {
     pub rss_bytes: Option<u64>,
     /// Milliseconds since the process was spawned.
     pub uptime_ms: u64,
+    /// How the process was started: `spawn`, or `fork` from the zygote (with `preload`).
+    pub started_by: StartedBy,
 }
 
 /// Pool-wide counters, updated without locks.
@@ -76,6 +78,7 @@ struct Process {
     id: Arc<str>,
     pid: Option<u32>,
     started: Instant,
+    started_by: StartedBy,
 }
 
 /// The live status of one worker slot, shared between its task and readers.
@@ -86,7 +89,7 @@ pub(crate) struct SlotStatus {
 }
 
 impl SlotStatus {
-    pub(crate) fn new(id: Arc<str>, pid: u32, started: Instant) -> Self {
+    pub(crate) fn new(id: Arc<str>, pid: u32, started: Instant, started_by: StartedBy) -> Self {
         Self {
             state: AtomicU8::new(WorkerState::Ready as u8),
             requests: AtomicU64::new(0),
@@ -94,6 +97,7 @@ impl SlotStatus {
                 id,
                 pid: Some(pid),
                 started,
+                started_by,
             }),
         }
     }
@@ -115,15 +119,17 @@ impl SlotStatus {
                 id,
                 pid: None,
                 started: Instant::now(),
+                started_by: p.started_by,
             };
         }
     }
 
     /// The new process said hello.
-    pub(crate) fn running(&self, pid: u32, started: Instant) {
+    pub(crate) fn running(&self, pid: u32, started: Instant, started_by: StartedBy) {
         if let Ok(mut p) = self.process.lock() {
             p.pid = Some(pid);
             p.started = started;
+            p.started_by = started_by;
         }
     }
 
@@ -146,6 +152,7 @@ impl SlotStatus {
             requests: self.requests.load(Ordering::Relaxed),
             rss_bytes: p.pid.and_then(rss_bytes),
             uptime_ms: u64::try_from(p.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            started_by: p.started_by,
         })
     }
 }
@@ -171,7 +178,7 @@ mod tests {
 
     #[test]
     fn a_restarting_slot_reports_its_new_worker() {
-        let slot = SlotStatus::new("w1".into(), 42, Instant::now());
+        let slot = SlotStatus::new("w1".into(), 42, Instant::now(), StartedBy::Fork);
         slot.served();
         assert_eq!(slot.info().unwrap().requests, 1);
         slot.starting("w5".into());
@@ -180,5 +187,8 @@ mod tests {
             (info.id.as_str(), info.pid, info.state, info.requests),
             ("w5", None, WorkerState::Starting, 0)
         );
+        slot.running(43, Instant::now(), StartedBy::Spawn);
+        let info = slot.info().unwrap();
+        assert_eq!((info.pid, info.started_by), (Some(43), StartedBy::Spawn));
     }
 }

@@ -80,3 +80,65 @@ async fn preload_comes_from_the_environment_comma_separated() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bench_respawns_reports_start_times_memory_and_how_replacements_started() {
+    let (code, stdout, stderr) = common::run(&[
+        "bench",
+        "--workers",
+        "2",
+        "--preload",
+        "json",
+        "--respawns",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    assert_eq!(report["started_by"], json!({"fork": 2}), "{report}");
+    assert_eq!(report["respawn_started_by"], json!({"fork": 3}), "{report}");
+    assert_eq!(report["respawn_ms"]["samples"], 3, "{report}");
+    assert!(
+        report["respawn_ms"]["max"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    let pss = &report["pss_kib"];
+    assert!(pss["zygote"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(
+        pss["total"].as_u64(),
+        Some(pss["workers"].as_u64().unwrap() + pss["zygote"].as_u64().unwrap())
+    );
+
+    let (code, stdout, stderr) = common::run(&["bench", "--workers", "1", "--respawns", "1"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("pretty JSON");
+    assert_eq!(report["zygote"], false, "{report}");
+    assert_eq!(
+        report["respawn_started_by"],
+        json!({"spawn": 1}),
+        "{report}"
+    );
+}
+
+#[test]
+fn bench_respawns_fails_when_a_replacement_never_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("started");
+    let out = common::pyherd(None)
+        .env("PYHERD_TEST_MARKER", &marker)
+        .args([
+            "bench",
+            "--workers",
+            "1",
+            "--respawns",
+            "1",
+            "--startup-timeout-ms",
+            "1000",
+        ])
+        .args(["--handlers", &common::fixture("start_once.py")])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no replacement for worker"), "{stderr}");
+}

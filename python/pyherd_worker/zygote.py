@@ -29,6 +29,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Dict, List, Optional, Set
@@ -73,6 +74,15 @@ def preload(modules: List[str]) -> Optional[Dict[str, Any]]:
             frame["module"] = module
             frame["message"] = f"preloading {module!r} failed: {type(exc).__name__}: {frame['message']}"
             return frame
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if others:
+        # A fork copies only the forking thread: a lock another thread holds stays held
+        # for ever in the child.
+        return {
+            "t": "preload_failed",
+            "module": modules[-1] if modules else "",
+            "message": f"fork is unsafe: the preload modules started threads ({', '.join(others)})",
+        }
     return None
 
 

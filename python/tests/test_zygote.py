@@ -33,7 +33,7 @@ def _high(fd: int) -> int:
 class Zygote:
     """`python -m pyherd_worker.zygote` with its control socket on fd 3 and report pipe on fd 4."""
 
-    def __init__(self, *preload: str) -> None:
+    def __init__(self, *preload: str, path: str = "") -> None:
         self.control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         report_r, report_w = os.pipe()
         self.report_r = report_r
@@ -46,7 +46,7 @@ class Zygote:
         args = [sys.executable, "-m", "pyherd_worker.zygote", "--parent-pid", str(os.getpid())]
         for module in preload:
             args += ["--preload", module]
-        env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (PYTHON_DIR, path) if p))
         try:
             self.proc = subprocess.Popen(
                 args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -199,6 +199,21 @@ def test_a_preload_that_fails_is_reported_with_its_traceback():
         assert failed["message"].startswith("preloading 'no_such_module_for_pyherd' failed: ModuleNotFoundError")
         assert failed["python_type"] == "ModuleNotFoundError"
         assert "Traceback" in failed["traceback"]
+        assert z.proc.wait(timeout=EXIT_TIMEOUT_S) == 3
+    finally:
+        z.close()
+
+
+def test_a_preload_that_starts_threads_is_refused_as_unsafe_to_fork(tmp_path):
+    (tmp_path / "spins.py").write_text(
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(60,), name='spinner', daemon=True).start()\n"
+    )
+    z = Zygote("json", "spins", path=str(tmp_path))
+    try:
+        failed = z.report()
+        assert failed["t"] == "preload_failed" and failed["module"] == "spins", failed
+        assert failed["message"] == "fork is unsafe: the preload modules started threads (spinner)"
         assert z.proc.wait(timeout=EXIT_TIMEOUT_S) == 3
     finally:
         z.close()

@@ -72,8 +72,9 @@ pub struct PoolConfig {
     pub session_sweep_interval: Duration,
     /// Modules (`pkg.module`) a zygote process imports once; every worker is then forked
     /// from it, so a worker starts in milliseconds with these already imported. When a
-    /// module fails to import, a warning is logged and workers are spawned. Default: none
-    /// (every worker is a fresh interpreter).
+    /// module fails to import, or the modules leave a thread running (forking is then
+    /// unsafe), a warning is logged and workers are spawned. Default: none (every worker
+    /// is a fresh interpreter).
     pub preload: Vec<String>,
 }
 

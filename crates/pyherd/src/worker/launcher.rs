@@ -4,8 +4,9 @@
 //! The zygote is kept by one task: started when the pool is built, restarted with
 //! backoff when it dies (its forked workers die with it and are replaced). While it is
 //! down, or when it cannot fork, workers are spawned. When a preload module fails to
-//! import, the zygote is not retried (a new one would fail the same way): the failure is
-//! logged as a warning with the Python error, and every worker is spawned.
+//! import, or the modules leave a thread running (a fork would copy only one thread, so
+//! it is unsafe), the zygote is not retried (a new one would fail the same way): the
+//! failure is logged as a warning with the Python error, and every worker is spawned.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -297,7 +297,7 @@ impl WorkerProcess {
         &self.hello
     }
 
-    /// When the process was spawned.
+    /// When its start began (the spawn, or the fork request).
     pub(crate) fn started(&self) -> Instant {
         self.started
     }

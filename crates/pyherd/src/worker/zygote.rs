@@ -107,7 +107,7 @@ pub(crate) enum ForkError {
     Refused(String),
 }
 
-/// What workers use to ask the zygote for a fork; shared, cheap to clone.
+/// What workers use to ask the zygote for a fork (shared behind an `Arc`).
 pub(crate) struct ZygoteLink {
     pid: u32,
     control: AsyncFd<OwnedFd>,

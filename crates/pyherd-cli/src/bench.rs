@@ -40,6 +40,10 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object instead of text
     #[arg(long)]
     json: bool,
+    /// Measure worker start instead of calls: the pool's start time and the PSS of its
+    /// idle workers and zygote, then kill a worker N times and time each replacement
+    #[arg(long, value_name = "N")]
+    respawns: Option<u64>,
 }
 
 /// What one run measured.
@@ -66,6 +70,9 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         options = options.session_id(session.clone());
     }
     let settings = args.pool.resolve()?;
+    if let Some(respawns) = args.respawns {
+        return crate::bench_start::run(settings.pool, respawns, args.json).await;
+    }
     let workers = settings.pool.workers;
     let began = Instant::now();
     let pool = PoolBuilder::from_config(settings.pool).build().await?;

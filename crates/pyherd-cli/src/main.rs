@@ -3,6 +3,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod bench;
+mod bench_start;
 mod exec;
 mod http;
 mod serve;

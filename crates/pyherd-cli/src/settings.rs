@@ -128,6 +128,15 @@ pub(crate) struct PoolArgs {
     /// How long an open breaker refuses calls, ms [default: 60000]
     #[arg(long, env = "PYHERD_BREAKER_OPEN_MS")]
     pub(crate) breaker_open_ms: Option<u64>,
+    /// Module for a zygote to import once; workers are then forked from it, e.g. `dspy`
+    /// (repeatable; env: comma-separated) [default: none, every worker is spawned]
+    #[arg(
+        long = "preload",
+        value_name = "MODULE",
+        env = "PYHERD_PRELOAD",
+        value_delimiter = ','
+    )]
+    pub(crate) preload: Vec<String>,
     /// Where pyherd keeps its state, such as the Python environment of `pyherd setup`
     /// [default: .pyherd]
     #[arg(long, env = "PYHERD_STATE_DIR")]
@@ -239,6 +248,9 @@ impl PoolArgs {
         }
         if let Some(v) = self.session_ttl_ms {
             pool.session_ttl = ms(v);
+        }
+        if !self.preload.is_empty() {
+            pool.preload.clone_from(&self.preload);
         }
         self.apply_lifecycle(pool);
         self.apply_resilience(pool);
@@ -379,6 +391,25 @@ mod tests {
         assert_eq!(file.pool.handlers, vec!["b.py".to_owned()]);
         assert_eq!(file.pool.queue_timeout, Duration::from_millis(250));
         assert_eq!(file.pool.max_queue, 1000);
+    }
+
+    #[test]
+    fn preload_is_a_file_key_and_a_repeatable_flag() {
+        let mut file = parse_file("preload = [\"json\"]\n").unwrap();
+        assert_eq!(file.pool.preload, ["json"]);
+        PoolArgs::default().apply(&mut file.pool);
+        assert_eq!(file.pool.preload, ["json"]);
+        let args = PoolArgs {
+            preload: vec!["dspy".into(), "numpy".into()],
+            ..PoolArgs::default()
+        };
+        args.apply(&mut file.pool);
+        assert_eq!(file.pool.preload, ["dspy", "numpy"]);
+        let e = parse_file("preload = \"dspy\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("preload"), "{e:#}");
+        file.pool.preload = vec!["not/a/module.py".into()];
+        let e = file.pool.validate().unwrap_err();
+        assert!(e.message().contains("preload"), "{e}");
     }
 
     #[test]

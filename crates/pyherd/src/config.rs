@@ -135,6 +135,12 @@ pub struct PoolConfig {
     /// How long an open breaker refuses calls before it half-opens. Default: 60 s.
     #[serde(rename = "breaker_open_ms", with = "millis")]
     pub breaker_open: Duration,
+    /// Modules (`pkg.module`) a zygote process imports once; every worker is then forked
+    /// from it, so a worker starts in milliseconds with these already imported. When a
+    /// module fails to import, or the modules leave a thread running (forking is then
+    /// unsafe), a warning is logged and workers are spawned. Default: none (every worker
+    /// is a fresh interpreter).
+    pub preload: Vec<String>,
 }
 
 /// How a session's calls prefer the worker that served the session last (its programs
@@ -217,6 +223,7 @@ impl Default for PoolConfig {
             breaker_failures: 5,
             breaker_successes: 3,
             breaker_open: Duration::from_secs(60),
+            preload: Vec::new(),
         }
     }
 }
@@ -304,8 +311,23 @@ impl PoolConfig {
         if let Some(h) = self.handlers.iter().find(|h| h.trim().is_empty()) {
             return invalid(format!("handler module names must not be empty ({h:?})"));
         }
+        if let Some(m) = self.preload.iter().find(|m| !is_module_name(m)) {
+            return invalid(format!(
+                "preload entries must be module names like `pkg.module`, not {m:?}"
+            ));
+        }
         crate::policy::check(self)
     }
+}
+
+/// A dotted Python module name: identifiers (letters, digits, `_`; not starting with a
+/// digit) joined by dots.
+fn is_module_name(name: &str) -> bool {
+    name.split('.').all(|part| {
+        let mut chars = part.chars();
+        chars.next().is_some_and(|c| c == '_' || c.is_alphabetic())
+            && chars.all(|c| c == '_' || c.is_alphanumeric())
+    })
 }
 
 mod millis {
@@ -395,6 +417,14 @@ mod tests {
         assert!(c.validate().unwrap_err().message().contains("session_ttl"));
         c.session_ttl = crate::session::MAX_TTL * 2;
         assert!(c.validate().unwrap_err().message().contains("session_ttl"));
+        c.session_ttl = Duration::from_secs(1);
+        c.preload = vec!["dspy".into(), "pkg._mod.sub2".into()];
+        c.validate().unwrap();
+        for bad in ["", "a..b", "path/to/file.py", "1abc", "dspy ", ".dspy"] {
+            c.preload = vec![bad.into()];
+            let e = c.validate().unwrap_err();
+            assert!(e.message().contains("preload"), "{bad:?}: {e}");
+        }
     }
 
     #[test]
@@ -527,6 +557,8 @@ mod tests {
         let e =
             serde_json::from_str::<PoolConfig>(r#"{"retry_backoff": "quadratic"}"#).unwrap_err();
         assert!(e.to_string().contains("quadratic"), "{e}");
+        let c: PoolConfig = serde_json::from_str(r#"{"preload": ["dspy", "numpy"]}"#).unwrap();
+        assert_eq!(c.preload, ["dspy", "numpy"]);
         let e = serde_json::from_str::<PoolConfig>(r#"{"wokers": 3}"#).unwrap_err();
         assert!(e.to_string().contains("wokers"));
     }

@@ -37,7 +37,7 @@ use crate::error::{Error, ErrorKind};
 use crate::metrics::{self, Metrics, UNKNOWN_COMMAND};
 use crate::protocol::CALL_ENVELOPE_BYTES;
 use crate::session::{MemoryStore, SessionStore};
-use crate::worker::{LaunchSpec, Spawner, WorkerProcess, WorkerState};
+use crate::worker::{LaunchSpec, Launcher, Spawner, WorkerState};
 
 /// Options of one call; every field defaults to the pool's configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -174,8 +174,7 @@ pub(crate) struct SlotHandle {
 /// State shared by the pool handle and its slot tasks.
 pub(crate) struct Shared {
     config: PoolConfig,
-    launch: LaunchSpec,
-    spawner: Spawner,
+    launcher: Launcher,
     handlers: HashSet<String>,
     /// The workers loaded the DSPy adapter: its session commands are served here.
     dspy: bool,
@@ -368,6 +367,13 @@ impl PoolBuilder {
         self
     }
 
+    /// Adds a module for the zygote to import once; workers are then forked from it
+    /// (see [`PoolConfig::preload`]).
+    pub fn preload(mut self, module: impl Into<String>) -> Self {
+        self.config.preload.push(module.into());
+        self
+    }
+
     /// Where the embedded worker package is written.
     pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.config.cache_dir = Some(dir.into());
@@ -411,11 +417,8 @@ impl PoolBuilder {
         let ids: Vec<Arc<str>> = (1..=config.workers)
             .map(|i| format!("w{i}").into())
             .collect();
-        let started = futures::future::join_all(
-            ids.into_iter()
-                .map(|id| WorkerProcess::start(&launch, &spawner, id)),
-        )
-        .await;
+        let launcher = Launcher::new(launch, spawner, config.preload.clone()).await;
+        let started = futures::future::join_all(ids.into_iter().map(|id| launcher.start(id))).await;
         let mut workers = Vec::with_capacity(started.len());
         let mut failure = None;
         for outcome in started {
@@ -428,6 +431,7 @@ impl PoolBuilder {
             for worker in &mut workers {
                 worker.kill().await;
             }
+            launcher.stop().await;
             return Err(error);
         }
         let Some(first) = workers.first() else {
@@ -456,7 +460,7 @@ impl PoolBuilder {
             let status = match workers.get(i) {
                 Some(w) => {
                     let status = SlotStatus::new(w.id().clone(), w.started());
-                    status.running(w.pid(), w.started());
+                    status.running(w.pid(), w.started(), w.started_by());
                     status
                 }
                 None => SlotStatus::parked(),
@@ -472,8 +476,7 @@ impl PoolBuilder {
         let resilience = Resilience::new(&config);
         let shared = Arc::new(Shared {
             config,
-            launch,
-            spawner,
+            launcher,
             dspy: hello.adapters.iter().any(|a| a == sessions::DSPY_ADAPTER),
             handlers: hello.handlers.into_iter().collect(),
             slots,
@@ -868,8 +871,9 @@ impl Pool {
         stats
     }
 
-    /// Every worker's id, pid, state, calls answered, RSS and age. A slot out of service
-    /// shows its last worker as `stopped`; one that never had a worker is left out.
+    /// Every worker's id, pid, state, calls answered, RSS, age and how it was started. A
+    /// slot out of service shows its last worker as `stopped`; one that never had a worker
+    /// is left out.
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.inner
             .shared
@@ -877,6 +881,12 @@ impl Pool {
             .iter()
             .filter_map(|s| s.status.info())
             .collect()
+    }
+
+    /// The pid of the zygote workers are forked from, while one is up (only with
+    /// [`PoolConfig::preload`]).
+    pub fn zygote_pid(&self) -> Option<u32> {
+        self.inner.shared.launcher.zygote_pid()
     }
 
     /// The commands this pool answers, sorted: the handlers the workers announced and,
@@ -1006,6 +1016,7 @@ impl Pool {
             inner.shared.abort.cancel();
             inner.tracker.wait().await;
         }
+        inner.shared.launcher.stop().await;
     }
 }
 

@@ -300,12 +300,13 @@ impl Slot {
             let id = shared.next_worker_id();
             self.status.starting(id.clone(), life);
             let started = tokio::select! {
-                started = WorkerProcess::start(&shared.launch, &shared.spawner, id) => started,
+                started = shared.launcher.start(id) => started,
                 () = shared.abort.cancelled() => return None,
             };
             match started {
                 Ok(worker) => {
-                    self.status.running(worker.pid(), worker.started());
+                    self.status
+                        .running(worker.pid(), worker.started(), worker.started_by());
                     self.go(WorkerState::Ready, "started");
                     if life.spawn_succeeded() {
                         tracing::info!(worker = %worker.id(), "a worker started again: the spawn breaker is closed");

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::lifecycle::Lifecycle;
 use crate::policy::BreakerInfo;
 use crate::session::SessionStats;
-use crate::worker::WorkerState;
+use crate::worker::{StartedBy, WorkerState};
 
 /// A snapshot of the pool, from [`Pool::stats`](crate::Pool::stats).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -70,6 +70,8 @@ pub struct WorkerInfo {
     pub rss_mb: Option<u64>,
     /// Milliseconds since the process was spawned (its age).
     pub uptime_ms: u64,
+    /// How the process was started: `spawn`, or `fork` from the zygote (with `preload`).
+    pub started_by: StartedBy,
 }
 
 /// Pool-wide counters, updated without locks.
@@ -90,6 +92,7 @@ struct Process {
     id: Arc<str>,
     pid: Option<u32>,
     started: Instant,
+    started_by: StartedBy,
 }
 
 /// The live status of one worker slot, shared between its task (the only writer of its
@@ -124,6 +127,7 @@ impl SlotStatus {
                 id,
                 pid: None,
                 started: born,
+                started_by: StartedBy::Spawn,
             }),
         }
     }
@@ -185,16 +189,18 @@ impl SlotStatus {
                 id,
                 pid: None,
                 started: Instant::now(),
+                started_by: p.started_by,
             };
         }
         self.transition(WorkerState::Starting, "starting", life);
     }
 
     /// The new process said hello.
-    pub(crate) fn running(&self, pid: u32, started: Instant) {
+    pub(crate) fn running(&self, pid: u32, started: Instant, started_by: StartedBy) {
         if let Ok(mut p) = self.process.lock() {
             p.pid = Some(pid);
             p.started = started;
+            p.started_by = started_by;
         }
     }
 
@@ -224,6 +230,7 @@ impl SlotStatus {
             rss_bytes,
             rss_mb: rss_bytes.map(|b| b >> 20),
             uptime_ms: u64::try_from(p.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            started_by: p.started_by,
         })
     }
 }
@@ -251,8 +258,9 @@ mod tests {
     fn a_restarting_slot_reports_its_new_worker() {
         let life = Lifecycle::new(1, 1, 1);
         let slot = SlotStatus::new("w1".into(), Instant::now());
-        slot.running(42, Instant::now());
+        slot.running(42, Instant::now(), StartedBy::Fork);
         slot.transition(WorkerState::Ready, "started", &life);
+        assert_eq!(slot.info().unwrap().started_by, StartedBy::Fork);
         assert_eq!(slot.served(), 1);
         assert_eq!(slot.info().unwrap().requests, 1);
         slot.transition(WorkerState::Stopped, "crashed", &life);

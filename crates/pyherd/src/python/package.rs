@@ -20,6 +20,7 @@ const FILES: &[(&str, &str)] = embed!(
     "protocol.py",
     "runtime.py",
     "testing.py",
+    "zygote.py",
 );
 
 fn content_hash() -> u64 {

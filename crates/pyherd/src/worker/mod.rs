@@ -1,12 +1,17 @@
-//! One Python process: spawning it from the pool's spawner thread, its handshake,
-//! calls, stderr capture and its end.
+//! One Python process: spawning it from the pool's spawner thread (or forking it from
+//! the zygote), its handshake, calls, stderr capture and its end.
 
+mod exit;
+mod launcher;
 mod process;
 mod spawner;
 mod stderr;
+mod zygote;
 
 use serde::Serialize;
 
+pub use exit::StartedBy;
+pub(crate) use launcher::Launcher;
 pub(crate) use process::{CallResult, LaunchSpec, WorkerProcess};
 pub(crate) use spawner::Spawner;
 

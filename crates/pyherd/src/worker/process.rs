@@ -1,12 +1,15 @@
-//! One Python worker process: spawn, handshake, one call at a time, and its end.
+//! One Python worker process: spawn (or a fork from the zygote), handshake, one call at
+//! a time, and its end.
 //!
 //! Ending a worker always signals its whole process group (so its own children die
-//! too) and always reaps it: no zombies, no orphans.
+//! too) and always waits until it is reaped (by the host, or by the zygote that forked
+//! it): no zombies, no orphans.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,11 +19,12 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::value::RawValue;
 use tokio::net::unix::pipe;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
+use super::exit::{Ended, ExitWatch, StartedBy};
 use super::spawner::Spawner;
 use super::stderr::{self, StderrTail};
 use crate::error::{Error, ErrorKind};
@@ -56,26 +60,82 @@ pub(crate) enum CallResult {
     Failed(Error),
 }
 
+/// The host's ends of a new worker's pipes.
+pub(crate) struct HostPipes {
+    requests: pipe::Sender,
+    replies: pipe::Receiver,
+}
+
+impl HostPipes {
+    /// New pipes: the host's ends, and the child's (its request and reply fds, which are
+    /// close-on-exec until they are put on fds 3 and 4).
+    ///
+    /// # Errors
+    /// `initialization/spawn_failed` when the pipes cannot be made.
+    pub(crate) fn new() -> Result<(Self, [OwnedFd; 2]), Error> {
+        use nix::fcntl::OFlag;
+        let pipe_pair = || {
+            nix::unistd::pipe2(OFlag::O_CLOEXEC)
+                .map_err(|e| spawn_error(format!("cannot create a pipe: {e}")))
+        };
+        let (child_requests, host_requests) = pipe_pair()?;
+        let (host_replies, child_replies) = pipe_pair()?;
+        let wrap = |e: std::io::Error| spawn_error(format!("cannot register a pipe: {e}"));
+        let host = Self {
+            requests: pipe::Sender::from_owned_fd(host_requests).map_err(wrap)?,
+            replies: pipe::Receiver::from_owned_fd(host_replies).map_err(wrap)?,
+        };
+        Ok((host, [child_requests, child_replies]))
+    }
+}
+
+/// A process just started, that has not said hello yet.
+pub(crate) struct Launched {
+    pub(crate) pid: u32,
+    pub(crate) exit: ExitWatch,
+    pub(crate) tail: Arc<StderrTail>,
+    pub(crate) stderr_task: JoinHandle<()>,
+    pub(crate) started_by: StartedBy,
+    /// When its start began.
+    pub(crate) began: Instant,
+}
+
+/// The `pyherd_worker` arguments of worker `id` (the parent's pid comes last, from
+/// whoever starts it).
+pub(crate) fn worker_args(spec: &LaunchSpec, id: &str) -> Vec<String> {
+    let mut args = vec![
+        "--worker-id".to_owned(),
+        id.to_owned(),
+        "--max-frame-bytes".to_owned(),
+        spec.max_frame_bytes.to_string(),
+    ];
+    for module in &spec.handlers {
+        args.extend(["--handlers".to_owned(), module.clone()]);
+    }
+    args
+}
+
 /// A running Python worker.
 pub(crate) struct WorkerProcess {
     id: Arc<str>,
     pid: u32,
-    child: Child,
-    exit: Option<ExitStatus>,
+    process: ExitWatch,
+    exit: Option<Ended>,
     requests: Option<FramedWrite<pipe::Sender, LengthDelimitedCodec>>,
     replies: FramedRead<pipe::Receiver, LengthDelimitedCodec>,
     tail: Arc<StderrTail>,
     stderr_task: JoinHandle<()>,
     hello: Hello,
     started: Instant,
+    started_by: StartedBy,
 }
 
-fn spawn_error(message: String) -> Error {
+pub(crate) fn spawn_error(message: String) -> Error {
     Error::new(ErrorKind::SpawnFailed, message)
 }
 
 impl WorkerProcess {
-    /// Starts a worker and waits for its `hello`.
+    /// Spawns a worker (a fresh interpreter) and waits for its `hello`.
     ///
     /// # Errors
     /// An `initialization` error (`spawn_failed`, `startup_failed`, `startup_timeout`,
@@ -86,32 +146,13 @@ impl WorkerProcess {
         spawner: &Spawner,
         id: Arc<str>,
     ) -> Result<Self, Error> {
-        use nix::fcntl::OFlag;
-        let pipe_pair = || {
-            nix::unistd::pipe2(OFlag::O_CLOEXEC)
-                .map_err(|e| spawn_error(format!("cannot create a pipe: {e}")))
-        };
-        let (child_requests, host_requests) = pipe_pair()?;
-        let (host_replies, child_replies) = pipe_pair()?;
-        let wrap = |e: std::io::Error| spawn_error(format!("cannot register a pipe: {e}"));
-        let requests = pipe::Sender::from_owned_fd(host_requests).map_err(wrap)?;
-        let replies = pipe::Receiver::from_owned_fd(host_replies).map_err(wrap)?;
-
+        let (host, [child_requests, child_replies]) = HostPipes::new()?;
         let mut command = Command::new(&spec.python);
         command
-            .args([
-                "-m",
-                "pyherd_worker",
-                "--worker-id",
-                &id,
-                "--max-frame-bytes",
-            ])
-            .arg(spec.max_frame_bytes.to_string())
+            .args(["-m", "pyherd_worker"])
+            .args(worker_args(spec, &id))
             .arg("--parent-pid")
             .arg(std::process::id().to_string());
-        for module in &spec.handlers {
-            command.arg("--handlers").arg(module);
-        }
         // The caller's variables first: PYTHONPATH already has theirs after the package's.
         command
             .envs(&spec.env)
@@ -130,19 +171,49 @@ impl WorkerProcess {
             .await
             .map_err(|e| spawn_error(format!("cannot start {}: {e}", spec.python.display())))?;
         let pid = child.id().unwrap_or(0);
+        let began = Instant::now();
         let tail = Arc::new(StderrTail::default());
         let stderr_task = match child.stderr.take() {
             Some(err) => stderr::drain(err, id.clone(), tail.clone()),
             None => tokio::spawn(async {}),
         };
+        let launched = Launched {
+            pid,
+            exit: ExitWatch::Spawned(child),
+            tail,
+            stderr_task,
+            started_by: StartedBy::Spawn,
+            began,
+        };
+        Self::handshake(spec, id, host, launched).await
+    }
+
+    /// Waits for the `hello` of a process just started on `host`'s pipes.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start), except `spawn_failed`.
+    pub(crate) async fn handshake(
+        spec: &LaunchSpec,
+        id: Arc<str>,
+        host: HostPipes,
+        launched: Launched,
+    ) -> Result<Self, Error> {
+        let Launched {
+            pid,
+            exit,
+            tail,
+            stderr_task,
+            started_by,
+            began,
+        } = launched;
         let codec = protocol::codec(spec.max_frame_bytes);
         let mut worker = Self {
             id,
             pid,
-            child,
+            process: exit,
             exit: None,
-            requests: Some(FramedWrite::new(requests, codec.clone())),
-            replies: FramedRead::new(replies, codec),
+            requests: Some(FramedWrite::new(host.requests, codec.clone())),
+            replies: FramedRead::new(host.replies, codec),
             tail,
             stderr_task,
             hello: Hello {
@@ -152,15 +223,16 @@ impl WorkerProcess {
                 json: String::new(),
                 adapters: Vec::new(),
             },
-            started: Instant::now(),
+            started: began,
+            started_by,
         };
         match tokio::time::timeout(spec.startup_timeout, worker.replies.next()).await {
             Ok(Some(Ok(frame))) => match protocol::decode(&frame) {
                 Ok(Message::Hello(hello)) => {
                     worker.hello = hello;
                     tracing::debug!(worker = %worker.id, pid, python = %worker.hello.python,
-                        json = %worker.hello.json, ms = worker.started.elapsed().as_millis() as u64,
-                        "worker ready");
+                        json = %worker.hello.json, started_by = started_by.as_str(),
+                        ms = worker.started.elapsed().as_millis() as u64, "worker ready");
                     Ok(worker)
                 }
                 // A handler module raised at import: Python says why.
@@ -225,9 +297,14 @@ impl WorkerProcess {
         &self.hello
     }
 
-    /// When the process was spawned.
+    /// When its start began (the spawn, or the fork request).
     pub(crate) fn started(&self) -> Instant {
         self.started
+    }
+
+    /// Whether it was spawned or forked from the zygote.
+    pub(crate) fn started_by(&self) -> StartedBy {
+        self.started_by
     }
 
     /// Sends one call frame and waits for its answer until `deadline`.
@@ -355,16 +432,16 @@ impl WorkerProcess {
             self.signal(Signal::SIGKILL);
         }
         stderr::finish(&mut self.stderr_task, STDERR_FLUSH).await;
-        self.exit.map(|s| s.to_string())
+        self.exit.as_ref().map(ToString::to_string)
     }
 
     async fn wait_exit(&mut self, within: Duration) -> bool {
-        match tokio::time::timeout(within, self.child.wait()).await {
-            Ok(Ok(status)) => {
-                self.exit = Some(status);
+        match tokio::time::timeout(within, self.process.wait()).await {
+            Ok(Some(ended)) => {
+                self.exit = Some(ended);
                 true
             }
-            Ok(Err(_)) | Err(_) => false,
+            Ok(None) | Err(_) => false,
         }
     }
 
@@ -380,7 +457,7 @@ impl Drop for WorkerProcess {
     fn drop(&mut self) {
         if self.exit.is_none() {
             // Dropped without being ended (pool dropped, task aborted): take the group
-            // down; tokio's orphan reaper collects the leader.
+            // down; tokio's orphan reaper (or the zygote) collects the leader.
             self.signal(Signal::SIGKILL);
         }
     }

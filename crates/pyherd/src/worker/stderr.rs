@@ -6,8 +6,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
-use tokio::process::ChildStderr;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::task::JoinHandle;
 
 /// Lines kept for error context.
@@ -79,11 +78,10 @@ impl RateLimit {
 }
 
 /// Drains `stderr` until the worker closes it; the task ends by itself.
-pub(crate) fn drain(
-    stderr: ChildStderr,
-    worker_id: Arc<str>,
-    tail: Arc<StderrTail>,
-) -> JoinHandle<()> {
+pub(crate) fn drain<R>(stderr: R, worker_id: Arc<str>, tail: Arc<StderrTail>) -> JoinHandle<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
         let mut stderr = stderr;
         let mut buf = Vec::with_capacity(8192);
@@ -129,14 +127,28 @@ pub(crate) fn drain(
 }
 
 /// Waits (bounded) for the drain to reach the end of the stream, so the tail holds the
-/// last words of a worker that just died.
+/// last words of a worker that just died. Calling it again is harmless.
 pub(crate) async fn finish(task: &mut JoinHandle<()>, within: Duration) {
-    let _ = tokio::time::timeout(within, task).await;
+    // A finished task may already have been awaited: polling it again would panic.
+    if !task.is_finished() {
+        let _ = tokio::time::timeout(within, task).await;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn finishing_a_drain_twice_is_harmless() {
+        let (reader, writer) = tokio::io::duplex(64);
+        drop(writer);
+        let tail = Arc::new(StderrTail::default());
+        let mut task = drain(reader, "w1".into(), tail);
+        finish(&mut task, Duration::from_secs(5)).await;
+        assert!(task.is_finished());
+        finish(&mut task, Duration::from_secs(5)).await;
+    }
 
     #[test]
     fn the_tail_keeps_the_last_lines() {

@@ -1,0 +1,141 @@
+//! How the host learns that a worker process ended, whoever its parent is.
+//!
+//! A spawned worker is the host's child: tokio reaps it. A forked worker is the zygote's
+//! child: the host cannot wait for it, so the zygote reaps it and reports its wait status.
+//! When the zygote dies first, the worker dies with it (its parent-death signal) and is
+//! reaped by init; its status is then unknown and the host only waits for it to be gone.
+
+use std::fmt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use tokio::process::Child;
+use tokio::sync::oneshot;
+
+/// How often a forked worker whose zygote died is checked for being gone.
+const GONE_POLL: Duration = Duration::from_millis(5);
+
+/// How a worker is started: `spawn` (a fresh interpreter) or `fork` (from the zygote).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum StartedBy {
+    /// A fresh Python process, spawned by the host.
+    Spawn,
+    /// Forked from the zygote that preloaded the `preload` modules.
+    Fork,
+}
+
+impl StartedBy {
+    /// The JSON name, `"spawn"` or `"fork"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Spawn => "spawn",
+            Self::Fork => "fork",
+        }
+    }
+}
+
+/// How a worker process ended.
+pub(crate) enum Ended {
+    /// Its wait status (from tokio or from the zygote's report).
+    Status(ExitStatus),
+    /// It is gone, but its zygote died before reporting its status.
+    Unknown,
+}
+
+impl fmt::Display for Ended {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Status(status) => status.fmt(f),
+            Self::Unknown => f.write_str("unknown (the zygote that forked it died first)"),
+        }
+    }
+}
+
+/// What to wait on for a worker's end.
+pub(crate) enum ExitWatch {
+    /// A child of the host.
+    Spawned(Child),
+    /// A child of the zygote; `report` is the zygote's report of its wait status.
+    Forked {
+        pid: u32,
+        report: Option<oneshot::Receiver<i32>>,
+    },
+}
+
+impl ExitWatch {
+    /// Waits until the process has ended and been reaped; `None` when that cannot be
+    /// known (waiting on a spawned child failed).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: calling it again after a timeout goes on waiting.
+    pub(crate) async fn wait(&mut self) -> Option<Ended> {
+        match self {
+            Self::Spawned(child) => child.wait().await.ok().map(Ended::Status),
+            Self::Forked { pid, report } => {
+                if let Some(receiver) = report {
+                    let answer = receiver.await;
+                    *report = None;
+                    if let Ok(raw) = answer {
+                        return Some(Ended::Status(ExitStatus::from_raw(raw)));
+                    }
+                }
+                while alive(*pid) {
+                    tokio::time::sleep(GONE_POLL).await;
+                }
+                Some(Ended::Unknown)
+            }
+        }
+    }
+}
+
+/// The process exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_reported_status_reads_like_a_reaped_child() {
+        let (send, report) = oneshot::channel();
+        let mut watch = ExitWatch::Forked {
+            pid: u32::MAX,
+            report: Some(report),
+        };
+        // A wait status: exit code 3 is 3 << 8; SIGKILL is 9.
+        send.send(3 << 8).unwrap();
+        let ended = watch.wait().await.unwrap();
+        assert_eq!(ended.to_string(), "exit status: 3");
+        let (send, report) = oneshot::channel();
+        let mut watch = ExitWatch::Forked {
+            pid: u32::MAX,
+            report: Some(report),
+        };
+        send.send(9).unwrap();
+        assert!(watch.wait().await.unwrap().to_string().contains("SIGKILL"));
+    }
+
+    #[tokio::test]
+    async fn without_a_report_the_end_is_unknown_once_the_process_is_gone() {
+        let (send, report) = oneshot::channel::<i32>();
+        drop(send);
+        let mut watch = ExitWatch::Forked {
+            pid: u32::MAX,
+            report: Some(report),
+        };
+        let ended = watch.wait().await.unwrap();
+        assert!(matches!(ended, Ended::Unknown));
+        assert!(ended.to_string().contains("zygote"));
+        assert_eq!(StartedBy::Fork.as_str(), "fork");
+    }
+}

@@ -1,0 +1,234 @@
+//! Starting a worker: forked from the zygote when `preload` is set and the zygote is up,
+//! spawned as a fresh interpreter otherwise.
+//!
+//! The zygote is kept by one task: started when the pool is built, restarted with
+//! backoff when it dies (its forked workers die with it and are replaced). While it is
+//! down, or when it cannot fork, workers are spawned. When a preload module fails to
+//! import, or the modules leave a thread running (a fork would copy only one thread, so
+//! it is unsafe), the zygote is not retried (a new one would fail the same way): the
+//! failure is logged as a warning with the Python error, and every worker is spawned.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::unix::pipe;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::exit::{ExitWatch, StartedBy};
+use super::process::{HostPipes, LaunchSpec, Launched, WorkerProcess, spawn_error, worker_args};
+use super::spawner::Spawner;
+use super::stderr::{self, StderrTail};
+use super::zygote::{ForkError, StartError, Zygote, ZygoteLink};
+use crate::error::Error;
+
+/// First wait before restarting a zygote that died or could not start; doubles up to the max.
+const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A zygote that lived this long restarts after the shortest wait again.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+/// Starts the pool's workers; fixed when the pool is built.
+pub(crate) struct Launcher {
+    spec: Arc<LaunchSpec>,
+    spawner: Spawner,
+    zygote: Option<Keeper>,
+}
+
+/// The task keeping the zygote, and the zygote it currently has.
+struct Keeper {
+    current: Arc<Mutex<Option<Arc<ZygoteLink>>>>,
+    /// Cancelled to end the task: it kills and reaps the zygote.
+    stop: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        // Without `stop` (the pool was dropped): dropping the task drops the zygote, which
+        // kills it.
+        if let Some(task) = self.task.get_mut().ok().and_then(Option::take) {
+            task.abort();
+        }
+    }
+}
+
+impl Keeper {
+    /// The zygote, while it is up.
+    fn link(&self) -> Option<Arc<ZygoteLink>> {
+        let current = self.current.lock().ok()?;
+        current.as_ref().filter(|link| link.is_up()).cloned()
+    }
+}
+
+impl Launcher {
+    /// A launcher; with `preload`, it starts the zygote and returns once that first
+    /// attempt is over (the zygote is ready, or workers will be spawned for now).
+    pub(crate) async fn new(spec: LaunchSpec, spawner: Spawner, preload: Vec<String>) -> Self {
+        let spec = Arc::new(spec);
+        if preload.is_empty() {
+            return Self {
+                spec,
+                spawner,
+                zygote: None,
+            };
+        }
+        let current = Arc::default();
+        let stop = CancellationToken::new();
+        let (first, first_over) = oneshot::channel();
+        let task = tokio::spawn(keep(
+            Zygotes {
+                spec: spec.clone(),
+                spawner: spawner.clone(),
+                preload,
+            },
+            Arc::clone(&current),
+            stop.clone(),
+            first,
+        ));
+        let _ = first_over.await;
+        Self {
+            spec,
+            spawner,
+            zygote: Some(Keeper {
+                current,
+                stop,
+                task: Mutex::new(Some(task)),
+            }),
+        }
+    }
+
+    /// Ends the zygote (killed and reaped) for good; workers started later are spawned.
+    pub(crate) async fn stop(&self) {
+        let Some(keeper) = &self.zygote else { return };
+        keeper.stop.cancel();
+        let task = keeper.task.lock().ok().and_then(|mut task| task.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    /// The zygote's pid while one is up.
+    pub(crate) fn zygote_pid(&self) -> Option<u32> {
+        self.zygote.as_ref()?.link().map(|link| link.pid())
+    }
+
+    /// Starts worker `id` and waits for its `hello`: a fork from the zygote when it is up
+    /// and forks, a spawn otherwise.
+    ///
+    /// # Errors
+    /// As [`WorkerProcess::start`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a process started for a dropped call is killed.
+    pub(crate) async fn start(&self, id: Arc<str>) -> Result<WorkerProcess, Error> {
+        if let Some(link) = self.zygote.as_ref().and_then(Keeper::link) {
+            match fork(&self.spec, &link, id.clone()).await {
+                Ok(started) => return started,
+                Err(ForkError::Lost(why)) => {
+                    tracing::warn!(worker = %id, why, "the zygote is lost: this worker is spawned");
+                }
+                Err(ForkError::Refused(why)) => {
+                    tracing::warn!(worker = %id, why, "the zygote could not fork: this worker is spawned");
+                }
+            }
+        }
+        WorkerProcess::start(&self.spec, &self.spawner, id).await
+    }
+}
+
+/// Forks worker `id` from the zygote; `Err` when it should be spawned instead.
+async fn fork(
+    spec: &LaunchSpec,
+    link: &ZygoteLink,
+    id: Arc<str>,
+) -> Result<Result<WorkerProcess, Error>, ForkError> {
+    let began = Instant::now();
+    let refused = |e: Error| ForkError::Refused(e.message().to_owned());
+    let (host, [requests, replies]) = HostPipes::new().map_err(refused)?;
+    let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| refused(spawn_error(format!("cannot create a pipe: {e}"))))?;
+    let err_read = pipe::Receiver::from_owned_fd(err_read)
+        .map_err(|e| refused(spawn_error(format!("cannot register a pipe: {e}"))))?;
+    let forked = link
+        .fork(&id, &worker_args(spec, &id), [requests, replies, err_write])
+        .await?;
+    let tail = Arc::new(StderrTail::default());
+    let stderr_task = stderr::drain(err_read, id.clone(), tail.clone());
+    let launched = Launched {
+        pid: forked.pid,
+        exit: ExitWatch::Forked {
+            pid: forked.pid,
+            report: Some(forked.exit),
+        },
+        tail,
+        stderr_task,
+        started_by: StartedBy::Fork,
+        began,
+    };
+    Ok(WorkerProcess::handshake(spec, id, host, launched).await)
+}
+
+/// What a zygote is started from.
+struct Zygotes {
+    spec: Arc<LaunchSpec>,
+    spawner: Spawner,
+    preload: Vec<String>,
+}
+
+/// Keeps a zygote up until `stop`: starts it, waits for it to be lost, restarts it with
+/// backoff. Says when the first attempt is over on `first`.
+async fn keep(
+    zygotes: Zygotes,
+    current: Arc<Mutex<Option<Arc<ZygoteLink>>>>,
+    stop: CancellationToken,
+    first: oneshot::Sender<()>,
+) {
+    let set = |link: Option<Arc<ZygoteLink>>| {
+        if let Ok(mut current) = current.lock() {
+            *current = link;
+        }
+    };
+    let mut first = Some(first);
+    let mut delay = RESTART_BACKOFF_MIN;
+    loop {
+        let outcome = tokio::select! {
+            outcome = Zygote::start(&zygotes.spec, &zygotes.spawner, &zygotes.preload) => outcome,
+            () = stop.cancelled() => return,
+        };
+        let up = Instant::now();
+        let error = match outcome {
+            Ok(zygote) => {
+                set(Some(zygote.link()));
+                if let Some(first) = first.take() {
+                    let _ = first.send(());
+                }
+                let lost = zygote.lost(&stop).await;
+                set(None);
+                let Some(error) = lost else { return };
+                if up.elapsed() >= STABLE_AFTER {
+                    delay = RESTART_BACKOFF_MIN;
+                }
+                error
+            }
+            Err(StartError::Preload(error)) => {
+                tracing::warn!(error = %error, traceback = error.context().traceback.as_deref().unwrap_or(""),
+                    "preload failed: no zygote, every worker is spawned");
+                return;
+            }
+            Err(StartError::Failed(error)) => error,
+        };
+        if let Some(first) = first.take() {
+            let _ = first.send(());
+        }
+        tracing::warn!(error = %error, exit = error.context().exit_status.as_deref().unwrap_or("unknown"),
+            retry_in_ms = delay.as_millis() as u64,
+            "no zygote: workers are spawned until it is restarted");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stop.cancelled() => return,
+        }
+        delay = (delay * 2).min(RESTART_BACKOFF_MAX);
+    }
+}

@@ -27,6 +27,7 @@ mod metrics;
 mod pool;
 mod protocol;
 mod python;
+pub mod registry;
 pub mod session;
 mod worker;
 

@@ -28,6 +28,7 @@ use crate::config::{Affinity, PoolConfig};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::{self, Metrics, UNKNOWN_COMMAND};
 use crate::protocol::CALL_ENVELOPE_BYTES;
+use crate::registry::Run;
 use crate::session::{MemoryStore, SessionStore};
 use crate::worker::{LaunchSpec, Spawner, WorkerProcess, WorkerState};
 
@@ -352,6 +353,12 @@ impl PoolBuilder {
         self
     }
 
+    /// Where the run registry is kept (see [`PoolConfig::state_dir`]).
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.state_dir = Some(dir.into());
+        self
+    }
+
     /// Starts every worker concurrently and returns once all are ready.
     ///
     /// # Errors
@@ -371,6 +378,12 @@ impl PoolBuilder {
         let began = Instant::now();
         let python = crate::python::resolve(&config.python, config.startup_timeout).await?;
         let package = crate::python::install(config.cache_dir.as_deref())?;
+        let state_dir = config
+            .state_dir
+            .clone()
+            .unwrap_or_else(crate::registry::default_state_dir);
+        crate::registry::sweep_at_start(state_dir.clone()).await;
+        let run = Arc::new(Run::open(&state_dir)?);
         let launch = LaunchSpec {
             python,
             env: worker_env(&config, &package),
@@ -379,6 +392,7 @@ impl PoolBuilder {
             max_frame_bytes: config.max_frame_bytes,
             working_dir: config.working_dir.clone(),
             startup_timeout: config.startup_timeout,
+            run: run.clone(),
         };
         let spawner = Spawner::start(tokio::runtime::Handle::current()).map_err(|e| {
             Error::new(
@@ -389,13 +403,15 @@ impl PoolBuilder {
         let ids: Vec<Arc<str>> = (1..=config.workers)
             .map(|i| format!("w{i}").into())
             .collect();
-        let started = futures::future::join_all(
-            ids.into_iter()
-                .map(|id| WorkerProcess::start(&launch, &spawner, id)),
-        )
-        .await;
+        let (guardian, started) = futures::join!(
+            run.start_guardian(&launch.python, &launch.pythonpath, config.startup_timeout),
+            futures::future::join_all(
+                ids.into_iter()
+                    .map(|id| WorkerProcess::start(&launch, &spawner, id)),
+            )
+        );
         let mut workers = Vec::with_capacity(started.len());
-        let mut failure = None;
+        let mut failure = guardian.err();
         for outcome in started {
             match outcome {
                 Ok(worker) => workers.push(worker),
@@ -421,6 +437,8 @@ impl PoolBuilder {
             python = %hello.python,
             json = %hello.json,
             handlers = ?hello.handlers,
+            run_id = %run.id(),
+            registry = %run.file().map_or_else(|| "none".into(), |f| f.display().to_string()),
             "pool ready"
         );
         // Admission bounds the calls waiting (`queued`), so the channels need no bound.
@@ -906,6 +924,18 @@ impl Pool {
         let _ = writeln!(out, "pyherd_worker_restarts_total {}", stats.restarts);
         render_session_metrics(&mut out, &stats);
         out
+    }
+
+    /// This pool's run id (16 hex digits): every worker carries it as `--run-id` and in
+    /// `PYHERD_RUN_ID` (see [`crate::registry`]).
+    pub fn run_id(&self) -> &str {
+        self.inner.shared.launch.run.id()
+    }
+
+    /// The run's registry file, `<state_dir>/runs/<run_id>.json`; `None` when it could
+    /// not be written (a warning was logged and the pool runs without it).
+    pub fn registry_file(&self) -> Option<&std::path::Path> {
+        self.inner.shared.launch.run.file()
     }
 
     /// Shuts down with the configured grace period; see [`shutdown_with`](Self::shutdown_with).

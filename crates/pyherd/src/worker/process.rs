@@ -25,6 +25,7 @@ use super::spawner::Spawner;
 use super::stderr::{self, StderrTail};
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, Hello, Message};
+use crate::registry::{Run, RunEntry};
 
 /// How long a worker whose pipe closed gets to finish exiting before SIGKILL.
 const DYING_PATIENCE: Duration = Duration::from_secs(1);
@@ -42,6 +43,8 @@ pub(crate) struct LaunchSpec {
     pub(crate) env: BTreeMap<String, String>,
     pub(crate) working_dir: Option<PathBuf>,
     pub(crate) startup_timeout: Duration,
+    /// The pool's run: every worker carries its id and is recorded in its registry.
+    pub(crate) run: Arc<Run>,
 }
 
 /// How a call on this worker ended.
@@ -68,6 +71,8 @@ pub(crate) struct WorkerProcess {
     stderr_task: JoinHandle<()>,
     hello: Hello,
     started: Instant,
+    /// Its line in the run registry, removed when the worker is dropped (after its end).
+    _registered: RunEntry,
 }
 
 fn spawn_error(message: String) -> Error {
@@ -108,7 +113,8 @@ impl WorkerProcess {
             ])
             .arg(spec.max_frame_bytes.to_string())
             .arg("--parent-pid")
-            .arg(std::process::id().to_string());
+            .arg(std::process::id().to_string())
+            .args(["--run-id", spec.run.id()]);
         for module in &spec.handlers {
             command.arg("--handlers").arg(module);
         }
@@ -118,6 +124,7 @@ impl WorkerProcess {
             .env("PYTHONPATH", &spec.pythonpath)
             .env("PYTHONUNBUFFERED", "1")
             .env("PYHERD_WORKER_ID", &*id)
+            .env("PYHERD_RUN_ID", &**spec.run.id())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -130,6 +137,7 @@ impl WorkerProcess {
             .await
             .map_err(|e| spawn_error(format!("cannot start {}: {e}", spec.python.display())))?;
         let pid = child.id().unwrap_or(0);
+        let registered = spec.run.enter(&id, pid);
         let tail = Arc::new(StderrTail::default());
         let stderr_task = match child.stderr.take() {
             Some(err) => stderr::drain(err, id.clone(), tail.clone()),
@@ -153,6 +161,7 @@ impl WorkerProcess {
                 adapters: Vec::new(),
             },
             started: Instant::now(),
+            _registered: registered,
         };
         match tokio::time::timeout(spec.startup_timeout, worker.replies.next()).await {
             Ok(Some(Ok(frame))) => match protocol::decode(&frame) {

@@ -64,9 +64,10 @@ pub(crate) fn carries(pid: u32, run_id: &str) -> io::Result<bool> {
             return Ok(true);
         }
     }
-    let cmdline = match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmdline) => cmdline,
-        Err(e) => return environ.and(Err(e)),
+    let cmdline = match (std::fs::read(format!("/proc/{pid}/cmdline")), environ) {
+        (Ok(cmdline), _) => cmdline,
+        (Err(_), Ok(_)) => return Ok(false),
+        (Err(e), Err(_)) => return Err(e),
     };
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
     Ok(args

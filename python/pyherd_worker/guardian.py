@@ -142,15 +142,9 @@ def sweep(run_id: str, registry: Optional[str], give_up_s: float = GIVE_UP_S) ->
 
 
 def wait_for_eof(fd: int = 0) -> None:
-    """Block until every writer of ``fd`` has closed it."""
-    while True:
-        try:
-            if not os.read(fd, 4096):
-                return
-        except InterruptedError:
-            continue
-        except OSError:
-            return
+    """Block until every writer of ``fd`` has closed it (the host writes nothing)."""
+    while os.read(fd, 4096):
+        pass
 
 
 def _parse_args(argv: List[str]) -> Dict[str, Optional[str]]:
@@ -188,10 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     wait_for_eof()
     killed = sweep(run_id, opts["registry"])
     if killed:
-        try:
-            print(f"pyherd guardian: run {run_id} ended; killed pids {sorted(killed)}", file=sys.stderr, flush=True)
-        except OSError:
-            pass
+        print(f"pyherd guardian: run {run_id} ended; killed pids {sorted(killed)}", file=sys.stderr, flush=True)
     return 0
 
 

@@ -144,17 +144,29 @@ def test_options_are_parsed_strictly():
 def test_processes_and_groups_0_and_1_are_never_signalled():
     assert guardian._signal(os.kill, 0) is False
     assert guardian._signal(os.killpg, 1) is False
-    assert guardian.stat(2**22 + 12345) is None
+    gone = 2**22 + 12345  # above the kernel's largest pid
+    assert guardian.stat(gone) is None
+    assert guardian.carries(gone, b"x") is False
+    assert guardian._signal(os.kill, gone) is False
+
+
+def test_a_sweep_of_a_missing_registry_file_is_quiet(tmp_path):
+    assert guardian.sweep(RUN_ID, str(tmp_path / "gone.json"), give_up_s=0) == set()
 
 
 def test_a_guardian_without_a_pipe_on_stdin_refuses_to_start(tmp_path):
+    def close_stdin():
+        os.close(0)
+
     with open(tmp_path / "not-a-pipe", "w+") as f:
-        starter = subprocess.run(
-            [sys.executable, "-m", "pyherd_worker.guardian", "--run-id", RUN_ID],
-            stdin=f,
-            env={**os.environ, "PYTHONPATH": PYTHON_DIR},
-            capture_output=True,
-            timeout=30,
-        )
-    assert starter.returncode != 0
-    assert b"pipe" in starter.stderr
+        for stdin, preexec in ((f, None), (subprocess.DEVNULL, close_stdin)):
+            starter = subprocess.run(
+                [sys.executable, "-m", "pyherd_worker.guardian", "--run-id", RUN_ID],
+                stdin=stdin,
+                preexec_fn=preexec,
+                env={**os.environ, "PYTHONPATH": PYTHON_DIR},
+                capture_output=True,
+                timeout=30,
+            )
+            assert starter.returncode != 0
+            assert b"stdin must be the host's pipe" in starter.stderr

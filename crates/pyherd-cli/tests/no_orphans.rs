@@ -358,3 +358,117 @@ fn an_unwritable_state_dir_is_a_warning_and_the_call_still_runs() {
     assert!(out.contains("0 killed, 1 skipped"), "{out}");
     assert!(out.contains("runs: unreadable"), "{out}");
 }
+
+/// `pyherd` run as a user without rights over `root`'s files: `nobody` through setpriv when
+/// the tests run as root (root could read and remove anything), else the current user.
+fn pyherd_unprivileged() -> Command {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let root = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        == Some("0");
+    if root {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            common::BIN,
+        ]);
+        cmd
+    } else {
+        pyherd(None)
+    }
+}
+
+#[test]
+fn files_a_sweep_cannot_read_or_remove_are_reported_and_it_still_exits_zero() {
+    use std::os::unix::fs::PermissionsExt;
+    let state = tempfile::tempdir().unwrap();
+    let dead = fake_run_id(4);
+    let file = stale_run(state.path(), &dead, 1, &[]);
+    let secret = state.path().join("runs").join("secret.json");
+    std::fs::write(&secret, "{}").unwrap();
+    let mode = |path: &Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    mode(&secret, 0o000);
+    mode(&state.path().join("runs"), 0o555);
+    mode(state.path(), 0o755);
+    let out = pyherd_unprivileged()
+        .args(["cleanup", "--json", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    mode(&state.path().join("runs"), 0o755);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let reasons: Vec<(&str, &str)> = report["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["file"].as_str().unwrap().rsplit('/').next().unwrap(),
+                s["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let dead_name = format!("{dead}.json");
+    let mut expected = vec![
+        (dead_name.as_str(), "remove_failed"),
+        ("secret.json", "unreadable"),
+    ];
+    expected.sort_unstable();
+    let mut reasons = reasons;
+    reasons.sort_unstable();
+    assert_eq!(reasons, expected, "{report}");
+    assert_eq!(report["removed"], json!([]));
+    assert!(file.exists());
+}
+
+#[test]
+fn cleanup_reads_the_state_dir_of_the_configuration_file_and_reports_its_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pyherd.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &config,
+        format!("state_dir = {:?}\n", state.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = pyherd(None)
+        .args(["cleanup", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["state_dir"], json!(state));
+    let out = pyherd(None)
+        .args(["cleanup", "--config"])
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = pyherd(None)
+        .args(["cleanup", "--state-dir"])
+        .arg(&state)
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write to stdout"));
+}

@@ -162,6 +162,11 @@ fn the_sweep_reports_broken_files_and_ignores_a_missing_directory() {
     let runs = state.path().join("runs");
     std::fs::create_dir_all(runs.join("unreadable.json")).unwrap();
     std::fs::write(runs.join("corrupt.json"), "[]").unwrap();
+    std::fs::write(
+        runs.join("future.json"),
+        r#"{"version": 99, "run_id": "x", "host": {"pid": 1, "start_time": 1}, "workers": []}"#,
+    )
+    .unwrap();
     std::fs::write(runs.join("notes.txt"), "not a run file").unwrap();
     let report = pyherd::registry::sweep(state.path());
     let reasons: Vec<(String, &str)> = report
@@ -178,10 +183,13 @@ fn the_sweep_reports_broken_files_and_ignores_a_missing_directory() {
         reasons,
         vec![
             ("corrupt.json".to_owned(), "unreadable"),
+            ("future.json".to_owned(), "unreadable"),
             ("unreadable.json".to_owned(), "unreadable"),
         ]
     );
     assert!(report.skipped[0].detail.contains("not a run record"));
+    assert!(report.skipped[1].detail.contains("format version 99"));
+    assert!(report.skipped[2].detail.contains("cannot be read"));
     assert!(report.removed.is_empty());
     // A runs "directory" that is a file cannot be listed: reported, not fatal.
     let odd = tempfile::tempdir().unwrap();

@@ -383,7 +383,7 @@ impl PoolBuilder {
             .clone()
             .unwrap_or_else(crate::registry::default_state_dir);
         crate::registry::sweep_at_start(state_dir.clone()).await;
-        let run = Arc::new(Run::open(&state_dir)?);
+        let run = Arc::new(Run::open(&state_dir));
         let launch = LaunchSpec {
             python,
             env: worker_env(&config, &package),

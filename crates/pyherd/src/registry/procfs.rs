@@ -1,7 +1,5 @@
 //! What `/proc` says about a process: its start time, group, state and run-id marker.
 
-use std::io;
-
 /// The environment variable every worker (and every child it starts) carries.
 pub(crate) const RUN_ID_VAR: &str = "PYHERD_RUN_ID";
 /// The environment variable naming a worker (inherited by its children too).
@@ -53,26 +51,17 @@ fn parse_stat(text: &str) -> Option<Stat> {
 }
 
 /// Whether the process carries `run_id`: as `PYHERD_RUN_ID` in its environment, or as
-/// `--run-id <run_id>` on its command line.
-///
-/// # Errors
-/// When neither file can be read (the process is gone or belongs to another user).
-pub(crate) fn carries(pid: u32, run_id: &str) -> io::Result<bool> {
-    let environ = std::fs::read(format!("/proc/{pid}/environ"));
-    if let Ok(environ) = &environ {
-        if env_value(environ, RUN_ID_VAR).as_deref() == Some(run_id) {
-            return Ok(true);
-        }
+/// `--run-id <run_id>` on its command line. A process whose files cannot be read (gone,
+/// or another user's) carries nothing.
+pub(crate) fn carries(pid: u32, run_id: &str) -> bool {
+    let read = |name: &str| std::fs::read(format!("/proc/{pid}/{name}")).unwrap_or_default();
+    if env_value(&read("environ"), RUN_ID_VAR).as_deref() == Some(run_id) {
+        return true;
     }
-    let cmdline = match (std::fs::read(format!("/proc/{pid}/cmdline")), environ) {
-        (Ok(cmdline), _) => cmdline,
-        (Err(_), Ok(_)) => return Ok(false),
-        (Err(e), Err(_)) => return Err(e),
-    };
+    let cmdline = read("cmdline");
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-    Ok(args
-        .windows(2)
-        .any(|pair| pair[0] == RUN_ID_FLAG.as_bytes() && pair[1] == run_id.as_bytes()))
+    args.windows(2)
+        .any(|pair| pair[0] == RUN_ID_FLAG.as_bytes() && pair[1] == run_id.as_bytes())
 }
 
 /// The value of `name` in a `/proc/<pid>/environ` block.
@@ -156,8 +145,8 @@ mod tests {
         let me = own_stat().unwrap();
         assert!(!me.is_gone());
         assert!(me.start_time > 0);
-        assert!(!carries(std::process::id(), "0123456789abcdef").unwrap());
-        assert!(carries(u32::MAX, "0123456789abcdef").is_err());
+        assert!(!carries(std::process::id(), "0123456789abcdef"));
+        assert!(!carries(u32::MAX, "0123456789abcdef"));
     }
 
     #[test]

@@ -2,11 +2,12 @@
 
 use std::ffi::OsStr;
 use std::hash::{BuildHasher, Hasher};
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use tokio::process::ChildStdin;
 
 use super::procfs;
 use super::record::{self, FORMAT_VERSION, HostRecord, RunRecord, WorkerRecord};
@@ -22,10 +23,8 @@ pub(crate) struct Run {
     record: Mutex<RunRecord>,
     /// The write end of the guardian's stdin, never written: held only to be closed, by
     /// the drop or by the kernel when the host exits however it exits, which wakes the
-    /// guardian up.
-    _lifeline: OwnedFd,
-    /// The read end, until the guardian takes it.
-    guardian_end: Mutex<Option<OwnedFd>>,
+    /// guardian up. `None` until the guardian is started.
+    lifeline: Mutex<Option<ChildStdin>>,
 }
 
 impl Run {
@@ -33,16 +32,8 @@ impl Run {
     /// be written the run goes on without one (a warning says so): the guardian and the
     /// other layers still work, only a later sweep cannot find this run.
     ///
-    /// # Errors
-    /// `initialization/spawn_failed` when the guardian's pipe cannot be made.
-    pub(crate) fn open(state_dir: &Path) -> Result<Self, Error> {
+    pub(crate) fn open(state_dir: &Path) -> Self {
         let id: Arc<str> = new_run_id().into();
-        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| {
-            Error::new(
-                ErrorKind::SpawnFailed,
-                format!("cannot create the guardian's pipe: {e}"),
-            )
-        })?;
         let host = procfs::own_stat().map_or(0, |s| s.start_time);
         let record = RunRecord {
             version: FORMAT_VERSION,
@@ -66,13 +57,12 @@ impl Run {
                 None
             }
         };
-        Ok(Self {
+        Self {
             id,
             file,
             record: Mutex::new(record),
-            _lifeline: write,
-            guardian_end: Mutex::new(Some(read)),
-        })
+            lifeline: Mutex::new(None),
+        }
     }
 
     /// The run id: 16 hex digits.
@@ -104,32 +94,34 @@ impl Run {
                 format!("cannot start the run's guardian: {why}"),
             )
         };
-        let stdin = self
-            .guardian_end
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .ok_or_else(|| failed("it was started already".into()))?;
-        let mut command = tokio::process::Command::new(python);
-        command
-            .args(["-m", "pyherd_worker.guardian", "--run-id", &self.id])
-            .env("PYTHONPATH", pythonpath)
-            .stdin(Stdio::from(stdin))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        if let Some(file) = &self.file {
-            command.arg("--registry").arg(file);
-        }
-        let mut child = command
-            .spawn()
-            .map_err(|e| failed(format!("{}: {e}", python.display())))?;
-        drop(command);
-        match tokio::time::timeout(timeout, child.wait()).await {
-            Ok(Ok(status)) if status.success() => Ok(()),
-            Ok(Ok(status)) => Err(failed(format!("it exited with {status}"))),
-            Ok(Err(e)) => Err(failed(e.to_string())),
-            Err(_) => Err(failed(format!("it did not detach within {timeout:?}"))),
+        let mut child = {
+            let mut lifeline = self.lifeline.lock().unwrap_or_else(PoisonError::into_inner);
+            if lifeline.is_some() {
+                return Err(failed("it was started already".into()));
+            }
+            let mut command = tokio::process::Command::new(python);
+            command
+                .args(["-m", "pyherd_worker.guardian", "--run-id", &self.id])
+                .env("PYTHONPATH", pythonpath)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true);
+            if let Some(file) = &self.file {
+                command.arg("--registry").arg(file);
+            }
+            let mut child = command
+                .spawn()
+                .map_err(|e| failed(format!("{}: {e}", python.display())))?;
+            *lifeline = child.stdin.take();
+            child
+        };
+        let Ok(status) = tokio::time::timeout(timeout, child.wait()).await else {
+            return Err(failed(format!("it did not detach within {timeout:?}")));
+        };
+        match status {
+            Ok(status) if status.success() => Ok(()),
+            other => Err(failed(format!("it ended with {other:?}"))),
         }
     }
 
@@ -214,7 +206,10 @@ mod tests {
     #[tokio::test]
     async fn a_guardian_that_cannot_start_is_a_typed_error() {
         let dir = tempfile::tempdir().unwrap();
-        let run = Run::open(dir.path()).unwrap();
+        let run = Run::open(dir.path());
+        let python = crate::python::resolve(Path::new("python3"), Duration::from_secs(30))
+            .await
+            .unwrap();
         let e = run
             .start_guardian(
                 Path::new("/nonexistent/python3"),
@@ -225,17 +220,29 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::SpawnFailed);
         assert!(e.message().contains("guardian"), "{}", e.message());
+        // Without the package on its path, Python exits with an error at once.
+        let e = run
+            .start_guardian(&python, OsStr::new(dir.path()), Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("ended with"), "{}", e.message());
         let again = run
-            .start_guardian(Path::new("python3"), OsStr::new(""), Duration::from_secs(5))
+            .start_guardian(&python, OsStr::new(""), Duration::from_secs(5))
             .await
             .unwrap_err();
         assert!(again.message().contains("already"), "{}", again.message());
+        let slow = Run::open(dir.path());
+        let e = slow
+            .start_guardian(&python, OsStr::new(""), Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("did not detach"), "{}", e.message());
     }
 
     #[test]
     fn the_file_lists_workers_while_they_live_and_goes_with_the_run() {
         let dir = tempfile::tempdir().unwrap();
-        let run = Arc::new(Run::open(dir.path()).unwrap());
+        let run = Arc::new(Run::open(dir.path()));
         let file = run.file().unwrap().to_path_buf();
         assert!(file.is_absolute());
         let me = std::process::id();
@@ -256,11 +263,23 @@ mod tests {
     }
 
     #[test]
+    fn a_registry_that_vanishes_mid_run_is_a_warning_not_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = Arc::new(Run::open(dir.path()));
+        let file = run.file().unwrap().to_path_buf();
+        std::fs::remove_dir_all(dir.path().join("runs")).unwrap();
+        let entry = run.enter("w1", std::process::id());
+        drop(entry);
+        drop(run);
+        assert!(!file.exists());
+    }
+
+    #[test]
     fn an_unwritable_state_dir_leaves_the_run_without_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let blocker = dir.path().join("a-file");
         std::fs::write(&blocker, "").unwrap();
-        let run = Arc::new(Run::open(&blocker.join("state")).unwrap());
+        let run = Arc::new(Run::open(&blocker.join("state")));
         assert!(run.file().is_none());
         drop(run.enter("w1", std::process::id()));
     }

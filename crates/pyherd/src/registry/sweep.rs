@@ -24,7 +24,8 @@ pub struct SweepReport {
     pub removed: Vec<PathBuf>,
 }
 
-/// A process the sweep killed (with SIGKILL).
+/// A process the sweep killed: checked to belong to a dead run, then sent SIGKILL (which
+/// only fails if it ended in between).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct Killed {
@@ -71,10 +72,9 @@ pub enum SkipReason {
     NotRunning,
     /// The pid now belongs to a process started at another time (the pid was reused).
     StartTimeDiffers,
-    /// The process does not carry the run id (in its environment or command line).
+    /// The process does not carry the run id (in its environment or command line), or
+    /// its `/proc` files cannot be read by this user.
     NoMarker,
-    /// Sending SIGKILL failed.
-    KillFailed,
     /// The run file could not be removed.
     RemoveFailed,
 }
@@ -88,7 +88,6 @@ impl SkipReason {
             Self::NotRunning => "not_running",
             Self::StartTimeDiffers => "start_time_differs",
             Self::NoMarker => "no_marker",
-            Self::KillFailed => "kill_failed",
             Self::RemoveFailed => "remove_failed",
         }
     }
@@ -170,19 +169,13 @@ impl SweepReport {
             if !ours {
                 continue;
             }
-            match kill(pid(process.pid), Signal::SIGKILL) {
-                Ok(()) => self.killed.push(Killed {
-                    pid: process.pid,
-                    worker_id: process.worker_id.clone(),
-                    run_id: run.run_id.clone(),
-                    group: false,
-                }),
-                Err(e) => self.skipped.push(Skipped {
-                    pid: Some(process.pid),
-                    worker_id: process.worker_id.clone(),
-                    ..skipped(file, Some(run), SkipReason::KillFailed, e.to_string())
-                }),
-            }
+            let _ = kill(pid(process.pid), Signal::SIGKILL);
+            self.killed.push(Killed {
+                pid: process.pid,
+                worker_id: process.worker_id.clone(),
+                run_id: run.run_id.clone(),
+                group: false,
+            });
         }
         match std::fs::remove_file(file) {
             Ok(()) => self.removed.push(file.to_path_buf()),
@@ -211,32 +204,25 @@ impl SweepReport {
             );
             return skip(self, SkipReason::StartTimeDiffers, detail);
         }
-        match procfs::carries(worker.pid, &run.run_id) {
-            Ok(true) => {}
-            Ok(false) => return skip(self, SkipReason::NoMarker, String::new()),
-            Err(e) => return skip(self, SkipReason::NoMarker, e.to_string()),
+        if !procfs::carries(worker.pid, &run.run_id) {
+            return skip(self, SkipReason::NoMarker, String::new());
         }
         // A group is signalled only when the worker still leads it (never group 0 or 1).
         let group = stat.pgid > 1
             && stat.pgid == worker.pgid
             && i64::from(stat.pgid) == i64::from(worker.pid);
-        let sent = if group {
+        let _ = if group {
             killpg(Pid::from_raw(stat.pgid), Signal::SIGKILL)
         } else {
             kill(pid(worker.pid), Signal::SIGKILL)
         };
-        match sent {
-            Ok(()) => {
-                self.killed.push(Killed {
-                    pid: worker.pid,
-                    worker_id: Some(worker.worker_id.clone()),
-                    run_id: run.run_id.clone(),
-                    group,
-                });
-                Some(worker.pid)
-            }
-            Err(e) => skip(self, SkipReason::KillFailed, e.to_string()),
-        }
+        self.killed.push(Killed {
+            pid: worker.pid,
+            worker_id: Some(worker.worker_id.clone()),
+            run_id: run.run_id.clone(),
+            group,
+        });
+        Some(worker.pid)
     }
 
     fn skip(&mut self, file: &Path, run: Option<&RunRecord>, reason: SkipReason, detail: String) {

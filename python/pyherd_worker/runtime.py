@@ -194,7 +194,7 @@ def watch_parent(parent: Optional[int], interval: float = PARENT_CHECK_INTERVAL_
 
 
 def _parse_args(argv: List[str]) -> Dict[str, Any]:
-    opts: Dict[str, Any] = {"worker_id": "w0", "max_frame_bytes": 64 * 1024 * 1024, "handlers": [], "parent_pid": None}
+    opts: Dict[str, Any] = {"worker_id": "w0", "max_frame_bytes": 64 * 1024 * 1024, "handlers": [], "parent_pid": None, "run_id": None}
     it = iter(argv)
     for flag in it:
         value = next(it, None)
@@ -208,6 +208,9 @@ def _parse_args(argv: List[str]) -> Dict[str, Any]:
             opts["handlers"].append(value)
         elif flag == "--parent-pid":
             opts["parent_pid"] = int(value)
+        elif flag == "--run-id":
+            # The host's run: a marker on the command line that its sweeps look for.
+            opts["run_id"] = value
         else:
             raise SystemExit(f"pyherd_worker: unknown option {flag}")
     return opts

@@ -47,7 +47,7 @@ CHILD_FAILED = 70
 
 
 def _parse_args(argv: List[str]) -> Dict[str, Any]:
-    opts: Dict[str, Any] = {"preload": [], "parent_pid": None}
+    opts: Dict[str, Any] = {"preload": [], "parent_pid": None, "run_id": None}
     it = iter(argv)
     for flag in it:
         value = next(it, None)
@@ -57,6 +57,8 @@ def _parse_args(argv: List[str]) -> Dict[str, Any]:
             opts["preload"].append(value)
         elif flag == "--parent-pid":
             opts["parent_pid"] = int(value)
+        elif flag == "--run-id":  # the run's marker, for the registry's sweep
+            opts["run_id"] = value
         else:
             raise SystemExit(f"pyherd_worker.zygote: unknown option {flag}")
     return opts

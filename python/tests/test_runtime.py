@@ -460,11 +460,13 @@ def test_serve_raises_on_a_truncated_request(codec):
 
 def test_worker_options_are_parsed_strictly():
     assert runtime._parse_args([]) == {
-        "worker_id": "w0", "handlers": [], "max_frame_bytes": 64 * 1024 * 1024, "parent_pid": None}
+        "worker_id": "w0", "handlers": [], "max_frame_bytes": 64 * 1024 * 1024, "parent_pid": None, "run_id": None}
     opts = runtime._parse_args(
-        ["--worker-id", "w5", "--handlers", "a", "--handlers", "b.py", "--max-frame-bytes", "2048", "--parent-pid", "42"]
+        ["--worker-id", "w5", "--handlers", "a", "--handlers", "b.py", "--max-frame-bytes", "2048", "--parent-pid", "42",
+         "--run-id", "0123456789abcdef"]
     )
-    assert opts == {"worker_id": "w5", "handlers": ["a", "b.py"], "max_frame_bytes": 2048, "parent_pid": 42}
+    assert opts == {"worker_id": "w5", "handlers": ["a", "b.py"], "max_frame_bytes": 2048, "parent_pid": 42,
+                    "run_id": "0123456789abcdef"}
     with pytest.raises(SystemExit):
         runtime._parse_args(["--bogus", "1"])
     with pytest.raises(SystemExit):

@@ -1,9 +1,11 @@
 //! `pyherd`: run a pool of Python workers as an HTTP service (`serve`), for one call
-//! (`exec`), or under load (`bench`); `setup` makes the Python environment they use.
+//! (`exec`), or under load (`bench`); `setup` makes the Python environment they use;
+//! `cleanup` ends what crashed runs left behind.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod bench;
 mod bench_start;
+mod cleanup;
 mod exec;
 mod http;
 mod serve;
@@ -38,6 +40,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Create the Python environment (in the state directory) with the requirements
     Setup(setup::SetupArgs),
+    /// Kill what runs whose host died left behind (the sweep a pool runs at start)
+    Cleanup(cleanup::CleanupArgs),
 }
 
 /// Exit codes: 0 success, 1 other failure, 2 invalid request or usage, 3 workers could
@@ -58,7 +62,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Exec(_) | Command::Bench(_) | Command::Setup(_) => "warn",
+        Command::Exec(_) | Command::Bench(_) | Command::Setup(_) | Command::Cleanup(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
             Command::Exec(args) => exec::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Setup(args) => setup::run(args).await,
+            Command::Cleanup(args) => cleanup::run(&args),
         }
     });
     match outcome {

@@ -13,7 +13,7 @@ use pyherd::{Affinity, Backoff, PoolConfig};
 /// The default address of `serve`.
 pub(crate) const DEFAULT_BIND: &str = "127.0.0.1:7878";
 /// The file read when `--config` is not given (if it exists).
-const DEFAULT_FILE: &str = "pyherd.toml";
+pub(crate) const DEFAULT_FILE: &str = "pyherd.toml";
 /// The state directory when none is given (relative to the working directory).
 pub(crate) const DEFAULT_STATE_DIR: &str = ".pyherd";
 /// What `pyherd setup` installs when the file names no `requirements`.
@@ -139,6 +139,8 @@ pub(crate) struct PoolArgs {
     pub(crate) preload: Vec<String>,
     /// Where pyherd keeps its state, such as the Python environment of `pyherd setup`
     /// [default: .pyherd]
+    /// Where pyherd keeps its state: the Python environment of `pyherd setup` and the run
+    /// registry (runs/) [default: .pyherd]
     #[arg(long, env = "PYHERD_STATE_DIR")]
     pub(crate) state_dir: Option<PathBuf>,
 }
@@ -190,6 +192,7 @@ impl PoolArgs {
             .clone()
             .or(file.state_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        file.pool.state_dir = Some(state_dir.clone());
         let mut venv = None;
         if self.python.is_none() && !file.python_set {
             let python = venv_python(&state_dir);
@@ -526,5 +529,25 @@ mod tests {
         assert!(e.to_string().contains("bind"));
         assert!(bind_address(Some("nonsense"), None).is_err());
         assert_eq!(bind_address(None, None).unwrap().port(), 7878);
+    }
+
+    #[test]
+    fn the_state_dir_reaches_the_pool_and_an_empty_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pyherd.toml");
+        std::fs::write(&file, "state_dir = \"/srv/pyherd\"\nworkers = 1\n").unwrap();
+        let mut args = PoolArgs {
+            config: Some(file),
+            python: Some("python3".into()),
+            ..PoolArgs::default()
+        };
+        let settings = args.resolve().unwrap();
+        assert_eq!(settings.pool.state_dir, Some(PathBuf::from("/srv/pyherd")));
+        args.state_dir = Some(dir.path().join("state"));
+        let settings = args.resolve().unwrap();
+        assert_eq!(settings.pool.state_dir, Some(dir.path().join("state")));
+        args.state_dir = Some(PathBuf::new());
+        let e = args.resolve().unwrap_err();
+        assert!(format!("{e:#}").contains("state_dir"), "{e:#}");
     }
 }

@@ -60,6 +60,10 @@ pub struct PoolConfig {
     /// Where the embedded `pyherd_worker` package is written. Default: `$PYHERD_CACHE_DIR`,
     /// else `$XDG_CACHE_HOME/pyherd`, else `~/.cache/pyherd`, else the temp directory.
     pub cache_dir: Option<PathBuf>,
+    /// Where the run registry is kept (`runs/<run_id>.json`, see [`crate::registry`]).
+    /// Default: `$XDG_STATE_HOME/pyherd`, else `~/.local/state/pyherd`, else the temp
+    /// directory ([`registry::default_state_dir`](crate::registry::default_state_dir)).
+    pub state_dir: Option<PathBuf>,
     /// How a session's calls prefer the worker that served it last. Default: `hint`.
     pub affinity: Affinity,
     /// A session's time to live after its last access, unless created with its own.
@@ -202,6 +206,7 @@ impl Default for PoolConfig {
             env: BTreeMap::new(),
             working_dir: None,
             cache_dir: None,
+            state_dir: None,
             affinity: Affinity::Hint,
             session_ttl: Duration::from_secs(3600),
             max_sessions: 10_000,
@@ -307,6 +312,13 @@ impl PoolConfig {
         }
         if self.python.as_os_str().is_empty() {
             return invalid("python must name an interpreter".into());
+        }
+        if self
+            .state_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return invalid("state_dir must name a directory".into());
         }
         if let Some(h) = self.handlers.iter().find(|h| h.trim().is_empty()) {
             return invalid(format!("handler module names must not be empty ({h:?})"));
@@ -418,6 +430,9 @@ mod tests {
         c.session_ttl = crate::session::MAX_TTL * 2;
         assert!(c.validate().unwrap_err().message().contains("session_ttl"));
         c.session_ttl = Duration::from_secs(1);
+        c.state_dir = Some(PathBuf::new());
+        assert!(c.validate().unwrap_err().message().contains("state_dir"));
+        c.state_dir = None;
         c.preload = vec!["dspy".into(), "pkg._mod.sub2".into()];
         c.validate().unwrap();
         for bad in ["", "a..b", "path/to/file.py", "1abc", "dspy ", ".dspy"] {

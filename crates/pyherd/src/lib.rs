@@ -28,6 +28,7 @@ pub mod policy;
 mod pool;
 mod protocol;
 mod python;
+pub mod registry;
 pub mod session;
 mod worker;
 

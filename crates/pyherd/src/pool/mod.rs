@@ -36,6 +36,7 @@ use crate::config::{Affinity, PoolConfig};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::{self, Metrics, UNKNOWN_COMMAND};
 use crate::protocol::CALL_ENVELOPE_BYTES;
+use crate::registry::Run;
 use crate::session::{MemoryStore, SessionStore};
 use crate::worker::{LaunchSpec, Launcher, Spawner, WorkerState};
 
@@ -380,6 +381,12 @@ impl PoolBuilder {
         self
     }
 
+    /// Where the run registry is kept (see [`PoolConfig::state_dir`]).
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.state_dir = Some(dir.into());
+        self
+    }
+
     /// Starts every worker concurrently and returns once all are ready.
     ///
     /// # Errors
@@ -399,6 +406,12 @@ impl PoolBuilder {
         let began = Instant::now();
         let python = crate::python::resolve(&config.python, config.startup_timeout).await?;
         let package = crate::python::install(config.cache_dir.as_deref())?;
+        let state_dir = config
+            .state_dir
+            .clone()
+            .unwrap_or_else(crate::registry::default_state_dir);
+        crate::registry::sweep_at_start(state_dir.clone()).await;
+        let run = Arc::new(Run::open(&state_dir));
         let launch = LaunchSpec {
             python,
             env: worker_env(&config, &package),
@@ -407,6 +420,7 @@ impl PoolBuilder {
             max_frame_bytes: config.max_frame_bytes,
             working_dir: config.working_dir.clone(),
             startup_timeout: config.startup_timeout,
+            run: run.clone(),
         };
         let spawner = Spawner::start(tokio::runtime::Handle::current()).map_err(|e| {
             Error::new(
@@ -418,9 +432,16 @@ impl PoolBuilder {
             .map(|i| format!("w{i}").into())
             .collect();
         let launcher = Launcher::new(launch, spawner, config.preload.clone()).await;
-        let started = futures::future::join_all(ids.into_iter().map(|id| launcher.start(id))).await;
+        let (guardian, started) = futures::join!(
+            run.start_guardian(
+                &launcher.spec().python,
+                &launcher.spec().pythonpath,
+                config.startup_timeout
+            ),
+            futures::future::join_all(ids.into_iter().map(|id| launcher.start(id)))
+        );
         let mut workers = Vec::with_capacity(started.len());
-        let mut failure = None;
+        let mut failure = guardian.err();
         for outcome in started {
             match outcome {
                 Ok(worker) => workers.push(worker),
@@ -447,6 +468,8 @@ impl PoolBuilder {
             python = %hello.python,
             json = %hello.json,
             handlers = ?hello.handlers,
+            run_id = %run.id(),
+            registry = %run.file().map_or_else(|| "none".into(), |f| f.display().to_string()),
             "pool ready"
         );
         // Admission bounds the calls waiting (`queued`), so the channels need no bound.
@@ -989,6 +1012,18 @@ impl Pool {
         self.inner.shared.resilience.render_metrics(&mut out);
         render_session_metrics(&mut out, &stats);
         out
+    }
+
+    /// This pool's run id (16 hex digits): every worker carries it as `--run-id` and in
+    /// `PYHERD_RUN_ID` (see [`crate::registry`]).
+    pub fn run_id(&self) -> &str {
+        self.inner.shared.launcher.spec().run.id()
+    }
+
+    /// The run's registry file, `<state_dir>/runs/<run_id>.json`; `None` when it could
+    /// not be written (a warning was logged and the pool runs without it).
+    pub fn registry_file(&self) -> Option<&std::path::Path> {
+        self.inner.shared.launcher.spec().run.file()
     }
 
     /// Shuts down with the configured grace period; see [`shutdown_with`](Self::shutdown_with).

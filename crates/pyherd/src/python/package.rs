@@ -16,6 +16,7 @@ const FILES: &[(&str, &str)] = embed!(
     "__init__.py",
     "__main__.py",
     "dspy_adapter.py",
+    "guardian.py",
     "handlers.py",
     "protocol.py",
     "runtime.py",

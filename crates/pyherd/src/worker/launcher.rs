@@ -109,6 +109,11 @@ impl Launcher {
         }
     }
 
+    /// What every worker is started with.
+    pub(crate) fn spec(&self) -> &LaunchSpec {
+        &self.spec
+    }
+
     /// The zygote's pid while one is up.
     pub(crate) fn zygote_pid(&self) -> Option<u32> {
         self.zygote.as_ref()?.link().map(|link| link.pid())

@@ -29,6 +29,7 @@ use super::spawner::Spawner;
 use super::stderr::{self, StderrTail};
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, Hello, Message};
+use crate::registry::{Run, RunEntry};
 
 /// How long a worker whose pipe closed gets to finish exiting before SIGKILL.
 const DYING_PATIENCE: Duration = Duration::from_secs(1);
@@ -46,6 +47,8 @@ pub(crate) struct LaunchSpec {
     pub(crate) env: BTreeMap<String, String>,
     pub(crate) working_dir: Option<PathBuf>,
     pub(crate) startup_timeout: Duration,
+    /// The pool's run: every worker carries its id and is recorded in its registry.
+    pub(crate) run: Arc<Run>,
 }
 
 /// How a call on this worker ended.
@@ -108,6 +111,8 @@ pub(crate) fn worker_args(spec: &LaunchSpec, id: &str) -> Vec<String> {
         id.to_owned(),
         "--max-frame-bytes".to_owned(),
         spec.max_frame_bytes.to_string(),
+        "--run-id".to_owned(),
+        spec.run.id().to_string(),
     ];
     for module in &spec.handlers {
         args.extend(["--handlers".to_owned(), module.clone()]);
@@ -128,6 +133,8 @@ pub(crate) struct WorkerProcess {
     hello: Hello,
     started: Instant,
     started_by: StartedBy,
+    /// Its line in the run registry, removed when the worker is dropped (after its end).
+    _registered: RunEntry,
 }
 
 pub(crate) fn spawn_error(message: String) -> Error {
@@ -159,6 +166,7 @@ impl WorkerProcess {
             .env("PYTHONPATH", &spec.pythonpath)
             .env("PYTHONUNBUFFERED", "1")
             .env("PYHERD_WORKER_ID", &*id)
+            .env("PYHERD_RUN_ID", &**spec.run.id())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -206,6 +214,7 @@ impl WorkerProcess {
             started_by,
             began,
         } = launched;
+        let registered = spec.run.enter(&id, pid);
         let codec = protocol::codec(spec.max_frame_bytes);
         let mut worker = Self {
             id,
@@ -225,6 +234,7 @@ impl WorkerProcess {
             },
             started: began,
             started_by,
+            _registered: registered,
         };
         match tokio::time::timeout(spec.startup_timeout, worker.replies.next()).await {
             Ok(Some(Ok(frame))) => match protocol::decode(&frame) {

@@ -156,7 +156,8 @@ impl Zygote {
         let mut command = Command::new(&spec.python);
         command
             .args(["-m", "pyherd_worker.zygote", "--parent-pid"])
-            .arg(std::process::id().to_string());
+            .arg(std::process::id().to_string())
+            .args(["--run-id", spec.run.id()]);
         for module in preload {
             command.arg("--preload").arg(module);
         }
@@ -164,6 +165,7 @@ impl Zygote {
             .envs(&spec.env)
             .env("PYTHONPATH", &spec.pythonpath)
             .env("PYTHONUNBUFFERED", "1")
+            .env("PYHERD_RUN_ID", &**spec.run.id())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

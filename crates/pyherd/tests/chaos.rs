@@ -61,8 +61,18 @@ async fn kill_at_random(pool: Pool, stop: Arc<std::sync::atomic::AtomicBool>) ->
     killed
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn random_kills_under_load_fail_only_the_calls_in_flight_and_the_pool_heals() {
+/// What a chaos run saw.
+struct Chaos {
+    ok: usize,
+    failures: Vec<pyherd::Error>,
+    killed: HashSet<u32>,
+    restarts: u64,
+}
+
+/// `CALLS` calls of ~2 ms by `CALLERS` callers on `WORKERS` workers while a random worker
+/// is SIGKILLed every `KILL_EVERY`; checks that no call hangs and that the pool is back to
+/// full size within 1 s after the chaos stops.
+async fn chaos_run(options: pyherd::CallOptions) -> Chaos {
     let pool = testing_pool(WORKERS)
         .max_queue(CALLS)
         .queue_timeout(Duration::from_secs(60))
@@ -78,16 +88,15 @@ async fn random_kills_under_load_fail_only_the_calls_in_flight_and_the_pool_heal
         .map(|c| {
             let pool = pool.clone();
             let failures = failures.clone();
+            let options = options.clone();
             tokio::spawn(async move {
                 let mut ok = 0usize;
                 for i in (c..CALLS).step_by(CALLERS) {
                     // ~2 ms of work per call, so that kills land on calls in flight.
-                    match pool
-                        .execute("sleep", json!({"seconds": 0.002, "call": i}))
-                        .await
-                    {
+                    let args = json!({"seconds": 0.002, "call": i});
+                    match pool.execute_with("sleep", args, &options).await {
                         Ok(v) => {
-                            assert_eq!(v["slept"], 0.002);
+                            assert_eq!(v.value().unwrap()["slept"], 0.002);
                             ok += 1;
                         }
                         Err(e) => failures.lock().unwrap().push(e),
@@ -106,7 +115,6 @@ async fn random_kills_under_load_fail_only_the_calls_in_flight_and_the_pool_heal
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let killed = killer.await.unwrap();
     let stopped = Instant::now();
-
     let ok: usize = answered.into_iter().map(|r| r.unwrap()).sum();
     let failures = std::mem::take(&mut *failures.lock().unwrap());
     assert_eq!(ok + failures.len(), CALLS);
@@ -115,23 +123,6 @@ async fn random_kills_under_load_fail_only_the_calls_in_flight_and_the_pool_heal
         "only {} kills in {chaos:?}",
         killed.len()
     );
-    // Only a call in flight on a killed worker fails: with one call in flight per worker,
-    // at most one failure per kill, each naming a killed pid.
-    assert!(
-        failures.len() <= killed.len(),
-        "{} > {}",
-        failures.len(),
-        killed.len()
-    );
-    for e in &failures {
-        assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
-        let pid = e.context().pid.expect("a crash names its pid");
-        assert!(
-            killed.contains(&pid),
-            "{pid} failed a call but was not killed: {e}"
-        );
-    }
-
     // Back to full size within 1 s after the chaos stops: every killed worker replaced.
     let kills = killed.len() as u64;
     wait_until(Duration::from_secs(1), "the pool back to full size", || {
@@ -140,21 +131,66 @@ async fn random_kills_under_load_fail_only_the_calls_in_flight_and_the_pool_heal
     })
     .await;
     let healed = stopped.elapsed();
-    let stats = pool.stats();
+    let restarts = pool.stats().restarts;
     eprintln!(
-        "chaos: {CALLS} calls by {CALLERS} callers on {WORKERS} workers in {chaos:?}; {} workers killed, {} calls failed, {} restarts; full size {healed:?} after the chaos stopped",
+        "chaos (idempotent: {:?}): {CALLS} calls by {CALLERS} callers on {WORKERS} workers in {chaos:?}; {} workers killed, {} calls failed, {} retries, {restarts} restarts; full size {healed:?} after the chaos stopped",
+        options.idempotent,
         killed.len(),
         failures.len(),
-        stats.restarts
+        pool.stats().retries,
     );
     assert_eq!(pool.execute("ping", json!({})).await.unwrap()["pong"], true);
     pool.shutdown().await;
+    Chaos {
+        ok,
+        failures,
+        killed,
+        restarts,
+    }
 }
 
-/// Pings the pool every 20 ms until `stop` is set; every ping must answer within 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_kills_under_load_fail_only_the_calls_in_flight_and_the_pool_heals() {
+    let run = chaos_run(pyherd::CallOptions::new()).await;
+    // Only a call in flight on a killed worker fails: with one call in flight per worker,
+    // at most one failure per kill, each naming a killed pid.
+    assert!(
+        run.failures.len() <= run.killed.len(),
+        "{} > {}",
+        run.failures.len(),
+        run.killed.len()
+    );
+    for e in &run.failures {
+        assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
+        let pid = e.context().pid.expect("a crash names its pid");
+        assert!(
+            run.killed.contains(&pid),
+            "{pid} failed a call but was not killed: {e}"
+        );
+    }
+    assert!(run.restarts >= run.killed.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_kills_under_load_fail_no_idempotent_call() {
+    let run = chaos_run(pyherd::CallOptions::new().idempotent(true)).await;
+    assert!(
+        run.failures.is_empty(),
+        "{} idempotent calls failed: {:?}",
+        run.failures.len(),
+        run.failures.first().map(ToString::to_string)
+    );
+    assert_eq!(run.ok, CALLS);
+}
+
+/// Pings the pool every 20 ms until `stop` is set; every ping must be answered (within
+/// 2 s of queueing).
 /// Returns how many pings were answered and the slowest answer.
 async fn ping_throughout(pool: Pool, stop: Arc<std::sync::atomic::AtomicBool>) -> (u32, Duration) {
-    let options = pyherd::CallOptions::new().queue_timeout(Duration::from_secs(2));
+    // A ping is idempotent: one in flight on a worker a test kills is retried elsewhere.
+    let options = pyherd::CallOptions::new()
+        .queue_timeout(Duration::from_secs(2))
+        .idempotent(true);
     let (mut answered, mut slowest) = (0, Duration::ZERO);
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let t = Instant::now();
@@ -253,5 +289,99 @@ async fn a_handler_crashing_one_call_in_five_fails_only_those_calls_and_ping_ans
         "flaky: {crashed} of {calls} calls crashed their worker; {pings} pings answered, slowest {slowest:?}"
     );
     assert!(pings > 0);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_leaking_50_mb_per_call_is_recycled_by_rss_with_no_failed_call() {
+    let pool = chaos_pool(2).max_rss_mb(300).build().await.unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pinger = tokio::spawn(ping_throughout(pool.clone(), stop.clone()));
+    let mut held = Vec::new();
+    // One caller: the other worker is left for pings.
+    for _ in 0..24 {
+        let v = pool.execute("leak", json!({})).await.unwrap();
+        held.push(v["held_mb"].as_u64().unwrap());
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the pool back to full size",
+        || {
+            let s = pool.stats();
+            s.available + s.busy == 2 && s.starting == 0
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (pings, slowest) = pinger.await.unwrap();
+    let most = held.iter().copied().max().unwrap();
+    let restarts = pool.stats().restarts;
+    eprintln!(
+        "leak: 24 calls of +50 MB, max_rss_mb 300: at most {most} MB held, {restarts} recycles; {pings} pings answered, slowest {slowest:?}"
+    );
+    // A worker past 300 MiB after a call is recycled: none ever holds much more.
+    assert!(most <= 350, "a worker held {most} MB");
+    assert!(restarts >= 3, "{restarts}");
+    for w in pool.workers() {
+        assert!(w.rss_mb.unwrap_or(0) < 400, "{w:?}");
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacements_that_fail_at_import_do_not_stop_ping_and_the_pool_heals_when_they_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("broken");
+    let pool = chaos_pool(2)
+        .handlers(common::fixture("breakable.py"))
+        .env("PYHERD_TEST_BREAK_FILE", marker.to_string_lossy())
+        .build()
+        .await
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pinger = tokio::spawn(ping_throughout(pool.clone(), stop.clone()));
+    std::fs::write(&marker, "").unwrap();
+    let victim = pool.workers()[0].pid.unwrap();
+    sigkill(victim);
+    // Its replacements fail at import, again and again; the other worker answers pings.
+    wait_until(
+        Duration::from_secs(10),
+        "replacements failing at import",
+        || pool.stats().available + pool.stats().busy == 1 && pool.stats().starting == 1,
+    )
+    .await;
+    // Five failed starts in a row open the spawn breaker; it names the import failure.
+    wait_until(Duration::from_secs(30), "the spawn breaker to open", || {
+        pool.spawn_failure().is_some()
+    })
+    .await;
+    let e = pool.spawn_failure().unwrap();
+    assert_eq!(e.kind(), &ErrorKind::SpawnFailing, "{e}");
+    assert!(
+        e.context()
+            .stderr_tail
+            .as_deref()
+            .is_some_and(|t| t.contains("broken on purpose")),
+        "{e:?}"
+    );
+    assert_eq!(pool.stats().restarts, 0);
+    std::fs::remove_file(&marker).unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the pool back to full size",
+        || {
+            let s = pool.stats();
+            s.available + s.busy == 2 && s.restarts == 1
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (pings, slowest) = pinger.await.unwrap();
+    eprintln!(
+        "import failure: {pings} pings answered while replacements failed, slowest {slowest:?}"
+    );
+    assert!(pings > 10, "{pings}");
+    assert!(pool.execute("alive", json!({})).await.unwrap()["pid"].is_u64());
+    assert!(pool.spawn_failure().is_none());
     pool.shutdown().await;
 }

@@ -283,3 +283,45 @@ async fn shutdown_and_drop_end_the_zygote_and_every_forked_worker() {
     })
     .await;
 }
+
+/// The `--preload` arguments of the zygote's command line.
+fn zygote_preloads(zygote: u32) -> Vec<String> {
+    let cmdline = std::fs::read(format!("/proc/{zygote}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    args.windows(2)
+        .filter(|w| w[0] == "--preload")
+        .map(|w| w[1].clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_preload_the_dspy_adapter_is_imported_by_the_zygote_too() {
+    let pool = pyherd::Pool::builder()
+        .workers(1)
+        .handlers("pyherd_worker.dspy_adapter")
+        .preload("dspy")
+        .startup_timeout(std::time::Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    let zygote = pool.zygote_pid().expect("a zygote is up");
+    assert_eq!(
+        zygote_preloads(zygote),
+        ["dspy", "pyherd_worker.dspy_adapter"]
+    );
+    assert_eq!(started_by(&pool), [StartedBy::Fork]);
+    assert!(pool.handlers().iter().any(|h| h == "execute_program"));
+    pool.shutdown().await;
+    // Without the adapter among the handlers, only the named modules are preloaded.
+    let pool = probe_pool(1)
+        .preload("preloaded_fixture")
+        .build()
+        .await
+        .unwrap();
+    let zygote = pool.zygote_pid().expect("a zygote is up");
+    assert_eq!(zygote_preloads(zygote), ["preloaded_fixture"]);
+    pool.shutdown().await;
+}

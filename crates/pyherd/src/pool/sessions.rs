@@ -16,6 +16,8 @@ use super::{CallOptions, Pool, Reply};
 use crate::error::{Error, ErrorKind};
 use crate::session::{Program, Session, SessionUpdate, check_id, program_not_found};
 
+/// The handlers module of the DSPy adapter.
+pub(crate) const DSPY_MODULE: &str = "pyherd_worker.dspy_adapter";
 /// The adapter name the DSPy handler module announces in its `hello`.
 pub(crate) const DSPY_ADAPTER: &str = "dspy";
 

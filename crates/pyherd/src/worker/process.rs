@@ -51,6 +51,30 @@ pub(crate) struct LaunchSpec {
     pub(crate) run: Arc<Run>,
 }
 
+impl LaunchSpec {
+    /// `python -m <module>` with the workers' environment (the caller's variables,
+    /// `PYTHONPATH` with the package first, the run id), stdin and stdout closed, stderr
+    /// piped, in the working directory, killed if dropped.
+    pub(crate) fn python_command(&self, module: &str) -> Command {
+        let mut command = Command::new(&self.python);
+        // The caller's variables first: PYTHONPATH already has theirs after the package's.
+        command
+            .args(["-m", module])
+            .envs(&self.env)
+            .env("PYTHONPATH", &self.pythonpath)
+            .env("PYTHONUNBUFFERED", "1")
+            .env("PYHERD_RUN_ID", &**self.run.id())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(dir) = &self.working_dir {
+            command.current_dir(dir);
+        }
+        command
+    }
+}
+
 /// How a call on this worker ended.
 pub(crate) enum CallResult {
     /// The worker answered (a result or a Python-side error); it is fine.
@@ -154,26 +178,12 @@ impl WorkerProcess {
         id: Arc<str>,
     ) -> Result<Self, Error> {
         let (host, [child_requests, child_replies]) = HostPipes::new()?;
-        let mut command = Command::new(&spec.python);
+        let mut command = spec.python_command("pyherd_worker");
         command
-            .args(["-m", "pyherd_worker"])
             .args(worker_args(spec, &id))
             .arg("--parent-pid")
-            .arg(std::process::id().to_string());
-        // The caller's variables first: PYTHONPATH already has theirs after the package's.
-        command
-            .envs(&spec.env)
-            .env("PYTHONPATH", &spec.pythonpath)
-            .env("PYTHONUNBUFFERED", "1")
-            .env("PYHERD_WORKER_ID", &*id)
-            .env("PYHERD_RUN_ID", &**spec.run.id())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        if let Some(dir) = &spec.working_dir {
-            command.current_dir(dir);
-        }
+            .arg(std::process::id().to_string())
+            .env("PYHERD_WORKER_ID", &*id);
         let mut child = spawner
             .spawn(command, child_requests, child_replies)
             .await

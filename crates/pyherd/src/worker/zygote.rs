@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +26,7 @@ use serde::Deserialize;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
@@ -153,25 +152,13 @@ impl Zygote {
             .map_err(|e| failed(format!("cannot register the zygote's pipe: {e}")))?;
         let mut reports = FramedRead::new(reports, protocol::codec(MAX_REPORT_BYTES));
 
-        let mut command = Command::new(&spec.python);
+        let mut command = spec.python_command("pyherd_worker.zygote");
         command
-            .args(["-m", "pyherd_worker.zygote", "--parent-pid"])
+            .arg("--parent-pid")
             .arg(std::process::id().to_string())
             .args(["--run-id", spec.run.id()]);
         for module in preload {
             command.arg("--preload").arg(module);
-        }
-        command
-            .envs(&spec.env)
-            .env("PYTHONPATH", &spec.pythonpath)
-            .env("PYTHONUNBUFFERED", "1")
-            .env("PYHERD_RUN_ID", &**spec.run.id())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        if let Some(dir) = &spec.working_dir {
-            command.current_dir(dir);
         }
         let began = Instant::now();
         let mut child = spawner

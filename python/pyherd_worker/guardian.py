@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Set, Tuple
 
+from .options import flag_pairs
+
 RUN_ID_VAR = b"PYHERD_RUN_ID"
 RUN_ID_FLAG = b"--run-id"
 SETTLE_S = 0.01
@@ -149,11 +151,7 @@ def wait_for_eof(fd: int = 0) -> None:
 
 def _parse_args(argv: List[str]) -> Dict[str, Optional[str]]:
     opts: Dict[str, Optional[str]] = {"run_id": None, "registry": None}
-    it = iter(argv)
-    for flag in it:
-        value = next(it, None)
-        if value is None:
-            raise SystemExit(f"pyherd guardian: {flag} needs a value")
+    for flag, value in flag_pairs(argv, "pyherd guardian"):
         if flag == "--run-id":
             opts["run_id"] = value
         elif flag == "--registry":

@@ -11,6 +11,7 @@ import traceback
 from typing import Any, BinaryIO, Dict, List, Optional
 
 from . import PROTOCOL_VERSION, handlers, protocol
+from .options import flag_pairs
 
 REQUEST_FD = 3
 REPLY_FD = 4
@@ -195,11 +196,7 @@ def watch_parent(parent: Optional[int], interval: float = PARENT_CHECK_INTERVAL_
 
 def _parse_args(argv: List[str]) -> Dict[str, Any]:
     opts: Dict[str, Any] = {"worker_id": "w0", "max_frame_bytes": 64 * 1024 * 1024, "handlers": [], "parent_pid": None, "run_id": None}
-    it = iter(argv)
-    for flag in it:
-        value = next(it, None)
-        if value is None:
-            raise SystemExit(f"pyherd_worker: {flag} needs a value")
+    for flag, value in flag_pairs(argv, "pyherd_worker"):
         if flag == "--worker-id":
             opts["worker_id"] = value
         elif flag == "--max-frame-bytes":

@@ -35,6 +35,7 @@ import traceback
 from typing import Any, Dict, List, Optional, Set
 
 from . import protocol, runtime
+from .options import flag_pairs
 
 CONTROL_FD = 3
 REPORT_FD = 4
@@ -48,11 +49,7 @@ CHILD_FAILED = 70
 
 def _parse_args(argv: List[str]) -> Dict[str, Any]:
     opts: Dict[str, Any] = {"preload": [], "parent_pid": None, "run_id": None}
-    it = iter(argv)
-    for flag in it:
-        value = next(it, None)
-        if value is None:
-            raise SystemExit(f"pyherd_worker.zygote: {flag} needs a value")
+    for flag, value in flag_pairs(argv, "pyherd_worker.zygote"):
         if flag == "--preload":
             opts["preload"].append(value)
         elif flag == "--parent-pid":

@@ -36,7 +36,8 @@ impl Shared {
         self.queued.load(Ordering::Relaxed) > starting
     }
 
-    /// After admitting a call: wakes a parked slot if the pool is under pressure.
+    /// After admitting a call, and when a worker takes one: wakes a parked slot if the
+    /// pool is under pressure.
     pub(super) fn relieve_pressure(&self) {
         if self.under_pressure() {
             self.life.wake.notify_one();

@@ -158,6 +158,8 @@ impl Slot {
                 bump(counter);
             }
             self.go(WorkerState::Busy, "call");
+            // Calls admitted while this worker was still idle saw no pressure.
+            shared.relieve_pressure();
             if let Some(ending) = self.run_job(worker, job, limit).await {
                 return ending;
             }

@@ -10,7 +10,7 @@ import time
 import traceback
 from typing import Any, BinaryIO, Dict, List, Optional
 
-from . import PROTOCOL_VERSION, handlers, protocol
+from . import PROTOCOL_VERSION, handlers, logs, protocol
 from .options import flag_pairs
 
 REQUEST_FD = 3
@@ -130,7 +130,8 @@ class Worker:
             self.handler_log,
         )
         try:
-            result = handlers.invoke(h, msg.get("args"), ctx)
+            with logs.call(ctx.request_id):
+                result = handlers.invoke(h, msg.get("args"), ctx)
         except handlers.HandlerError as exc:
             return self.dumps(exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable))
         except Exception as exc:  # a handler's failure is the caller's answer, not the worker's end
@@ -217,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``python -m pyherd_worker`` (run by the host with fds 3 and 4 open)."""
     opts = _parse_args(sys.argv[1:] if argv is None else argv)
     os.dup2(2, 1)  # print() and os.write(1, ...) land in the captured stderr, never in a frame
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.install(opts["worker_id"])
     watch_parent(opts["parent_pid"])
     try:
         requests = os.fdopen(REQUEST_FD, "rb", buffering=1 << 16)

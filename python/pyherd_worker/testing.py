@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -43,6 +44,16 @@ def spam_stdout(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         os.write(1, b"raw spam line\n")
     os.write(1, b"\x00\x00\x00\x10not a frame at all")
     return {"printed": lines}
+
+
+@handler
+def log_lines(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Log ``lines`` lines (default 1) through ``ctx.log``, then one through the root logger."""
+    lines = int(args.get("lines", 1))
+    for i in range(lines):
+        ctx.log.info("handler line %d of %d", i, lines)
+    logging.getLogger().warning("root logger line")
+    return {"logged": lines + 1}
 
 
 @handler

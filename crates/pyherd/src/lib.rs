@@ -30,6 +30,7 @@ mod protocol;
 mod python;
 pub mod registry;
 pub mod session;
+mod telemetry;
 mod worker;
 
 pub use config::{Affinity, PoolConfig};

@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
+use tracing::Span;
 
 use crate::error::Error;
 use crate::pool::Reply;
@@ -23,6 +24,10 @@ pub(crate) struct Job {
     pub(crate) timeout: Duration,
     /// The worker the call's session prefers (its last worker), for affinity accounting.
     pub(crate) preferred: Option<Arc<str>>,
+    /// The call's `request` span (see [`crate::telemetry`]).
+    pub(crate) span: Span,
+    /// When the call was admitted: its queue wait runs from here.
+    pub(crate) admitted: Instant,
     state: Arc<AtomicU8>,
     reply: oneshot::Sender<Result<Reply, Error>>,
 }
@@ -39,6 +44,7 @@ impl Job {
         args: Box<RawValue>,
         session_id: Option<&str>,
         timeout: Duration,
+        span: Span,
     ) -> (Self, Ticket, oneshot::Receiver<Result<Reply, Error>>) {
         let state = Arc::new(AtomicU8::new(QUEUED));
         let (reply, answer) = oneshot::channel();
@@ -49,6 +55,8 @@ impl Job {
             session_id: session_id.map(Into::into),
             timeout,
             preferred: None,
+            span,
+            admitted: Instant::now(),
             state: state.clone(),
             reply,
         };
@@ -90,6 +98,7 @@ mod tests {
             RawValue::NULL.to_owned(),
             None,
             Duration::from_secs(1),
+            Span::none(),
         )
     }
 

@@ -25,6 +25,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::{Instrument, Span};
 
 use self::job::Job;
 use self::lifecycle::Lifecycle;
@@ -38,6 +39,7 @@ use crate::metrics::{self, Metrics, UNKNOWN_COMMAND};
 use crate::protocol::CALL_ENVELOPE_BYTES;
 use crate::registry::Run;
 use crate::session::{MemoryStore, SessionStore};
+use crate::telemetry;
 use crate::worker::{LaunchSpec, Launcher, Spawner, WorkerState};
 
 /// Options of one call; every field defaults to the pool's configuration.
@@ -574,7 +576,7 @@ async fn sweep(store: Arc<dyn SessionStore>, every: Duration, closing: Cancellat
         }
         match store.sweep().await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(expired = n, "expired sessions removed"),
+            Ok(n) => telemetry::sessions_expired(n),
             Err(e) => tracing::warn!(error = %e, "the session sweep failed"),
         }
     }
@@ -773,18 +775,42 @@ impl Pool {
         preferred: Option<Arc<str>>,
         avoid: Option<&str>,
     ) -> Result<Reply, Error> {
+        let id = self
+            .inner
+            .shared
+            .next_request
+            .fetch_add(1, Ordering::Relaxed);
+        let span = telemetry::request_span(id, command, options.session_id.as_deref());
+        let result = if known || self.inner.queue.is_closed() {
+            self.admit(id, command, args, options, preferred, avoid)
+                .instrument(span.clone())
+                .await
+        } else {
+            let mut names: Vec<&str> = self.command_names();
+            names.sort_unstable();
+            Err(Error::new(
+                ErrorKind::UnknownCommand,
+                format!("no handler named {command:?} (known: {})", names.join(", ")),
+            ))
+        };
+        telemetry::finished(&span, &result);
+        result
+    }
+
+    /// [`submit_once`](Self::submit_once) of a known command, as call `id`, inside its span.
+    async fn admit(
+        &self,
+        id: u64,
+        command: &str,
+        args: Box<RawValue>,
+        options: &CallOptions,
+        preferred: Option<Arc<str>>,
+        avoid: Option<&str>,
+    ) -> Result<Reply, Error> {
         let shared = &self.inner.shared;
         let queue = &self.inner.queue;
         if queue.is_closed() {
             return Err(shutting_down());
-        }
-        if !known {
-            let mut names: Vec<&str> = self.command_names();
-            names.sort_unstable();
-            return Err(Error::new(
-                ErrorKind::UnknownCommand,
-                format!("no handler named {command:?} (known: {})", names.join(", ")),
-            ));
         }
         let session_id = options.session_id.as_deref();
         let size =
@@ -800,10 +826,10 @@ impl Pool {
         if let Some(error) = shared.life.spawn_failing().filter(|_| !shared.serving()) {
             return Err(error);
         }
-        let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
         let timeout = options.timeout.unwrap_or(shared.config.request_timeout);
         let queue_timeout = options.queue_timeout.unwrap_or(shared.config.queue_timeout);
-        let (mut job, ticket, answer) = Job::new(id, command, args, session_id, timeout);
+        let (mut job, ticket, answer) =
+            Job::new(id, command, args, session_id, timeout, Span::current());
         if shared.queued.fetch_add(1, Ordering::Relaxed) >= shared.config.max_queue {
             shared.dequeued();
             return Err(Error::new(
@@ -986,9 +1012,10 @@ impl Pool {
         &self.inner.shared.config
     }
 
-    /// Metrics in the Prometheus text format: requests and latency by command and
-    /// outcome, queue depth, workers by state, state transitions, restarts by reason,
-    /// the spawn breaker.
+    /// Metrics in the Prometheus text format: requests, latency and execution time by
+    /// command and outcome, queue wait and depth, workers by state, each worker's RSS, CPU
+    /// time and calls, state transitions, restarts by reason, health checks, the spawn
+    /// breaker, retries and circuit breakers, sessions and affinity.
     pub fn render_metrics(&self) -> String {
         let stats = self.stats();
         let mut out = String::with_capacity(4096);
@@ -1023,6 +1050,7 @@ impl Pool {
                 .count();
             let _ = writeln!(out, "pyherd_workers{{state=\"{}\"}} {n}", state.as_str());
         }
+        metrics::render_workers(&mut out, &self.workers());
         self.inner.shared.life.render(&mut out);
         self.inner.shared.resilience.render_metrics(&mut out);
         render_session_metrics(&mut out, &stats);

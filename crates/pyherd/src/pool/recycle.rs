@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use super::lifecycle::RestartReason;
 use super::slot::{Ending, Slot};
 use super::stats::rss_bytes;
+use crate::telemetry;
 use crate::worker::WorkerProcess;
 
 /// A worker's own call limit: `max_requests` plus up to 10 % more, drawn at random per
@@ -78,7 +79,9 @@ impl Slot {
             .max_age
             .is_some_and(|age| worker.started().elapsed() >= age)
         {
-            self.retire(worker, RestartReason::MaxAge.as_str()).await;
+            let reason = RestartReason::MaxAge.as_str();
+            telemetry::worker_recycled(worker.id(), worker.pid(), reason);
+            self.retire(worker, reason).await;
             return Some(Ending::Replace(RestartReason::MaxAge));
         }
         if config

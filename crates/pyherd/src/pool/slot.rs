@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::job::Job;
 use super::lifecycle::RestartReason;
@@ -14,6 +15,7 @@ use super::stats::{SlotStatus, bump};
 use super::{Reply, Shared, shutting_down};
 use crate::error::{Error, ErrorKind};
 use crate::protocol::Call;
+use crate::telemetry;
 use crate::worker::{CallResult, WorkerProcess, WorkerState};
 
 /// First wait before retrying a replacement that failed to start; doubles up to the max.
@@ -157,10 +159,14 @@ impl Slot {
                 };
                 bump(counter);
             }
+            let waited = job.admitted.elapsed();
+            telemetry::taken(&job.span, worker.id(), waited);
+            shared.metrics.waited(waited);
             self.go(WorkerState::Busy, "call");
             // Calls admitted while this worker was still idle saw no pressure.
             shared.relieve_pressure();
-            if let Some(ending) = self.run_job(worker, job, limit).await {
+            let span = job.span.clone();
+            if let Some(ending) = self.run_job(worker, job, limit).instrument(span).await {
                 return ending;
             }
             idle_since = Instant::now();
@@ -225,6 +231,15 @@ impl Slot {
         let outcome = worker
             .call(frame, job.id, started + job.timeout, &self.shared.abort)
             .await;
+        let ran = started.elapsed();
+        let label = match &outcome {
+            CallResult::Answered(Ok(_)) => "ok",
+            CallResult::Answered(Err(e)) | CallResult::Failed(e) => e.kind().as_str(),
+            CallResult::TimedOut => "execution_timeout",
+            CallResult::Aborted => "shutting_down",
+        };
+        telemetry::executed(&job.span, ran, label);
+        self.shared.metrics.executed(&job.command, label, ran);
         match outcome {
             CallResult::Answered(answer) => {
                 // The next state before the caller hears back, so stats read after an
@@ -239,16 +254,15 @@ impl Slot {
                     Ok(result) => Ok(Reply {
                         result,
                         worker_id: worker.id().clone(),
-                        duration: started.elapsed(),
+                        duration: ran,
                     }),
                     Err(e) => Err(context(e, worker)),
                 };
                 job.answer(answer);
                 let reason = retire?;
+                telemetry::worker_recycled(worker.id(), worker.pid(), reason.as_str());
                 self.hand_back();
-                let exit = worker.stop(self.shared.config.kill_timeout).await;
-                tracing::debug!(worker = %worker.id(), exit = exit.as_deref().unwrap_or("unknown"),
-                    reason = reason.as_str(), "worker recycled");
+                worker.stop(self.shared.config.kill_timeout).await;
                 self.go(WorkerState::Stopped, reason.as_str());
                 Some(Ending::Replace(reason))
             }

@@ -53,7 +53,7 @@ pub struct PoolStats {
 }
 
 /// A snapshot of one worker, from [`Pool::workers`](crate::Pool::workers).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct WorkerInfo {
     /// The worker's id (`w1`, `w2`, …; a replacement gets a new one).
@@ -68,6 +68,9 @@ pub struct WorkerInfo {
     pub rss_bytes: Option<u64>,
     /// The same in MiB (rounded down): what `max_rss_mb` is compared with.
     pub rss_mb: Option<u64>,
+    /// CPU time the Python process has used (user plus system), in seconds, from
+    /// `/proc/<pid>/stat`.
+    pub cpu_seconds: Option<f64>,
     /// Milliseconds since the process was spawned (its age).
     pub uptime_ms: u64,
     /// How the process was started: `spawn`, or `fork` from the zygote (with `preload`).
@@ -229,6 +232,7 @@ impl SlotStatus {
             requests: self.requests.load(Ordering::Relaxed),
             rss_bytes,
             rss_mb: rss_bytes.map(|b| b >> 20),
+            cpu_seconds: p.pid.and_then(cpu_seconds),
             uptime_ms: u64::try_from(p.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             started_by: p.started_by,
         })
@@ -243,9 +247,35 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     Some(pages * u64::try_from(page).ok()?)
 }
 
+/// CPU time (user plus system) of a process in seconds, from `/proc/<pid>/stat` (fields
+/// 14 and 15, in clock ticks).
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    Some((user + system) as f64 / ticks as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_of_this_process_grows_and_of_a_missing_one_is_none() {
+        let before = cpu_seconds(std::process::id()).unwrap();
+        let began = Instant::now();
+        let mut x = 0u64;
+        while began.elapsed() < std::time::Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = cpu_seconds(std::process::id()).unwrap();
+        assert!(after > before, "{before} -> {after}");
+        assert_eq!(cpu_seconds(u32::MAX), None);
+    }
 
     #[test]
     fn rss_of_this_process_is_plausible_and_of_a_missing_one_is_none() {

@@ -18,6 +18,7 @@ const FILES: &[(&str, &str)] = embed!(
     "dspy_adapter.py",
     "guardian.py",
     "handlers.py",
+    "logs.py",
     "options.py",
     "protocol.py",
     "runtime.py",

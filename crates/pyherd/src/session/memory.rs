@@ -159,6 +159,7 @@ impl MemoryStore {
             },
         );
         state.created += 1;
+        crate::telemetry::session_created(&session.id, ttl);
         Ok(session)
     }
 }

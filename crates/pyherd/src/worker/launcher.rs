@@ -160,7 +160,7 @@ async fn fork(
         .fork(&id, &worker_args(spec, &id), [requests, replies, err_write])
         .await?;
     let tail = Arc::new(StderrTail::default());
-    let stderr_task = stderr::drain(err_read, id.clone(), tail.clone());
+    let stderr_task = stderr::drain(err_read, id.clone(), forked.pid, tail.clone());
     let launched = Launched {
         pid: forked.pid,
         exit: ExitWatch::Forked {

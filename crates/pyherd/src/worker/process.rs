@@ -30,6 +30,7 @@ use super::stderr::{self, StderrTail};
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, Hello, Message};
 use crate::registry::{Run, RunEntry};
+use crate::telemetry;
 
 /// How long a worker whose pipe closed gets to finish exiting before SIGKILL.
 const DYING_PATIENCE: Duration = Duration::from_secs(1);
@@ -157,6 +158,8 @@ pub(crate) struct WorkerProcess {
     hello: Hello,
     started: Instant,
     started_by: StartedBy,
+    /// Whether its exit was logged (a worker is ended once, `end` may run again).
+    exit_told: bool,
     /// Its line in the run registry, removed when the worker is dropped (after its end).
     _registered: RunEntry,
 }
@@ -192,7 +195,7 @@ impl WorkerProcess {
         let began = Instant::now();
         let tail = Arc::new(StderrTail::default());
         let stderr_task = match child.stderr.take() {
-            Some(err) => stderr::drain(err, id.clone(), tail.clone()),
+            Some(err) => stderr::drain(err, id.clone(), pid, tail.clone()),
             None => tokio::spawn(async {}),
         };
         let launched = Launched {
@@ -244,15 +247,16 @@ impl WorkerProcess {
             },
             started: began,
             started_by,
+            exit_told: false,
             _registered: registered,
         };
         match tokio::time::timeout(spec.startup_timeout, worker.replies.next()).await {
             Ok(Some(Ok(frame))) => match protocol::decode(&frame) {
                 Ok(Message::Hello(hello)) => {
                     worker.hello = hello;
-                    tracing::debug!(worker = %worker.id, pid, python = %worker.hello.python,
-                        json = %worker.hello.json, started_by = started_by.as_str(),
-                        ms = worker.started.elapsed().as_millis() as u64, "worker ready");
+                    let ms =
+                        u64::try_from(worker.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    telemetry::worker_spawned(&worker.id, pid, started_by, ms);
                     Ok(worker)
                 }
                 // A handler module raised at import: Python says why.
@@ -452,7 +456,11 @@ impl WorkerProcess {
             self.signal(Signal::SIGKILL);
         }
         stderr::finish(&mut self.stderr_task, STDERR_FLUSH).await;
-        self.exit.as_ref().map(ToString::to_string)
+        let status = self.exit.as_ref().map(ToString::to_string);
+        if !std::mem::replace(&mut self.exit_told, true) {
+            telemetry::worker_exited(&self.id, self.pid, status.as_deref().unwrap_or("unknown"));
+        }
+        status
     }
 
     async fn wait_exit(&mut self, within: Duration) -> bool {

@@ -1,6 +1,7 @@
 //! A worker's stderr (and stdout, which points at it): drained concurrently so the
-//! worker never blocks on a full pipe, logged with the worker id at a bounded rate, and
-//! its last lines kept for error context.
+//! worker never blocks on a full pipe, logged (target `pyherd::python`, with the worker
+//! id and pid) at a bounded rate with a count of the lines suppressed, and its last lines
+//! kept for error context.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -77,12 +78,46 @@ impl RateLimit {
     }
 }
 
-/// Drains `stderr` until the worker closes it; the task ends by itself.
-pub(crate) fn drain<R>(stderr: R, worker_id: Arc<str>, tail: Arc<StderrTail>) -> JoinHandle<()>
+/// How long the output must stay quiet before lines suppressed by the rate limit are
+/// reported (they are also reported with the next line logged, and at the end).
+const QUIET_REPORT: Duration = Duration::from_secs(1);
+
+/// Where the lines come from: the worker id (or `zygote`) and its pid.
+struct Source {
+    worker: Arc<str>,
+    pid: u32,
+}
+
+impl Source {
+    fn line(&self, line: &str) {
+        tracing::info!(target: "pyherd::python", worker = %self.worker, pid = self.pid, "{line}");
+    }
+
+    /// Reports the lines the rate limit dropped since the last report, if any.
+    fn suppressed(&self, limit: &mut RateLimit) {
+        if limit.suppressed > 0 {
+            tracing::warn!(target: "pyherd::python", worker = %self.worker, pid = self.pid,
+                suppressed = limit.suppressed, "python output was rate-limited: {} lines suppressed", limit.suppressed);
+            limit.suppressed = 0;
+        }
+    }
+}
+
+/// Drains `stderr` of process `pid` until it closes it; the task ends by itself.
+pub(crate) fn drain<R>(
+    stderr: R,
+    worker_id: Arc<str>,
+    pid: u32,
+    tail: Arc<StderrTail>,
+) -> JoinHandle<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
+        let source = Source {
+            worker: worker_id,
+            pid,
+        };
         let mut stderr = stderr;
         let mut buf = Vec::with_capacity(8192);
         let mut limit = RateLimit::new();
@@ -91,17 +126,25 @@ where
                 .trim_end_matches('\r')
                 .to_owned();
             if limit.allow(Instant::now()) {
-                if limit.suppressed > 0 {
-                    tracing::warn!(target: "pyherd::python", worker = %worker_id, suppressed = limit.suppressed, "python output was rate-limited");
-                    limit.suppressed = 0;
-                }
-                tracing::info!(target: "pyherd::python", worker = %worker_id, "{line}");
+                source.suppressed(limit);
+                source.line(&line);
             }
             tail.push(line);
         };
         let mut chunk = [0u8; 8192];
         loop {
-            let n = match stderr.read(&mut chunk).await {
+            let read = if limit.suppressed > 0 {
+                match tokio::time::timeout(QUIET_REPORT, stderr.read(&mut chunk)).await {
+                    Ok(read) => read,
+                    Err(_) => {
+                        source.suppressed(&mut limit);
+                        continue;
+                    }
+                }
+            } else {
+                stderr.read(&mut chunk).await
+            };
+            let n = match read {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
@@ -123,6 +166,7 @@ where
         if !buf.is_empty() {
             emit(&buf, &mut limit);
         }
+        source.suppressed(&mut limit);
     })
 }
 
@@ -144,7 +188,7 @@ mod tests {
         let (reader, writer) = tokio::io::duplex(64);
         drop(writer);
         let tail = Arc::new(StderrTail::default());
-        let mut task = drain(reader, "w1".into(), tail);
+        let mut task = drain(reader, "w1".into(), 1, tail);
         finish(&mut task, Duration::from_secs(5)).await;
         assert!(task.is_finished());
         finish(&mut task, Duration::from_secs(5)).await;

@@ -167,7 +167,7 @@ impl Zygote {
             .map_err(|e| failed(format!("cannot start {}: {e}", spec.python.display())))?;
         let tail = Arc::new(StderrTail::default());
         let stderr_task = match child.stderr.take() {
-            Some(err) => stderr::drain(err, LOG_NAME.into(), tail.clone()),
+            Some(err) => stderr::drain(err, LOG_NAME.into(), child.id().unwrap_or(0), tail.clone()),
             None => tokio::spawn(async {}),
         };
         let mut zygote = Self {

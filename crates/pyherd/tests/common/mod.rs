@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: real pools of real Python workers.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod capture;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

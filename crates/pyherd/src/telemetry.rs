@@ -11,7 +11,7 @@ use std::fmt::Display;
 use std::time::Duration;
 
 use tracing::Span;
-use tracing::field::Empty;
+use tracing::field::{Empty, display};
 
 use crate::error::Error;
 use crate::pool::Reply;
@@ -27,8 +27,8 @@ pub(crate) fn request_span(
     tracing::debug_span!(
         "request",
         request_id = %request_id,
-        command,
-        session_id,
+        command = %command,
+        session_id = session_id.map(display),
         worker = Empty,
         queue_wait_us = Empty,
         execution_us = Empty,
@@ -38,19 +38,19 @@ pub(crate) fn request_span(
 
 /// A worker took the call after it waited `waited` in the queue.
 pub(crate) fn taken(span: &Span, worker: &str, waited: Duration) {
-    span.record("worker", worker);
+    span.record("worker", display(worker));
     span.record("queue_wait_us", micros(waited));
 }
 
 /// The worker answered (or failed) after `ran`.
 pub(crate) fn executed(span: &Span, ran: Duration, outcome: &str) {
     span.record("execution_us", micros(ran));
-    tracing::debug!(parent: span, execution_us = micros(ran), outcome, "call executed");
+    tracing::debug!(parent: span, execution_us = micros(ran), outcome = %outcome, "call executed");
 }
 
 /// The call's final outcome, as its caller sees it.
 pub(crate) fn finished(span: &Span, result: &Result<Reply, Error>) {
-    span.record("outcome", outcome(result));
+    span.record("outcome", display(outcome(result)));
 }
 
 /// `ok`, or the error's kind: the `outcome` of spans and metrics.
@@ -63,22 +63,22 @@ pub(crate) fn outcome(result: &Result<Reply, Error>) -> &str {
 
 /// A worker said hello: started `how` (spawn or fork) in `ms` milliseconds.
 pub(crate) fn worker_spawned(worker: &str, pid: u32, how: StartedBy, ms: u64) {
-    tracing::info!(worker, pid, how = how.as_str(), ms, "worker spawned");
+    tracing::info!(worker = %worker, pid, how = %how.as_str(), ms, "worker spawned");
 }
 
 /// A worker process ended; `status` is its exit code or signal.
 pub(crate) fn worker_exited(worker: &str, pid: u32, status: &str) {
-    tracing::info!(worker, pid, status, "worker exited");
+    tracing::info!(worker = %worker, pid, status = %status, "worker exited");
 }
 
 /// A worker is retired to be replaced (`max_requests`, `max_rss`, `max_age`).
 pub(crate) fn worker_recycled(worker: &str, pid: u32, reason: &str) {
-    tracing::info!(worker, pid, reason, "worker recycled");
+    tracing::info!(worker = %worker, pid, reason = %reason, "worker recycled");
 }
 
 /// A session was created (explicitly or by its first call).
 pub(crate) fn session_created(session_id: &str, ttl: Duration) {
-    tracing::info!(session_id, ttl_s = ttl.as_secs(), "session created");
+    tracing::info!(session_id = %session_id, ttl_s = ttl.as_secs(), "session created");
 }
 
 /// The session sweep removed `expired` sessions whose TTL passed.

@@ -256,6 +256,7 @@ async fn ten_thousand_lines_are_rate_limited_and_the_suppressed_ones_counted() {
     })
     .await;
     let (logged, suppressed) = accounted();
+    eprintln!("{LINES} lines: {logged} logged, {suppressed} counted as suppressed");
     assert!(logged < 2_000, "{logged} lines logged");
     assert!(suppressed > 8_000, "{suppressed} lines suppressed");
     let reports: Vec<Seen> = python_lines(&captured)

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -172,15 +172,22 @@ fn the_dashboard_shows_the_workers_and_its_charts_follow_the_load() {
         "{}",
         png.len()
     );
-    drop(page);
-    drop(browser);
+
+    // The server goes away: the page says so instead of freezing its last picture.
     server.terminate();
+    page.wait_for(
+        "document.body.dataset.status === 'error' && !document.getElementById('notice').hidden",
+        "the page to notice the server is gone",
+    );
+    let title = page.eval("document.getElementById('notice-title').textContent");
+    assert_eq!(title, "Cannot load the data");
 }
 
 #[test]
-fn the_page_sends_the_token_from_its_address_and_explains_a_401() {
+fn the_page_sends_the_token_from_its_address_and_explains_a_401_or_a_503() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (base, seen) = runtime.block_on(refusing_server());
+    let status = Arc::new(AtomicU16::new(401));
+    let (base, seen) = runtime.block_on(refusing_server(status.clone()));
     let browser = Chromium::launch();
     let mut page = Driver::start(&browser);
     page.navigate(&format!("{base}/#token=s3cret"));
@@ -207,11 +214,23 @@ fn the_page_sends_the_token_from_its_address_and_explains_a_401() {
         "the token form",
     );
     assert!(seen.lock().unwrap().iter().all(String::is_empty));
+
+    status.store(503, Ordering::Relaxed);
+    page.wait_for(
+        "document.body.dataset.status === 'error' && document.getElementById('token-form').hidden",
+        "the page to show the server's error",
+    );
+    let text = page.eval("document.getElementById('notice-text').textContent");
+    assert!(
+        text.as_str().unwrap().contains("refused on purpose"),
+        "{text}"
+    );
 }
 
-/// A server that serves the dashboard's page and refuses every API call with 401, as a
-/// server started with a token does; it notes each call's `Authorization` header.
-async fn refusing_server() -> (String, Arc<Mutex<Vec<String>>>) {
+/// A server that serves the dashboard's page and refuses every API call with `status`
+/// (401, as a server started with a token does, or any other error); it notes each
+/// call's `Authorization` header.
+async fn refusing_server(status: Arc<AtomicU16>) -> (String, Arc<Mutex<Vec<String>>>) {
     use axum::http::{HeaderMap, StatusCode, Uri, header};
     use axum::response::{Html, IntoResponse};
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -222,7 +241,7 @@ async fn refusing_server() -> (String, Arc<Mutex<Vec<String>>>) {
             axum::routing::get(|| async { Html(include_str!("../assets/dashboard.html")) }),
         )
         .fallback(move |uri: Uri, headers: HeaderMap| {
-            let noted = noted.clone();
+            let (noted, status) = (noted.clone(), status.clone());
             async move {
                 let auth = headers
                     .get(header::AUTHORIZATION)
@@ -232,10 +251,11 @@ async fn refusing_server() -> (String, Arc<Mutex<Vec<String>>>) {
                 if uri.path().starts_with("/v1/") {
                     noted.lock().unwrap().push(auth.to_owned());
                 }
-                let error = json!({"ok": false, "error": {"category": "invalid_request",
-                    "kind": "unauthorized", "message": "a bearer token is required",
+                let error = json!({"ok": false, "error": {"category": "system",
+                    "kind": "refused", "message": "refused on purpose",
                     "retryable": false, "context": {}}});
-                (StatusCode::UNAUTHORIZED, axum::Json(error)).into_response()
+                let status = StatusCode::from_u16(status.load(Ordering::Relaxed)).unwrap();
+                (status, axum::Json(error)).into_response()
             }
         });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

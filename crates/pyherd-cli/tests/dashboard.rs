@@ -190,7 +190,7 @@ fn the_page_sends_the_token_from_its_address_and_explains_a_401_or_a_503() {
     let (base, seen) = runtime.block_on(refusing_server(status.clone()));
     let browser = Chromium::launch();
     let mut page = Driver::start(&browser);
-    page.navigate(&format!("{base}/#token=s3cret"));
+    page.navigate(&format!("{base}/#token=s3c+r/t%3D"));
     page.wait_for(
         "document.body.dataset.status === 'unauthorized'",
         "the page to say a token is needed",
@@ -205,7 +205,10 @@ fn the_page_sends_the_token_from_its_address_and_explains_a_401_or_a_503() {
     );
     let headers = seen.lock().unwrap().clone();
     assert!(!headers.is_empty());
-    assert!(headers.iter().all(|h| h == "Bearer s3cret"), "{headers:?}");
+    assert!(
+        headers.iter().all(|h| h == "Bearer s3c+r/t="),
+        "{headers:?}"
+    );
 
     seen.lock().unwrap().clear();
     page.navigate(&format!("{base}/"));
@@ -214,6 +217,11 @@ fn the_page_sends_the_token_from_its_address_and_explains_a_401_or_a_503() {
         "the token form",
     );
     assert!(seen.lock().unwrap().iter().all(String::is_empty));
+    page.eval(
+        "document.getElementById('token-input').value = 'typed+in'; \
+         document.getElementById('token-form').requestSubmit(); location.hash",
+    );
+    wait_until_seen(&seen, "Bearer typed+in");
 
     status.store(503, Ordering::Relaxed);
     page.wait_for(
@@ -225,6 +233,19 @@ fn the_page_sends_the_token_from_its_address_and_explains_a_401_or_a_503() {
         text.as_str().unwrap().contains("refused on purpose"),
         "{text}"
     );
+}
+
+/// Waits (bounded) until the refusing server saw `header` on a call.
+fn wait_until_seen(seen: &Mutex<Vec<String>>, header: &str) {
+    let start = Instant::now();
+    while !seen.lock().unwrap().iter().any(|h| h == header) {
+        assert!(
+            start.elapsed() < LIMIT,
+            "no call with {header:?}: {:?}",
+            seen.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A server that serves the dashboard's page and refuses every API call with `status`

@@ -36,7 +36,10 @@ mod worker;
 pub use config::{Affinity, PoolConfig};
 pub use error::{Category, Error, ErrorContext, ErrorKind};
 pub use policy::{Backoff, BreakerInfo, BreakerState, Recovery};
-pub use pool::{CallOptions, HOST_WORKER_ID, Pool, PoolBuilder, PoolStats, Reply, WorkerInfo};
+pub use pool::{
+    CallOptions, HOST_WORKER_ID, Pool, PoolBuilder, PoolStats, RecentError, Reply, Timeline,
+    TimelineSample, WorkerInfo,
+};
 pub use worker::{StartedBy, WorkerState};
 
 /// The README's Rust examples compile as doc tests, so they stay true.

@@ -1,8 +1,9 @@
 //! The HTTP API of `pyherd serve`, by concern: calls (`execute`), sessions and programs
-//! (`sessions`), operations (`admin`), and the one mapping from errors to status codes
-//! (`error`).
+//! (`sessions`), operations (`admin`), the live dashboard (`dashboard`), and the one
+//! mapping from errors to status codes (`error`).
 
 mod admin;
+mod dashboard;
 mod error;
 mod execute;
 mod sessions;
@@ -53,6 +54,8 @@ pub(crate) fn router(pool: Pool) -> Router {
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(admin::metrics))
+        .route("/", get(dashboard::page))
+        .route("/v1/timeline", get(dashboard::timeline))
         .fallback(admin::not_found)
         .method_not_allowed_fallback(admin::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

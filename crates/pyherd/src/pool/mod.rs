@@ -10,6 +10,7 @@ mod scale;
 mod sessions;
 mod slot;
 mod stats;
+mod timeline;
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
@@ -33,6 +34,7 @@ use self::retry::Resilience;
 use self::slot::Slot;
 use self::stats::{Counters, SlotStatus, bump};
 pub use self::stats::{PoolStats, WorkerInfo};
+pub use self::timeline::{RecentError, Timeline, TimelineSample};
 use crate::config::{Affinity, PoolConfig};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::{self, Metrics, UNKNOWN_COMMAND};
@@ -189,6 +191,8 @@ pub(crate) struct Shared {
     /// Transition and restart counts, the spawn breaker, the slots in service.
     life: Lifecycle,
     metrics: Metrics,
+    /// The last ten minutes second by second, and the last errors.
+    timeline: timeline::Recorder,
     /// Retry policy, idempotent commands and circuit breakers.
     resilience: Resilience,
     next_request: AtomicU64,
@@ -510,6 +514,7 @@ impl PoolBuilder {
             counters: Counters::default(),
             life: Lifecycle::new(workers.len(), min_workers, max_workers),
             metrics: Metrics::default(),
+            timeline: timeline::Recorder::new(),
             resilience,
             next_request: AtomicU64::new(1),
             next_worker,
@@ -538,6 +543,10 @@ impl PoolBuilder {
         tokio::spawn(sweep(
             shared.store.clone(),
             sweep_every,
+            shared.closing.clone(),
+        ));
+        tokio::spawn(timeline::sample_every_second(
+            Arc::downgrade(&shared),
             shared.closing.clone(),
         ));
         Ok(Pool {
@@ -728,6 +737,7 @@ impl Pool {
     fn count(&self, label: &str, error: Option<&Error>, started: Instant) {
         let shared = &self.inner.shared;
         bump(&shared.counters.requests);
+        shared.timeline.record(label, started.elapsed(), error);
         match error {
             None => shared.metrics.observe(label, "ok", started.elapsed()),
             Some(e) => {
@@ -933,6 +943,18 @@ impl Pool {
             shared.life.live()
         };
         stats
+    }
+
+    /// The last ten minutes, one sample per second: calls finished ok and failed, their
+    /// latency percentiles (queue wait + execution), queue depth and busy workers.
+    pub fn timeline(&self) -> Timeline {
+        self.inner.shared.timeline.timeline()
+    }
+
+    /// The last 50 errors calls ended with, oldest first: time, command, category, kind,
+    /// message (cut to 300 characters) and the worker that failed the call.
+    pub fn recent_errors(&self) -> Vec<RecentError> {
+        self.inner.shared.timeline.recent_errors()
     }
 
     /// Every worker's id, pid, state, calls answered, RSS, age and how it was started. A

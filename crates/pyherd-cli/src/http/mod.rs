@@ -1,11 +1,17 @@
 //! The HTTP API of `pyherd serve`, by concern: calls (`execute`), sessions and programs
 //! (`sessions`), operations (`admin`), and the one mapping from errors to status codes
-//! (`error`).
+//! (`error`); the accept loop and its limits (`server`, `limits`) and the token (`auth`).
 
 mod admin;
+mod auth;
 mod error;
 mod execute;
+mod limits;
+mod server;
 mod sessions;
+
+pub(crate) use auth::{Token, check_bind};
+pub(crate) use server::{Limits, serve};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;

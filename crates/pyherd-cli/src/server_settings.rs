@@ -235,7 +235,9 @@ mod tests {
         let configured = file(&format!("token = \"{SECRET}\"\n")).unwrap();
         assert!(format!("{configured:?}").contains("***"));
         assert!(!format!("{configured:?}").contains(SECRET));
-        let settings = ServerArgs::default().resolve(&configured, anywhere).unwrap();
+        let settings = ServerArgs::default()
+            .resolve(&configured, anywhere)
+            .unwrap();
         assert!(settings.token.is_some());
         let both = ServerArgs {
             token: Some(SECRET.into()),

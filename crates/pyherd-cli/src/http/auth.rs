@@ -119,7 +119,12 @@ mod tests {
     fn only_the_same_token_matches() {
         let token = Token::new(SECRET).unwrap();
         assert!(token.matches(SECRET.as_bytes()));
-        for other in ["", "0123456789abcde", "0123456789abcdeF", "0123456789abcdef0"] {
+        for other in [
+            "",
+            "0123456789abcde",
+            "0123456789abcdeF",
+            "0123456789abcdef0",
+        ] {
             assert!(!token.matches(other.as_bytes()), "{other:?}");
         }
     }
@@ -149,7 +154,10 @@ mod tests {
         assert!(check_bind(at("127.8.9.1:1"), false, false).is_ok());
         assert!(check_bind(at("[::1]:7878"), false, false).is_ok());
         let e = check_bind(at("0.0.0.0:7878"), false, false).unwrap_err();
-        assert!(e.contains("--token-file") && e.contains("--insecure"), "{e}");
+        assert!(
+            e.contains("--token-file") && e.contains("--insecure"),
+            "{e}"
+        );
         assert!(check_bind(at("[::]:7878"), false, false).is_err());
         assert!(check_bind(at("0.0.0.0:7878"), true, false).is_ok());
         assert!(check_bind(at("0.0.0.0:7878"), false, true).is_ok());

@@ -62,11 +62,10 @@ pub(crate) async fn read_body(
                 ))
                 .into_response();
             }
-            next.run(Request::from_parts(parts, Body::from(bytes))).await
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
         }
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            too_large(limits.max_bytes)
-        }
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => too_large(limits.max_bytes),
         Ok(Err(e)) => closing(ApiError::malformed(format!(
             "cannot read the request body: {e}"
         ))),
@@ -186,7 +185,12 @@ mod tests {
         ] {
             assert!(check_type(&typed(ok)).is_none(), "{ok}");
         }
-        for refused in ["text/plain", "multipart/form-data; boundary=x", "text/xml", ""] {
+        for refused in [
+            "text/plain",
+            "multipart/form-data; boundary=x",
+            "text/xml",
+            "",
+        ] {
             assert!(check_type(&typed(refused)).is_some(), "{refused}");
         }
     }

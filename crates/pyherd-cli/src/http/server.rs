@@ -182,7 +182,10 @@ mod tests {
         let answer = String::from_utf8(too_many_connections(3)).unwrap();
         let (head, body) = answer.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
-        assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
         let body: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(body["error"]["kind"], "too_many_connections");
         assert!(body["error"]["message"].as_str().unwrap().contains('3'));

@@ -545,13 +545,26 @@ fn limits_out_of_range_refuse_to_start_with_exit_code_2() {
         (&["--config", &config], "max_header_bytes"),
     ];
     for (args, key) in cases {
-        let out = common::pyherd(None)
+        let mut child = common::pyherd(None)
             .args(["serve", "--bind", "127.0.0.1:0", "--workers", "1"])
             .args(args)
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let Some(status) = common::wait_exit(&mut child, Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pyherd serve {args:?} did not exit by itself");
+        };
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(key), "{args:?}: {stderr}");
     }
 }

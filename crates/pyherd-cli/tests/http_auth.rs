@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -122,18 +122,28 @@ async fn without_a_token_nothing_asks_for_one() {
     assert_eq!(status, 200);
 }
 
-/// Runs `pyherd serve ARGS` to its end; exit code and stderr.
+/// Runs `pyherd serve ARGS`, which must exit by itself within 30 s; exit code, stderr.
 fn serve_refused(args: &[&str], dir: Option<&std::path::Path>) -> (Option<i32>, String) {
-    let out = pyherd(dir)
+    let mut child = pyherd(dir)
         .arg("serve")
         .args(args)
         .stdout(Stdio::null())
-        .output()
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let Some(status) = common::wait_exit(&mut child, Duration::from_secs(30)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("pyherd serve {args:?} did not exit by itself");
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.code(), stderr)
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod cleanup;
 mod exec;
 mod http;
 mod serve;
+mod server_settings;
 mod settings;
 mod setup;
 

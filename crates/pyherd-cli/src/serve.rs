@@ -1,4 +1,5 @@
-//! `pyherd serve`: the HTTP API over a pool, with graceful shutdown on SIGTERM/SIGINT.
+//! `pyherd serve`: the HTTP API over a pool, with graceful shutdown on SIGTERM/SIGINT. A
+//! non-loopback address without a token (or `--insecure`) is refused with exit code 2.
 
 use std::io::Write;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use pyherd::PoolBuilder;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::http;
+use crate::server_settings::ServerArgs;
 use crate::settings::{PoolArgs, bind_address};
 
 #[derive(Args)]
@@ -17,12 +19,21 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "PYHERD_BIND")]
     bind: Option<String>,
     #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
     pool: PoolArgs,
 }
 
 pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
     let settings = args.pool.resolve()?;
     let addr = bind_address(args.bind.as_deref(), settings.bind.as_deref())?;
+    let server = match args.server.resolve(&settings.server, addr) {
+        Ok(server) => server,
+        Err(refusal) => {
+            eprintln!("pyherd: {refusal:#}");
+            return Ok(2);
+        }
+    };
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let workers = settings.pool.workers;
@@ -47,9 +58,13 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         .context("cannot write to stdout")?;
 
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = axum::serve(listener, http::router(pool.clone()))
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
-    let server = tokio::spawn(async move { server.await });
+    let server = tokio::spawn(http::serve(
+        listener,
+        pool.clone(),
+        server.token,
+        server.limits,
+        stop.clone().cancelled_owned(),
+    ));
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
         _ = interrupt.recv() => tracing::info!("SIGINT: draining"),
@@ -62,10 +77,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         _ = terminate.recv() => pool.shutdown_with(Duration::ZERO).await,
         _ = interrupt.recv() => pool.shutdown_with(Duration::ZERO).await,
     }
-    server
-        .await
-        .context("the HTTP server task failed")?
-        .context("the HTTP server failed")?;
+    server.await.context("the HTTP server task failed")?;
     tracing::info!("stopped");
     Ok(0)
 }

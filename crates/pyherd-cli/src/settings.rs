@@ -10,6 +10,8 @@ use anyhow::{Context, bail};
 use clap::Args;
 use pyherd::{Affinity, Backoff, PoolConfig};
 
+use crate::server_settings::ServerFile;
+
 /// The default address of `serve`.
 pub(crate) const DEFAULT_BIND: &str = "127.0.0.1:7878";
 /// The file read when `--config` is not given (if it exists).
@@ -145,8 +147,8 @@ pub(crate) struct PoolArgs {
     pub(crate) state_dir: Option<PathBuf>,
 }
 
-/// The configuration file's keys: the pool's, plus `bind`, `dspy`, `state_dir` and
-/// `requirements`.
+/// The configuration file's keys: the pool's, plus `bind`, `dspy`, `state_dir`,
+/// `requirements` and the server's (`token`, limits: see `server_settings`).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct FileSettings {
     pub(crate) pool: PoolConfig,
@@ -154,6 +156,8 @@ pub(crate) struct FileSettings {
     pub(crate) dspy: bool,
     pub(crate) state_dir: Option<PathBuf>,
     pub(crate) requirements: Option<Vec<String>>,
+    /// The server's token and limits.
+    pub(crate) server: ServerFile,
     /// The file names the interpreter (then the state directory's environment is not used).
     python_set: bool,
 }
@@ -165,6 +169,8 @@ pub(crate) struct Settings {
     pub(crate) bind: Option<String>,
     pub(crate) state_dir: PathBuf,
     pub(crate) requirements: Vec<String>,
+    /// The server's token and limits, as the file gives them.
+    pub(crate) server: ServerFile,
     /// The interpreter of the state directory's environment, when the pool uses it.
     pub(crate) venv_python: Option<PathBuf>,
 }
@@ -210,6 +216,7 @@ impl PoolArgs {
             bind: file.bind,
             state_dir,
             requirements,
+            server: file.server,
             venv_python: venv,
         })
     }
@@ -353,6 +360,7 @@ fn parse_file(text: &str) -> anyhow::Result<FileSettings> {
                 .context("`requirements` must be a list of pip requirement strings")?,
         ),
     };
+    let server = ServerFile::take(&mut table)?;
     let python_set = table.contains_key("python");
     let pool: PoolConfig = toml::Value::Table(table).try_into()?;
     Ok(FileSettings {
@@ -361,6 +369,7 @@ fn parse_file(text: &str) -> anyhow::Result<FileSettings> {
         dspy,
         state_dir,
         requirements,
+        server,
         python_set,
     })
 }

@@ -1,12 +1,19 @@
 //! The HTTP API of `pyherd serve`, by concern: calls (`execute`), sessions and programs
 //! (`sessions`), operations (`admin`), the live dashboard (`dashboard`), and the one
-//! mapping from errors to status codes (`error`).
+//! mapping from errors to status codes (`error`); the accept loop and its limits
+//! (`server`, `limits`) and the token (`auth`).
 
 mod admin;
+mod auth;
 mod dashboard;
 mod error;
 mod execute;
+mod limits;
+mod server;
 mod sessions;
+
+pub(crate) use auth::{Token, check_bind};
+pub(crate) use server::{Limits, serve};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;

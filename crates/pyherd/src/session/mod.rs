@@ -236,14 +236,17 @@ pub struct SessionStats {
     pub global_programs: usize,
 }
 
-/// Refuses ids that are empty, longer than [`MAX_ID_LEN`] or hold characters outside
-/// `A-Z a-z 0-9 - _ . :` (ids travel in URL paths and logs).
+/// Refuses ids that are empty, longer than [`MAX_ID_LEN`], hold characters outside
+/// `A-Z a-z 0-9 - _ . :`, or are the path segments `.` and `..` (ids travel in URL paths,
+/// where clients resolve those away, and in logs).
 ///
 /// # Errors
 /// `invalid_request/invalid_id`.
 pub fn check_id(what: &str, id: &str) -> Result<(), Error> {
     let valid = !id.is_empty()
         && id.len() <= MAX_ID_LEN
+        && id != "."
+        && id != ".."
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
@@ -254,7 +257,8 @@ pub fn check_id(what: &str, id: &str) -> Result<(), Error> {
         Err(Error::new(
             ErrorKind::InvalidId,
             format!(
-                "{what} id {shown:?} is not 1..={MAX_ID_LEN} characters of A-Z a-z 0-9 - _ . :"
+                "{what} id {shown:?} is not 1..={MAX_ID_LEN} characters of A-Z a-z 0-9 - _ . : \
+                 (nor `.` or `..`)"
             ),
         ))
     }
@@ -336,7 +340,8 @@ mod tests {
         for good in ["a", "user-1", "s_2.x:y", &"x".repeat(MAX_ID_LEN)] {
             check_id("session", good).unwrap();
         }
-        for bad in ["", "../etc", "a b", "é", "a/b", &"x".repeat(MAX_ID_LEN + 1)] {
+        let long = "x".repeat(MAX_ID_LEN + 1);
+        for bad in ["", ".", "..", "../etc", "a b", "é", "a/b", "a\0b", &long] {
             let e = check_id("session", bad).unwrap_err();
             assert_eq!(e.kind(), &ErrorKind::InvalidId, "{bad:?}");
         }

@@ -1,4 +1,5 @@
-//! `pyherd serve`: the HTTP API over a pool, with graceful shutdown on SIGTERM/SIGINT.
+//! `pyherd serve`: the HTTP API over a pool, with graceful shutdown on SIGTERM/SIGINT
+//! and a zero-downtime reload of the handler code on SIGHUP.
 
 use std::io::Write;
 use std::time::Duration;
@@ -25,6 +26,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
     let addr = bind_address(args.bind.as_deref(), settings.bind.as_deref())?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     let workers = settings.pool.workers;
     if let Some(python) = &settings.venv_python {
         tracing::info!(python = %python.display(), "using the environment of pyherd setup");
@@ -50,9 +52,17 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
     let server = axum::serve(listener, http::router(pool.clone()))
         .with_graceful_shutdown(stop.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
-        _ = interrupt.recv() => tracing::info!("SIGINT: draining"),
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: draining"),
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the handler code");
+                reload(pool.clone());
+                continue;
+            }
+        }
+        break;
     }
     // Stop taking connections and calls at once; calls in flight finish within the grace,
     // unless a second signal says not to wait.
@@ -68,4 +78,14 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         .context("the HTTP server failed")?;
     tracing::info!("stopped");
     Ok(0)
+}
+
+/// Reloads the pool in the background (the pool logs each step and the outcome; a
+/// failed reload leaves the old workers serving). A reload asked for while one runs
+/// waits for it.
+fn reload(pool: pyherd::Pool) {
+    tokio::spawn(async move {
+        // The pool logs the outcome: `reload done`, or `reload failed` with the error.
+        let _ = pool.reload().await;
+    });
 }

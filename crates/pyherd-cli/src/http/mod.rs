@@ -5,6 +5,7 @@
 mod admin;
 mod error;
 mod execute;
+mod reload;
 mod sessions;
 
 use axum::Router;
@@ -50,6 +51,7 @@ pub(crate) fn router(pool: Pool) -> Router {
         )
         .route("/v1/stats", get(admin::stats))
         .route("/v1/workers", get(admin::workers))
+        .route("/v1/reload", post(reload::reload))
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(admin::metrics))

@@ -296,3 +296,40 @@ async fn concurrent_reloads_run_one_after_the_other() {
     all_answer(&pool, "v2-new").await;
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_slots_are_left_alone_and_grow_with_the_new_code() {
+    let dir = handler_dir("v1");
+    let pool = pool_in(dir.path(), 1).max_workers(3).build().await.unwrap();
+    write_version(dir.path(), "v2-new");
+    let report = pool.reload().await.unwrap();
+    assert_eq!(
+        report.workers.len(),
+        1,
+        "only the slot in service: {report:?}"
+    );
+    assert_eq!(reload_restarts(&pool), 1);
+    let calls: Vec<_> = (0..12)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.execute_with("version", json!({}), &CallOptions::new())
+                    .await
+                    .map(|r| r.decode::<String>().unwrap())
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), "v2-new");
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_shut_down_refuses_to_reload() {
+    let dir = handler_dir("v1");
+    let pool = pool_in(dir.path(), 1).build().await.unwrap();
+    pool.shutdown().await;
+    let error = pool.reload().await.unwrap_err();
+    assert_eq!(error.kind(), &ErrorKind::ShuttingDown, "{error}");
+}

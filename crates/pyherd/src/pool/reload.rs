@@ -123,11 +123,10 @@ impl Pool {
             Error::new(error.kind().clone(), message)
                 .with_context(|c| c.clone_from(error.context()))
         };
-        let renewed = shared
-            .launcher
-            .renew_zygote()
-            .await
-            .map_err(|e| failed(e, 0))?;
+        let renewed = tokio::select! {
+            renewed = shared.launcher.renew_zygote() => renewed.map_err(|e| failed(e, 0))?,
+            () = shared.closing.cancelled() => return Err(shutting_down()),
+        };
         let zygote_pid = renewed.then(|| self.zygote_pid()).flatten();
         let mut workers = Vec::with_capacity(total);
         for slot in &shared.slots {

@@ -62,17 +62,20 @@ impl Drop for Keeper {
 impl Keeper {
     /// Starts the task keeping a zygote; returns once its first attempt is over, with
     /// that attempt's failure if it failed.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the task and its zygote end with the keeper.
     async fn start(zygotes: Zygotes) -> (Self, Option<Error>) {
         let current = Arc::default();
         let stop = CancellationToken::new();
         let (first, first_over) = oneshot::channel();
         let task = tokio::spawn(keep(zygotes, Arc::clone(&current), stop.clone(), first));
-        let failure = first_over.await.ok().flatten();
         let keeper = Self {
             current,
             stop,
             task: Mutex::new(Some(task)),
         };
+        let failure = first_over.await.ok().flatten();
         (keeper, failure)
     }
 
@@ -131,6 +134,9 @@ impl Launcher {
     /// # Errors
     /// When the new zygote does not get ready (a preload module raised at import, it
     /// timed out, it died): it is stopped and the old one stays.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a new zygote not yet in use is killed.
     pub(crate) async fn renew_zygote(&self) -> Result<bool, Error> {
         if self.preload.is_empty() {
             return Ok(false);

@@ -1,6 +1,6 @@
 //! `pyherd`: run a pool of Python workers as an HTTP service (`serve`), for one call
-//! (`exec`), or under load (`bench`); `setup` makes the Python environment they use;
-//! `cleanup` ends what crashed runs left behind.
+//! (`exec`), or under load (`bench`); `status` shows a running server's workers; `setup`
+//! makes the Python environment they use; `cleanup` ends what crashed runs left behind.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod bench;
@@ -12,6 +12,7 @@ mod serve;
 mod server_settings;
 mod settings;
 mod setup;
+mod status;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -33,12 +34,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the HTTP API until SIGTERM/SIGINT, then drain gracefully
+    /// Serve the HTTP API until SIGTERM/SIGINT, then drain gracefully; SIGHUP reloads
+    /// the handler code with no failed call
     Serve(serve::ServeArgs),
     /// Start a pool, run one call, print its result (or its error on stderr)
     Exec(exec::ExecArgs),
     /// Start a pool and measure throughput and latency of one command
     Bench(bench::BenchArgs),
+    /// Show the workers and stats of a running server (once, or live with --watch)
+    Status(status::StatusArgs),
     /// Create the Python environment (in the state directory) with the requirements
     Setup(setup::SetupArgs),
     /// Kill what runs whose host died left behind (the sweep a pool runs at start)
@@ -63,7 +67,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Exec(_) | Command::Bench(_) | Command::Setup(_) | Command::Cleanup(_) => "warn",
+        Command::Exec(_)
+        | Command::Bench(_)
+        | Command::Status(_)
+        | Command::Setup(_)
+        | Command::Cleanup(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -87,6 +95,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Exec(args) => exec::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Status(args) => status::run(args).await,
             Command::Setup(args) => setup::run(args).await,
             Command::Cleanup(args) => cleanup::run(&args),
         }

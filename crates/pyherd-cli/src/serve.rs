@@ -1,5 +1,6 @@
-//! `pyherd serve`: the HTTP API over a pool, with graceful shutdown on SIGTERM/SIGINT. A
-//! non-loopback address without a token (or `--insecure`) is refused with exit code 2.
+//! `pyherd serve`: the HTTP API over a pool, with graceful shutdown on SIGTERM/SIGINT
+//! and a zero-downtime reload of the handler code on SIGHUP. A non-loopback address
+//! without a token (or `--insecure`) is refused with exit code 2.
 
 use std::io::Write;
 use std::time::Duration;
@@ -36,6 +37,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
     };
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     let workers = settings.pool.workers;
     if let Some(python) = &settings.venv_python {
         tracing::info!(python = %python.display(), "using the environment of pyherd setup");
@@ -65,9 +67,17 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         server.limits,
         stop.clone().cancelled_owned(),
     ));
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
-        _ = interrupt.recv() => tracing::info!("SIGINT: draining"),
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: draining"),
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the handler code");
+                reload(pool.clone());
+                continue;
+            }
+        }
+        break;
     }
     // Stop taking connections and calls at once; calls in flight finish within the grace,
     // unless a second signal says not to wait.
@@ -80,4 +90,14 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
     server.await.context("the HTTP server task failed")?;
     tracing::info!("stopped");
     Ok(0)
+}
+
+/// Reloads the pool in the background (the pool logs each step and the outcome; a
+/// failed reload leaves the old workers serving). A reload asked for while one runs
+/// waits for it.
+fn reload(pool: pyherd::Pool) {
+    tokio::spawn(async move {
+        // The pool logs the outcome: `reload done`, or `reload failed` with the error.
+        let _ = pool.reload().await;
+    });
 }

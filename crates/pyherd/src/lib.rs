@@ -37,8 +37,8 @@ pub use config::{Affinity, PoolConfig};
 pub use error::{Category, Error, ErrorContext, ErrorKind};
 pub use policy::{Backoff, BreakerInfo, BreakerState, Recovery};
 pub use pool::{
-    CallOptions, HOST_WORKER_ID, Pool, PoolBuilder, PoolStats, RecentError, Reply, Timeline,
-    TimelineSample, WorkerInfo,
+    CallOptions, HOST_WORKER_ID, Pool, PoolBuilder, PoolStats, RecentError, ReloadReport,
+    ReloadedWorker, Reply, Timeline, TimelineSample, WorkerInfo,
 };
 pub use worker::{StartedBy, WorkerState};
 

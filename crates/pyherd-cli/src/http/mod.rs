@@ -9,6 +9,7 @@ mod dashboard;
 mod error;
 mod execute;
 mod limits;
+mod reload;
 mod server;
 mod sessions;
 
@@ -58,6 +59,7 @@ pub(crate) fn router(pool: Pool) -> Router {
         )
         .route("/v1/stats", get(admin::stats))
         .route("/v1/workers", get(admin::workers))
+        .route("/v1/reload", post(reload::reload))
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(admin::metrics))

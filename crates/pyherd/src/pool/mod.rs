@@ -5,6 +5,7 @@ mod job;
 mod lifecycle;
 mod lifecycle_builder;
 mod recycle;
+mod reload;
 mod retry;
 mod scale;
 mod sessions;
@@ -30,6 +31,7 @@ use tracing::{Instrument, Span};
 
 use self::job::Job;
 use self::lifecycle::Lifecycle;
+pub use self::reload::{ReloadReport, ReloadedWorker};
 use self::retry::Resilience;
 use self::slot::Slot;
 use self::stats::{Counters, SlotStatus, bump};
@@ -174,6 +176,8 @@ impl Reply {
 pub(crate) struct SlotHandle {
     status: Arc<SlotStatus>,
     direct: async_channel::Sender<Job>,
+    /// Replacement workers from a reload.
+    swap: async_channel::Sender<reload::Swap>,
 }
 
 /// State shared by the pool handle and its slot tasks.
@@ -202,6 +206,8 @@ pub(crate) struct Shared {
     abort: CancellationToken,
     /// Cancelled when shutdown begins: background upkeep (the session sweep) stops.
     closing: CancellationToken,
+    /// Held by the reload in progress: reloads run one after the other.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -486,6 +492,7 @@ impl PoolBuilder {
         let mut directs = Vec::with_capacity(max_workers);
         for i in 0..max_workers {
             let (direct, receiver) = async_channel::unbounded();
+            let (swap, swaps) = async_channel::bounded(1);
             let status = match workers.get(i) {
                 Some(w) => {
                     let status = SlotStatus::new(w.id().clone(), w.started());
@@ -497,8 +504,9 @@ impl PoolBuilder {
             slots.push(SlotHandle {
                 status: Arc::new(status),
                 direct,
+                swap,
             });
-            directs.push(receiver);
+            directs.push((receiver, swaps));
         }
         let next_worker = AtomicU64::new(config.workers as u64 + 1);
         let sweep_every = config.session_sweep_interval;
@@ -520,10 +528,11 @@ impl PoolBuilder {
             next_worker,
             abort: CancellationToken::new(),
             closing: CancellationToken::new(),
+            reloading: tokio::sync::Mutex::new(()),
         });
         let tracker = TaskTracker::new();
         let mut workers = workers.into_iter();
-        for (handle, direct) in shared.slots.iter().zip(directs) {
+        for (handle, (direct, swaps)) in shared.slots.iter().zip(directs) {
             let worker = workers.next();
             if worker.is_some() {
                 handle
@@ -536,6 +545,7 @@ impl PoolBuilder {
                 queue: incoming.clone(),
                 direct,
                 requeue: queue.clone(),
+                swaps,
             };
             tracker.spawn(slot.run(worker));
         }

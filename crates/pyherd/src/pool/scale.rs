@@ -55,6 +55,11 @@ impl Slot {
                 biased;
                 () = shared.closing.cancelled() => return false,
                 () = shared.life.wake.notified() => {}
+                // A parked slot has no worker to reload: a later one starts with new code.
+                Ok(swap) = self.swaps.recv() => {
+                    swap.refuse();
+                    continue;
+                }
             }
             if shared.under_pressure() && shared.life.try_unpark() {
                 tracing::info!(

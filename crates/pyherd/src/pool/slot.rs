@@ -11,6 +11,7 @@ use tracing::Instrument;
 use super::job::Job;
 use super::lifecycle::RestartReason;
 use super::recycle;
+use super::reload::Swap;
 use super::stats::{SlotStatus, bump};
 use super::{Reply, Shared, shutting_down};
 use crate::error::{Error, ErrorKind};
@@ -31,6 +32,8 @@ pub(crate) struct Slot {
     pub(crate) direct: async_channel::Receiver<Job>,
     /// The pool's queue, to hand back affinity calls when this slot's worker is lost.
     pub(crate) requeue: async_channel::Sender<Job>,
+    /// Replacement workers from a reload, taken between calls.
+    pub(crate) swaps: async_channel::Receiver<Swap>,
 }
 
 /// Why `serve` returned.
@@ -42,6 +45,8 @@ pub(super) enum Ending {
     Park,
     /// The pool is shutting down; the slot ends.
     Stop,
+    /// A reload brought a replacement: the worker was drained, the new one takes over.
+    Reload(Box<Swap>),
 }
 
 impl Slot {
@@ -64,8 +69,10 @@ impl Slot {
                     self.hand_back();
                     self.unpark().await
                 }
+                Ending::Reload(swap) => Some(self.install(*swap)),
             };
         }
+        self.refuse_swaps();
         self.direct.close();
         while let Ok(job) = self.direct.try_recv() {
             self.shared.dequeued();
@@ -127,6 +134,10 @@ impl Slot {
                     tracing::warn!(worker = %worker.id(), error = %fault, "worker lost while idle");
                     self.go(WorkerState::Stopped, "crashed");
                     return Ending::Replace(RestartReason::Crashed);
+                }
+                Ok(swap) = self.swaps.recv() => {
+                    self.retire(worker, RestartReason::Reload.as_str()).await;
+                    return Ending::Reload(Box::new(swap));
                 }
                 Ok(job) = self.direct.recv() => job,
                 job = self.queue.recv() => match job {

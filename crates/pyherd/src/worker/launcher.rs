@@ -29,11 +29,16 @@ const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// A zygote that lived this long restarts after the shortest wait again.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
-/// Starts the pool's workers; fixed when the pool is built.
+/// Starts the pool's workers; fixed when the pool is built, but for the zygote, which a
+/// reload replaces (see [`Launcher::renew_zygote`]).
 pub(crate) struct Launcher {
     spec: Arc<LaunchSpec>,
     spawner: Spawner,
-    zygote: Option<Keeper>,
+    preload: Vec<String>,
+    /// The zygote workers are forked from (`None` without `preload`).
+    zygote: Mutex<Option<Arc<Keeper>>>,
+    /// Zygotes a reload replaced, kept while workers forked from them may still run.
+    retired: Mutex<Vec<Arc<Keeper>>>,
 }
 
 /// The task keeping the zygote, and the zygote it currently has.
@@ -55,10 +60,38 @@ impl Drop for Keeper {
 }
 
 impl Keeper {
+    /// Starts the task keeping a zygote; returns once its first attempt is over, with
+    /// that attempt's failure if it failed.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the task and its zygote end with the keeper.
+    async fn start(zygotes: Zygotes) -> (Self, Option<Error>) {
+        let current = Arc::default();
+        let stop = CancellationToken::new();
+        let (first, first_over) = oneshot::channel();
+        let task = tokio::spawn(keep(zygotes, Arc::clone(&current), stop.clone(), first));
+        let keeper = Self {
+            current,
+            stop,
+            task: Mutex::new(Some(task)),
+        };
+        let failure = first_over.await.ok().flatten();
+        (keeper, failure)
+    }
+
     /// The zygote, while it is up.
     fn link(&self) -> Option<Arc<ZygoteLink>> {
         let current = self.current.lock().ok()?;
         current.as_ref().filter(|link| link.is_up()).cloned()
+    }
+
+    /// Ends the task: the zygote is killed and reaped (and with it any worker it forked).
+    async fn stop(&self) {
+        self.stop.cancel();
+        let task = self.task.lock().ok().and_then(|mut task| task.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 }
 
@@ -66,46 +99,81 @@ impl Launcher {
     /// A launcher; with `preload`, it starts the zygote and returns once that first
     /// attempt is over (the zygote is ready, or workers will be spawned for now).
     pub(crate) async fn new(spec: LaunchSpec, spawner: Spawner, preload: Vec<String>) -> Self {
-        let spec = Arc::new(spec);
-        if preload.is_empty() {
-            return Self {
-                spec,
-                spawner,
-                zygote: None,
-            };
-        }
-        let current = Arc::default();
-        let stop = CancellationToken::new();
-        let (first, first_over) = oneshot::channel();
-        let task = tokio::spawn(keep(
-            Zygotes {
-                spec: spec.clone(),
-                spawner: spawner.clone(),
-                preload,
-            },
-            Arc::clone(&current),
-            stop.clone(),
-            first,
-        ));
-        let _ = first_over.await;
-        Self {
-            spec,
+        let mut launcher = Self {
+            spec: Arc::new(spec),
             spawner,
-            zygote: Some(Keeper {
-                current,
-                stop,
-                task: Mutex::new(Some(task)),
-            }),
+            preload,
+            zygote: Mutex::default(),
+            retired: Mutex::default(),
+        };
+        if !launcher.preload.is_empty() {
+            // A failed first attempt was logged; the keeper retries unless preload failed.
+            let (keeper, _) = Keeper::start(launcher.zygotes()).await;
+            launcher.zygote = Mutex::new(Some(Arc::new(keeper)));
+        }
+        launcher
+    }
+
+    fn zygotes(&self) -> Zygotes {
+        Zygotes {
+            spec: self.spec.clone(),
+            spawner: self.spawner.clone(),
+            preload: self.preload.clone(),
+        }
+    }
+
+    fn keeper(&self) -> Option<Arc<Keeper>> {
+        self.zygote.lock().ok()?.clone()
+    }
+
+    /// With `preload`, starts a new zygote (which imports the preload modules anew) and
+    /// forks later workers from it; the old one is retired, kept until
+    /// [`end_retired_zygotes`](Self::end_retired_zygotes) since its workers still serve.
+    /// Returns whether a zygote was renewed.
+    ///
+    /// # Errors
+    /// When the new zygote does not get ready (a preload module raised at import, it
+    /// timed out, it died): it is stopped and the old one stays.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a new zygote not yet in use is killed.
+    pub(crate) async fn renew_zygote(&self) -> Result<bool, Error> {
+        if self.preload.is_empty() {
+            return Ok(false);
+        }
+        let (keeper, failure) = Keeper::start(self.zygotes()).await;
+        if let Some(error) = failure {
+            keeper.stop().await;
+            return Err(error);
+        }
+        let old = self
+            .zygote
+            .lock()
+            .ok()
+            .and_then(|mut current| current.replace(Arc::new(keeper)));
+        if let (Some(old), Ok(mut retired)) = (old, self.retired.lock()) {
+            retired.push(old);
+        }
+        Ok(true)
+    }
+
+    /// Ends the zygotes a reload replaced, once no worker forked from them is left.
+    pub(crate) async fn end_retired_zygotes(&self) {
+        let retired = self
+            .retired
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default();
+        for keeper in retired {
+            keeper.stop().await;
         }
     }
 
     /// Ends the zygote (killed and reaped) for good; workers started later are spawned.
     pub(crate) async fn stop(&self) {
-        let Some(keeper) = &self.zygote else { return };
-        keeper.stop.cancel();
-        let task = keeper.task.lock().ok().and_then(|mut task| task.take());
-        if let Some(task) = task {
-            let _ = task.await;
+        self.end_retired_zygotes().await;
+        if let Some(keeper) = self.keeper() {
+            keeper.stop().await;
         }
     }
 
@@ -116,7 +184,7 @@ impl Launcher {
 
     /// The zygote's pid while one is up.
     pub(crate) fn zygote_pid(&self) -> Option<u32> {
-        self.zygote.as_ref()?.link().map(|link| link.pid())
+        self.keeper()?.link().map(|link| link.pid())
     }
 
     /// Starts worker `id` and waits for its `hello`: a fork from the zygote when it is up
@@ -128,7 +196,7 @@ impl Launcher {
     /// # Cancel safety
     /// Cancel safe: a process started for a dropped call is killed.
     pub(crate) async fn start(&self, id: Arc<str>) -> Result<WorkerProcess, Error> {
-        if let Some(link) = self.zygote.as_ref().and_then(Keeper::link) {
+        if let Some(link) = self.keeper().and_then(|keeper| keeper.link()) {
             match fork(&self.spec, &link, id.clone()).await {
                 Ok(started) => return started,
                 Err(ForkError::Lost(why)) => {
@@ -183,12 +251,12 @@ struct Zygotes {
 }
 
 /// Keeps a zygote up until `stop`: starts it, waits for it to be lost, restarts it with
-/// backoff. Says when the first attempt is over on `first`.
+/// backoff. Says when the first attempt is over on `first`, with its failure if it failed.
 async fn keep(
     zygotes: Zygotes,
     current: Arc<Mutex<Option<Arc<ZygoteLink>>>>,
     stop: CancellationToken,
-    first: oneshot::Sender<()>,
+    first: oneshot::Sender<Option<Error>>,
 ) {
     let set = |link: Option<Arc<ZygoteLink>>| {
         if let Ok(mut current) = current.lock() {
@@ -207,7 +275,7 @@ async fn keep(
             Ok(zygote) => {
                 set(Some(zygote.link()));
                 if let Some(first) = first.take() {
-                    let _ = first.send(());
+                    let _ = first.send(None);
                 }
                 let lost = zygote.lost(&stop).await;
                 set(None);
@@ -218,6 +286,9 @@ async fn keep(
                 error
             }
             Err(StartError::Preload(error)) => {
+                if let Some(first) = first.take() {
+                    let _ = first.send(Some(error.clone()));
+                }
                 tracing::warn!(error = %error, traceback = error.context().traceback.as_deref().unwrap_or(""),
                     "preload failed: no zygote, every worker is spawned");
                 return;
@@ -225,7 +296,7 @@ async fn keep(
             Err(StartError::Failed(error)) => error,
         };
         if let Some(first) = first.take() {
-            let _ = first.send(());
+            let _ = first.send(Some(error.clone()));
         }
         tracing::warn!(error = %error, exit = error.context().exit_status.as_deref().unwrap_or("unknown"),
             retry_in_ms = delay.as_millis() as u64,

@@ -35,7 +35,10 @@ mod worker;
 pub use config::{Affinity, PoolConfig};
 pub use error::{Category, Error, ErrorContext, ErrorKind};
 pub use policy::{Backoff, BreakerInfo, BreakerState, Recovery};
-pub use pool::{CallOptions, HOST_WORKER_ID, Pool, PoolBuilder, PoolStats, Reply, WorkerInfo};
+pub use pool::{
+    CallOptions, CallStream, HOST_WORKER_ID, MAX_REQUEST_ID_LEN, Pool, PoolBuilder, PoolStats,
+    Reply, STREAM_BUFFER, StreamEnd, WorkerInfo, check_request_id,
+};
 pub use worker::{StartedBy, WorkerState};
 
 /// The README's Rust examples compile as doc tests, so they stay true.

@@ -40,17 +40,19 @@ impl ApiError {
 /// The status code for a pool error.
 pub(crate) fn status_of(error: &Error) -> StatusCode {
     match error.kind() {
-        ErrorKind::UnknownCommand | ErrorKind::SessionNotFound | ErrorKind::ProgramNotFound => {
-            StatusCode::NOT_FOUND
-        }
-        ErrorKind::SessionExists => StatusCode::CONFLICT,
+        ErrorKind::UnknownCommand
+        | ErrorKind::SessionNotFound
+        | ErrorKind::ProgramNotFound
+        | ErrorKind::CallNotFound => StatusCode::NOT_FOUND,
+        ErrorKind::SessionExists | ErrorKind::Cancelled => StatusCode::CONFLICT,
         ErrorKind::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::QueueTimeout
         | ErrorKind::PoolSaturated
         | ErrorKind::ShuttingDown
         | ErrorKind::WorkerBusy
-        | ErrorKind::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+        | ErrorKind::CircuitOpen
+        | ErrorKind::TooManyStreams => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::ExecutionTimeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::WorkerCrashed | ErrorKind::LmError => StatusCode::BAD_GATEWAY,
         _ => match error.category() {
@@ -117,6 +119,10 @@ mod tests {
             (ErrorKind::InvalidId, 400),
             (ErrorKind::InvalidSignature, 400),
             (ErrorKind::SessionRequired, 400),
+            (ErrorKind::InvalidRequestId, 400),
+            (ErrorKind::CallNotFound, 404),
+            (ErrorKind::Cancelled, 409),
+            (ErrorKind::TooManyStreams, 503),
         ];
         for (kind, status) in cases {
             let e = Error::new(kind.clone(), "x");

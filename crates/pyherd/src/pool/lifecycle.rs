@@ -31,16 +31,19 @@ pub(crate) enum RestartReason {
     MaxRss,
     /// It lived `max_age_s`.
     MaxAge,
+    /// Its call was cancelled while running and it could not be stopped otherwise.
+    Cancelled,
 }
 
 impl RestartReason {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::Crashed,
         Self::Timeout,
         Self::HealthCheck,
         Self::MaxRequests,
         Self::MaxRss,
         Self::MaxAge,
+        Self::Cancelled,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -51,6 +54,7 @@ impl RestartReason {
             Self::MaxRequests => "max_requests",
             Self::MaxRss => "max_rss",
             Self::MaxAge => "max_age",
+            Self::Cancelled => "cancelled",
         }
     }
 }

@@ -16,7 +16,7 @@ const TAKEN: u8 = 1;
 const ABANDONED: u8 = 2;
 
 /// Who a call is and how it ends early: its request id and its cancellation.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(crate) struct Flight {
     pub(crate) rid: Arc<str>,
     /// Cancelled by [`crate::Pool::cancel`] or when the caller drops its future or stream.

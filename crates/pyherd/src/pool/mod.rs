@@ -29,12 +29,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::calls::Calls;
+pub use self::calls::{MAX_REQUEST_ID_LEN, check_request_id};
 use self::job::{Flight, Job};
 use self::lifecycle::Lifecycle;
 use self::retry::Resilience;
 use self::slot::Slot;
 use self::stats::{Counters, SlotStatus, bump};
-pub use self::calls::{MAX_REQUEST_ID_LEN, check_request_id};
 pub use self::stats::{PoolStats, WorkerInfo};
 pub use self::stream::{CallStream, STREAM_BUFFER, StreamEnd};
 use crate::config::{Affinity, PoolConfig};

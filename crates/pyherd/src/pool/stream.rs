@@ -209,7 +209,9 @@ impl Pool {
         if self.needs_session(command) {
             return Err(context(Error::new(
                 ErrorKind::MalformedRequest,
-                format!("{command:?} is a session command of the DSPy adapter: it cannot be streamed"),
+                format!(
+                    "{command:?} is a session command of the DSPy adapter: it cannot be streamed"
+                ),
             )));
         }
         let known = self.inner.shared.handlers.contains(command);
@@ -267,9 +269,7 @@ impl Slot {
         frame: Bytes,
         request_limit: Option<u64>,
     ) -> Option<Ending> {
-        let Some(chunks) = job.chunks.take() else {
-            return None;
-        };
+        let chunks = job.chunks.take()?;
         let started = Instant::now();
         let deadline = started + job.timeout;
         let abort = self.shared.abort.clone();
@@ -335,12 +335,7 @@ impl Slot {
     }
 
     /// The worker died or broke the protocol during a stream.
-    async fn lost(
-        &self,
-        worker: &mut WorkerProcess,
-        job: Job,
-        fault: Fault,
-    ) -> Ending {
+    async fn lost(&self, worker: &mut WorkerProcess, job: Job, fault: Fault) -> Ending {
         let error = worker.crashed(fault).await;
         tracing::warn!(worker = %worker.id(), error = %error, "worker lost during a stream");
         self.go(WorkerState::Stopped, "crashed");

@@ -110,12 +110,23 @@ struct Incoming<'a> {
 #[derive(Debug)]
 pub(crate) enum Message {
     Hello(Hello),
-    Ok { id: u64, result: Box<RawValue> },
-    Err { id: u64, error: Error },
+    Ok {
+        id: u64,
+        result: Box<RawValue>,
+    },
+    Err {
+        id: u64,
+        error: Error,
+    },
     /// One chunk of a streaming call.
-    Chunk { id: u64, data: Box<RawValue> },
+    Chunk {
+        id: u64,
+        data: Box<RawValue>,
+    },
     /// A streaming call is over.
-    End { id: u64 },
+    End {
+        id: u64,
+    },
 }
 
 /// Decodes one frame body sent by a worker; the error says how it breaks the protocol.
@@ -202,7 +213,10 @@ mod tests {
         );
         assert!(body.len() < CALL_ENVELOPE_BYTES);
         let body = serde_json::to_string(&Call::new("echo", &args, meta(true))).unwrap();
-        assert!(body.ends_with(r#""deadline_ms":99,"stream":true}"#), "{body}");
+        assert!(
+            body.ends_with(r#""deadline_ms":99,"stream":true}"#),
+            "{body}"
+        );
         assert_eq!(cancel_frame(7), br#"{"t":"cancel","id":7}"#);
     }
 

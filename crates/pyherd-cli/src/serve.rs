@@ -16,6 +16,10 @@ pub(crate) struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7878]
     #[arg(long, env = "PYHERD_BIND")]
     bind: Option<String>,
+    /// Most Server-Sent Event streams open at once; more get 503 resource/too_many_streams
+    /// [default: 64]
+    #[arg(long, env = "PYHERD_MAX_STREAMS")]
+    max_streams: Option<usize>,
     #[command(flatten)]
     pool: PoolArgs,
 }
@@ -23,6 +27,7 @@ pub(crate) struct ServeArgs {
 pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
     let settings = args.pool.resolve()?;
     let addr = bind_address(args.bind.as_deref(), settings.bind.as_deref())?;
+    let max_streams = max_streams(args.max_streams, settings.max_streams)?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let workers = settings.pool.workers;
@@ -47,7 +52,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         .context("cannot write to stdout")?;
 
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = axum::serve(listener, http::router(pool.clone()))
+    let server = axum::serve(listener, http::router(pool.clone(), max_streams))
         .with_graceful_shutdown(stop.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
     tokio::select! {
@@ -68,4 +73,26 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         .context("the HTTP server failed")?;
     tracing::info!("stopped");
     Ok(0)
+}
+
+/// The stream limit: flag/env, then the file, then the default; at least 1.
+fn max_streams(flag: Option<usize>, file: Option<usize>) -> anyhow::Result<usize> {
+    match flag.or(file).unwrap_or(http::DEFAULT_MAX_STREAMS) {
+        0 => anyhow::bail!("max_streams must be at least 1"),
+        n => Ok(n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_limit_comes_from_the_flag_then_the_file_and_is_never_zero() {
+        assert_eq!(max_streams(None, None).unwrap(), http::DEFAULT_MAX_STREAMS);
+        assert_eq!(max_streams(None, Some(5)).unwrap(), 5);
+        assert_eq!(max_streams(Some(2), Some(5)).unwrap(), 2);
+        let e = max_streams(Some(0), None).unwrap_err();
+        assert!(e.to_string().contains("max_streams"), "{e}");
+    }
 }

@@ -151,6 +151,8 @@ pub(crate) struct PoolArgs {
 pub(crate) struct FileSettings {
     pub(crate) pool: PoolConfig,
     pub(crate) bind: Option<String>,
+    /// `max_streams` of `serve`.
+    pub(crate) max_streams: Option<usize>,
     pub(crate) dspy: bool,
     pub(crate) state_dir: Option<PathBuf>,
     pub(crate) requirements: Option<Vec<String>>,
@@ -163,6 +165,7 @@ pub(crate) struct FileSettings {
 pub(crate) struct Settings {
     pub(crate) pool: PoolConfig,
     pub(crate) bind: Option<String>,
+    pub(crate) max_streams: Option<usize>,
     pub(crate) state_dir: PathBuf,
     pub(crate) requirements: Vec<String>,
     /// The interpreter of the state directory's environment, when the pool uses it.
@@ -208,6 +211,7 @@ impl PoolArgs {
         Ok(Settings {
             pool: file.pool,
             bind: file.bind,
+            max_streams: file.max_streams,
             state_dir,
             requirements,
             venv_python: venv,
@@ -335,6 +339,13 @@ fn parse_file(text: &str) -> anyhow::Result<FileSettings> {
         Some(toml::Value::String(s)) => Some(s),
         Some(other) => bail!("`bind` must be a string like \"{DEFAULT_BIND}\", not {other}"),
     };
+    let max_streams = match table.remove("max_streams") {
+        None => None,
+        Some(toml::Value::Integer(n)) => Some(
+            usize::try_from(n).with_context(|| format!("`max_streams` must be ≥ 1, not {n}"))?,
+        ),
+        Some(other) => bail!("`max_streams` must be a number of streams, not {other}"),
+    };
     let dspy = match table.remove("dspy") {
         None => false,
         Some(toml::Value::Boolean(b)) => b,
@@ -358,6 +369,7 @@ fn parse_file(text: &str) -> anyhow::Result<FileSettings> {
     Ok(FileSettings {
         pool,
         bind,
+        max_streams,
         dspy,
         state_dir,
         requirements,
@@ -525,6 +537,14 @@ mod tests {
     fn unknown_keys_and_bad_values_are_named() {
         let e = parse_file("wrokers = 2\n").unwrap_err();
         assert!(format!("{e:#}").contains("wrokers"), "{e:#}");
+        let e = parse_file("max_streams = \"many\"\n").unwrap_err();
+        assert!(e.to_string().contains("max_streams"), "{e}");
+        let e = parse_file("max_streams = -1\n").unwrap_err();
+        assert!(format!("{e:#}").contains("max_streams"), "{e:#}");
+        assert_eq!(
+            parse_file("max_streams = 3\n").unwrap().max_streams,
+            Some(3)
+        );
         let e = parse_file("bind = 7\n").unwrap_err();
         assert!(e.to_string().contains("bind"));
         assert!(bind_address(Some("nonsense"), None).is_err());

@@ -276,6 +276,9 @@ pub struct ErrorContext {
     /// The command called.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    /// The call's request id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
     /// The session the call belonged to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,

@@ -6,6 +6,9 @@ use axum::response::{IntoResponse, Response};
 use pyherd::{Category, Error, ErrorKind};
 use serde_json::json;
 
+/// The header that carries a call's request id, both ways.
+pub(crate) const REQUEST_ID: &str = "x-request-id";
+
 /// Seconds a client should wait before retrying a 503, unless the error's context says
 /// (`retry_after_ms` of an open circuit breaker, rounded up to whole seconds).
 const RETRY_AFTER_SECONDS: u64 = 1;
@@ -76,8 +79,14 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let rid = self.body["context"]["request_id"]
+            .as_str()
+            .and_then(|id| HeaderValue::from_str(id).ok());
         let body = json!({"ok": false, "error": self.body});
         let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(rid) = rid {
+            response.headers_mut().insert(REQUEST_ID, rid);
+        }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             let seconds = self.body["context"]["retry_after_ms"]
                 .as_u64()

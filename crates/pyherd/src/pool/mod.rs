@@ -747,6 +747,7 @@ impl Pool {
         let outcome = outcome.map_err(|e| {
             e.with_context(|c| {
                 c.command.get_or_insert_with(|| command.to_owned());
+                c.request_id = Some(rid.to_string());
                 if c.session_id.is_none() {
                     c.session_id.clone_from(&options.session_id);
                 }

@@ -96,7 +96,10 @@ impl CallStream {
                 });
                 None
             }
-            Err(e) => Some(Err(e)),
+            Err(e) => {
+                let rid = self.request_id.to_string();
+                Some(Err(e.with_context(|c| c.request_id = Some(rid))))
+            }
         }
     }
 }
@@ -200,9 +203,11 @@ impl Pool {
         options: &CallOptions,
     ) -> Result<CallStream, Error> {
         let entered = self.enter(options.request_id.as_deref())?;
+        let rid = entered.flight.rid.clone();
         let context = |e: Error| {
             e.with_context(|c| {
                 c.command = Some(command.to_owned());
+                c.request_id = Some(rid.to_string());
                 c.session_id.clone_from(&options.session_id);
             })
         };

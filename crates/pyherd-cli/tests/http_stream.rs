@@ -215,6 +215,19 @@ async fn execute_takes_and_answers_the_request_id() {
     .await;
     assert_eq!(response.status(), 502);
     assert_eq!(header(&response).as_deref(), Some("exec-8"));
+    let response = reqwest::Client::new()
+        .post(server.url("/v1/execute"))
+        .json(&json!({"command": "echo"}))
+        .header(
+            "x-request-id",
+            reqwest::header::HeaderValue::from_bytes(b"caf\xe9").unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["kind"], "invalid_request_id");
     let long = "x".repeat(129);
     let response = post(
         server.url("/v1/execute"),
@@ -275,12 +288,11 @@ async fn delete_cancels_a_call_in_flight() {
     assert_eq!(response.status(), 404);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["kind"], "call_not_found");
-    let response = client
-        .delete(server.url("/v1/calls/a%20b"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
+    for bad in ["a%20b", "%FF"] {
+        let url = server.url(&format!("/v1/calls/{bad}"));
+        let response = client.delete(url).send().await.unwrap();
+        assert_eq!(response.status(), 400, "{bad}");
+    }
     // The killed worker is replaced and the server serves on.
     wait_until(Duration::from_secs(20), "a replacement worker", || {
         let stats = stats.clone();

@@ -11,7 +11,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Set, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Union
 
 Func = Callable[..., Any]
 
@@ -35,12 +35,13 @@ class Context:
         self,
         worker_id: str,
         session_id: Optional[str],
-        request_id: int,
+        request_id: str,
         deadline: Optional[float],
         log: logging.Logger,
     ) -> None:
         self.worker_id = worker_id
         self.session_id = session_id
+        #: The caller's request id (``X-Request-Id`` over HTTP, or one the host made).
         self.request_id = request_id
         #: Wall-clock time (``time.time()`` seconds) at which the host gives up on this call.
         self.deadline = deadline
@@ -176,20 +177,50 @@ def load(spec: str) -> None:
 _loop: Any = None
 
 
-def invoke(h: Handler, args: Any, ctx: Context) -> Any:
-    """Run a handler and return its result (async handlers run on one event loop per worker).
+def _event_loop() -> Any:
+    """The worker's one event loop; asyncio is imported on first use only: it costs
+    ~30 ms of every start."""
+    global _loop
+    if _loop is None:
+        import asyncio
 
-    asyncio is imported on the first async call only: it costs ~30 ms of every start.
-    """
+        _loop = asyncio.new_event_loop()
+    return _loop
+
+
+def invoke(h: Handler, args: Any, ctx: Context) -> Any:
+    """Run a handler and return its result (async handlers run on one event loop per
+    worker). A generator handler's generator (sync or async) is returned unstarted: see
+    `is_stream` and `chunks`."""
     result = h.func(args, ctx) if h.takes_ctx else h.func(args)
     if h.is_async:
-        global _loop
-        if _loop is None:
-            import asyncio
-
-            _loop = asyncio.new_event_loop()
-        result = _loop.run_until_complete(result)
+        result = _event_loop().run_until_complete(result)
     return result
+
+
+def is_stream(result: Any) -> bool:
+    """Whether a handler's result is a generator (sync or async) whose items are chunks."""
+    return inspect.isgenerator(result) or inspect.isasyncgen(result)
+
+
+def chunks(gen: Any) -> Iterator[Any]:
+    """The items of a sync or async generator, one at a time; closing this iterator
+    (or finishing it) closes the generator, so its ``finally`` blocks run."""
+    if inspect.isasyncgen(gen):
+        loop = _event_loop()
+        try:
+            while True:
+                try:
+                    yield loop.run_until_complete(gen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            loop.run_until_complete(gen.aclose())
+    else:
+        try:
+            yield from gen
+        finally:
+            gen.close()
 
 
 def _rss_bytes() -> Optional[int]:

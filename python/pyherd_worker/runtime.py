@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, BinaryIO, Dict, List, Optional
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 from . import PROTOCOL_VERSION, handlers, logs, protocol
 from .options import flag_pairs
@@ -112,50 +112,123 @@ class Worker:
             }
         )
 
-    def reply_body(self, msg: Dict[str, Any]) -> bytes:
-        """Run one call and return the encoded reply (never raises for handler faults)."""
+    def _start(self, msg: Dict[str, Any]) -> Any:
+        """Look up and invoke the call's handler: ("ok", result) or ("err", frame)."""
         request_id = msg.get("id", 0)
         name = msg.get("cmd")
         h = self.handlers.get(name) if isinstance(name, str) else None
         if h is None:
             known = ", ".join(sorted(self.handlers))
-            frame = error_frame(request_id, "invalid_request", "unknown_command", f"no handler named {name!r} (known: {known})")
-            return self.dumps(frame)
+            return "err", error_frame(request_id, "invalid_request", "unknown_command", f"no handler named {name!r} (known: {known})")
         deadline_ms = msg.get("deadline_ms")
+        rid = msg.get("rid")
         ctx = handlers.Context(
             self.worker_id,
             msg.get("session_id"),
-            request_id,
+            rid if isinstance(rid, str) else str(request_id),
             deadline_ms / 1000.0 if deadline_ms is not None else None,
             self.handler_log,
         )
         try:
-            with logs.call(ctx.request_id):
-                result = handlers.invoke(h, msg.get("args"), ctx)
+            return "ok", handlers.invoke(h, msg.get("args"), ctx)
         except handlers.HandlerError as exc:
-            return self.dumps(exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable))
+            return "err", exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable)
         except Exception as exc:  # a handler's failure is the caller's answer, not the worker's end
-            return self.dumps(exception_frame(request_id, exc))
+            return "err", exception_frame(request_id, exc)
+
+    def _encode(self, frame: Dict[str, Any], what: str, name: Any) -> Tuple[bool, bytes]:
+        """(True, `frame` encoded), or (False, the encoded error frame saying why it
+        cannot be sent)."""
+        request_id = frame["id"]
         try:
-            body = self.dumps({"t": "ok", "id": request_id, "result": result})
+            body = self.dumps(frame)
         except Exception as exc:  # TypeError, ValueError, RecursionError (too deep), ...
-            frame = error_frame(
-                request_id,
-                "python",
-                "result_not_serializable",
-                f"handler {name!r} returned a value that is not JSON-serialisable: {exc}",
-                python_type=_python_type(exc),
+            return False, self.dumps(
+                error_frame(
+                    request_id,
+                    "python",
+                    "result_not_serializable",
+                    f"handler {name!r} {what} that is not JSON-serialisable: {exc}",
+                    python_type=_python_type(exc),
+                )
             )
-            return self.dumps(frame)
         if len(body) > self.max_frame_bytes:
-            frame = error_frame(
-                request_id,
-                "resource",
-                "result_too_large",
-                f"handler {name!r} returned {len(body)} bytes, over the frame limit of {self.max_frame_bytes}",
+            return False, self.dumps(
+                error_frame(
+                    request_id,
+                    "resource",
+                    "result_too_large",
+                    f"handler {name!r} {what} of {len(body)} bytes, over the frame limit of {self.max_frame_bytes}",
+                )
             )
-            return self.dumps(frame)
-        return body
+        return True, body
+
+    def reply_body(self, msg: Dict[str, Any]) -> bytes:
+        """Run one call and return the encoded reply (never raises for handler faults).
+
+        A generator handler called this way answers the list of everything it yields."""
+        request_id = msg.get("id", 0)
+        status, result = self._start(msg)
+        if status == "err":
+            return self.dumps(result)
+        if handlers.is_stream(result):
+            try:
+                result = list(handlers.chunks(result))
+            except handlers.HandlerError as exc:
+                return self.dumps(exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable))
+            except Exception as exc:
+                return self.dumps(exception_frame(request_id, exc))
+        return self._encode({"t": "ok", "id": request_id, "result": result}, "returned a value", msg.get("cmd"))[1]
+
+    def cancel_pending(self, request_id: int) -> bool:
+        """Whether the host asked to cancel call `request_id`; never blocks."""
+        fd = self.requests.fileno()
+        os.set_blocking(fd, False)
+        try:
+            waiting = self.requests.peek(1)
+        finally:
+            os.set_blocking(fd, True)
+        if not waiting:
+            return False
+        body = protocol.read_frame(self.requests)
+        if body is None:
+            return True  # the host is gone: stop as well
+        msg = self.loads(body)
+        if not isinstance(msg, dict) or msg.get("t") != "cancel":
+            raise protocol.ProtocolError(f"unexpected message during a stream: {msg!r:.80}")
+        return msg.get("id") == request_id
+
+    def stream(self, msg: Dict[str, Any]) -> None:
+        """Run one streaming call: `chunk` frames then `end`, or `err` (after the chunks
+        sent). A handler that is not a generator sends its result as the one chunk. A
+        `cancel` from the host, checked between chunks, closes the generator and answers
+        `err` `invalid_request/cancelled`."""
+        request_id = msg.get("id", 0)
+        name = msg.get("cmd")
+        status, result = self._start(msg)
+        if status == "err":
+            self.send(result)
+            return
+        items = handlers.chunks(result) if handlers.is_stream(result) else (x for x in (result,))
+        try:
+            for item in items:
+                sendable, body = self._encode({"t": "chunk", "id": request_id, "data": item}, "yielded a chunk", name)
+                protocol.write_frame(self.replies, body)
+                if not sendable:
+                    return
+                if self.cancel_pending(request_id):
+                    items.close()
+                    self.send(error_frame(request_id, "invalid_request", "cancelled", "the call was cancelled"))
+                    return
+        except handlers.HandlerError as exc:
+            self.send(exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable))
+            return
+        except Exception as exc:
+            self.send(exception_frame(request_id, exc))
+            return
+        finally:
+            items.close()
+        self.send({"t": "end", "id": request_id})
 
     def serve(self) -> None:
         """Answer calls until the request stream ends."""
@@ -169,10 +242,17 @@ class Worker:
                 msg = loads(body)
             except ValueError as exc:
                 raise protocol.ProtocolError(f"a frame that is not JSON: {exc}") from exc
-            if not isinstance(msg, dict) or msg.get("t") != "call":
-                kind = msg.get("t") if isinstance(msg, dict) else type(msg).__name__
+            kind = msg.get("t") if isinstance(msg, dict) else type(msg).__name__
+            if kind == "cancel":
+                continue  # for a call that has already ended
+            if kind != "call":
                 raise protocol.ProtocolError(f"unexpected message type {kind!r}")
-            write_frame(replies, self.reply_body(msg))
+            # Log lines name the call while it runs, a stream's generator included.
+            with logs.call(msg.get("rid", msg.get("id"))):
+                if msg.get("stream"):
+                    self.stream(msg)
+                else:
+                    write_frame(replies, self.reply_body(msg))
 
 
 def watch_parent(parent: Optional[int], interval: float = PARENT_CHECK_INTERVAL_S) -> None:

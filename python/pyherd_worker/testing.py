@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, AsyncIterator, Dict, Iterator, List
 
 from .handlers import Context, handler
 
@@ -132,3 +132,61 @@ def leak(args: Dict[str, Any]) -> Dict[str, int]:
     """Keep ``mb`` MiB more (default 50) in a module-level list, resident, on every call."""
     _leaked.append(bytearray(b"\x01") * (int(args.get("mb", 50)) << 20))
     return {"held_mb": sum(len(block) for block in _leaked) >> 20}
+
+
+def _note(path: Any, text: str) -> None:
+    """Write ``text`` to the file ``path`` (when given), replacing what it held."""
+    if path:
+        with open(path, "w") as f:
+            f.write(text)
+
+
+@handler
+def count(args: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+    """Stream ``{"i": 0}`` … up to ``to`` (default 3), each padded with ``pad`` bytes,
+    ``delay`` seconds apart; the number produced so far is written to the file
+    ``progress`` before each chunk, and ``closed`` is written when the generator ends."""
+    pad = "x" * int(args.get("pad", 0))
+    delay = float(args.get("delay", 0))
+    produced = 0
+    try:
+        for i in range(int(args.get("to", 3))):
+            if delay:
+                time.sleep(delay)
+            produced += 1
+            _note(args.get("progress"), str(produced))
+            yield {"i": i, "pad": pad} if pad else {"i": i}
+    finally:
+        _note(args.get("closed"), f"closed after {produced}")
+
+
+@handler
+async def acount(args: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
+    """``count`` as an async generator (awaits between chunks)."""
+    import asyncio
+
+    for i in range(int(args.get("to", 3))):
+        await asyncio.sleep(float(args.get("delay", 0)))
+        yield {"i": i}
+
+
+@handler
+def count_then_fail(args: Dict[str, Any]) -> Iterator[int]:
+    """Stream 0 … ``n`` - 1, then raise ValueError."""
+    yield from range(int(args.get("n", 2)))
+    raise ValueError("the stream broke")
+
+
+@handler
+def count_then_object(args: Dict[str, Any]) -> Iterator[Any]:
+    """Stream 1, then something JSON cannot hold."""
+    yield 1
+    yield object()
+
+
+@handler
+def stubborn_stream(args: Dict[str, Any], ctx: Context) -> Iterator[Any]:
+    """Stream one chunk (with the pid), then hang in it: a cancel is never seen."""
+    yield {"pid": os.getpid(), "request_id": ctx.request_id}
+    time.sleep(3600)
+    yield None

@@ -331,11 +331,12 @@ def test_the_frame_limit_is_inclusive(codec):
 
 
 def test_the_context_reaches_the_handler(worker):
-    reply = call(worker, "rt_ctx", request_id=21, session_id="s1", deadline_ms=1_700_000_000_500)
+    reply = call(worker, "rt_ctx", request_id=21, rid="req-21", session_id="s1", deadline_ms=1_700_000_000_500)
     assert reply["result"] == {
-        "worker": "w1", "session": "s1", "request": 21, "deadline": 1_700_000_000.5, "has_log": True}
+        "worker": "w1", "session": "s1", "request": "req-21", "deadline": 1_700_000_000.5, "has_log": True}
+    # Without the host's request id, the frame id stands in for it (as text).
     bare = call(worker, "rt_ctx", request_id=22)["result"]
-    assert (bare["session"], bare["deadline"], bare["request"]) == (None, None, 22)
+    assert (bare["session"], bare["deadline"], bare["request"]) == (None, None, "22")
 
 
 def test_remaining_reflects_the_deadline_sent_by_the_host(worker):

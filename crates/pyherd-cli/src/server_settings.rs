@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::http::{Limits, Token, check_bind};
 
 /// The file keys read here (and removed from the table before the pool's keys are read).
-const KEYS: [&str; 7] = [
+const KEYS: [&str; 8] = [
     "token",
     "token_file",
     "insecure",
@@ -22,6 +22,7 @@ const KEYS: [&str; 7] = [
     "max_connections",
     "header_timeout_ms",
     "body_timeout_ms",
+    "max_streams",
 ];
 /// Bounds of `max_header_bytes`: under the lower one ordinary requests do not fit; over
 /// the upper one the HTTP parser's own buffer limit applies first.
@@ -53,6 +54,10 @@ pub(crate) struct ServerArgs {
     /// Longest time a request body may take to arrive, ms; slower is a 408 [default: 30000]
     #[arg(long, env = "PYHERD_BODY_TIMEOUT_MS")]
     body_timeout_ms: Option<u64>,
+    /// Most Server-Sent Event streams open at once; more get 503 resource/too_many_streams
+    /// [default: 64]
+    #[arg(long, env = "PYHERD_MAX_STREAMS")]
+    max_streams: Option<usize>,
 }
 
 /// The same keys in `pyherd.toml`.
@@ -66,6 +71,7 @@ pub(crate) struct ServerFile {
     max_connections: Option<usize>,
     header_timeout_ms: Option<u64>,
     body_timeout_ms: Option<u64>,
+    max_streams: Option<usize>,
 }
 
 impl fmt::Debug for ServerFile {
@@ -78,6 +84,7 @@ impl fmt::Debug for ServerFile {
             .field("max_connections", &self.max_connections)
             .field("header_timeout_ms", &self.header_timeout_ms)
             .field("body_timeout_ms", &self.body_timeout_ms)
+            .field("max_streams", &self.max_streams)
             .finish()
     }
 }
@@ -160,6 +167,12 @@ impl ServerArgs {
             }
             limits.body_timeout = ms(v);
         }
+        if let Some(v) = self.max_streams.or(file.max_streams) {
+            if v == 0 {
+                bail!("max_streams must be at least 1");
+            }
+            limits.max_streams = v;
+        }
         Ok(limits)
     }
 }
@@ -207,6 +220,7 @@ mod tests {
         let cases = [
             ("max_header_bytes = 100\n", "max_header_bytes"),
             ("max_connections = 0\n", "max_connections"),
+            ("max_streams = 0\n", "max_streams"),
             ("header_timeout_ms = 0\n", "header_timeout_ms"),
             ("body_timeout_ms = 0\n", "body_timeout_ms"),
         ];

@@ -137,6 +137,15 @@ pub enum ErrorKind {
     /// The command's circuit breaker is open: it harmed workers too often, so calls to it
     /// fail at once until the breaker half-opens (`retry_after_ms` in the context).
     CircuitOpen,
+    /// A request id that is empty, over 128 characters, has characters outside
+    /// `A-Z a-z 0-9 - _ . :`, or names a call still in flight.
+    InvalidRequestId,
+    /// The call was cancelled (its future or stream dropped, or [`crate::Pool::cancel`]).
+    Cancelled,
+    /// No call in flight has that request id (never made, or already finished).
+    CallNotFound,
+    /// As many streams are open as the server allows (`max_streams`).
+    TooManyStreams,
     /// A kind sent by the worker that this host does not know.
     Other(String),
 }
@@ -174,6 +183,10 @@ impl ErrorKind {
             Self::LmError => "lm_error",
             Self::WorkerBusy => "worker_busy",
             Self::CircuitOpen => "circuit_open",
+            Self::InvalidRequestId => "invalid_request_id",
+            Self::Cancelled => "cancelled",
+            Self::CallNotFound => "call_not_found",
+            Self::TooManyStreams => "too_many_streams",
             Self::Other(name) => name,
         }
     }
@@ -190,9 +203,11 @@ impl ErrorKind {
             | Self::SpawnFailing => Category::Initialization,
             Self::WorkerCrashed => Category::Communication,
             Self::QueueTimeout | Self::ExecutionTimeout => Category::Timeout,
-            Self::PoolSaturated | Self::ResultTooLarge | Self::WorkerBusy | Self::CircuitOpen => {
-                Category::Resource
-            }
+            Self::PoolSaturated
+            | Self::ResultTooLarge
+            | Self::WorkerBusy
+            | Self::CircuitOpen
+            | Self::TooManyStreams => Category::Resource,
             Self::SessionNotFound
             | Self::SessionExists
             | Self::QuotaExceeded
@@ -203,7 +218,10 @@ impl ErrorKind {
             | Self::ResultTypeMismatch
             | Self::InvalidId
             | Self::SessionRequired
-            | Self::InvalidSignature => Category::InvalidRequest,
+            | Self::InvalidSignature
+            | Self::InvalidRequestId
+            | Self::Cancelled
+            | Self::CallNotFound => Category::InvalidRequest,
             Self::PythonException | Self::ResultNotSerializable | Self::LmError => Category::Python,
             Self::ShuttingDown | Self::Other(_) => Category::System,
         }
@@ -258,6 +276,9 @@ pub struct ErrorContext {
     /// The command called.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    /// The call's request id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
     /// The session the call belonged to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,

@@ -37,8 +37,9 @@ pub use config::{Affinity, PoolConfig};
 pub use error::{Category, Error, ErrorContext, ErrorKind};
 pub use policy::{Backoff, BreakerInfo, BreakerState, Recovery};
 pub use pool::{
-    CallOptions, HOST_WORKER_ID, Pool, PoolBuilder, PoolStats, RecentError, ReloadReport,
-    ReloadedWorker, Reply, Timeline, TimelineSample, WorkerInfo,
+    CallOptions, CallStream, HOST_WORKER_ID, MAX_REQUEST_ID_LEN, Pool, PoolBuilder, PoolStats,
+    RecentError, ReloadReport, ReloadedWorker, Reply, STREAM_BUFFER, StreamEnd, Timeline,
+    TimelineSample, WorkerInfo, check_request_id,
 };
 pub use worker::{StartedBy, WorkerState};
 

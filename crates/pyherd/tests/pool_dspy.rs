@@ -338,3 +338,17 @@ async fn every_adapter_error_has_its_kind_and_the_pool_keeps_serving() {
     assert_eq!(pool.stats().restarts, 0);
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adapters_session_commands_cannot_be_streamed() {
+    let pool = dspy_pool(1).await;
+    let options = CallOptions::new().session_id("streamer");
+    let e = pool
+        .stream_with("execute_program", ask("qa", "Why?"), &options)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::MalformedRequest);
+    assert!(e.message().contains("cannot be streamed"), "{e}");
+    assert_eq!(e.context().command.as_deref(), Some("execute_program"));
+    pool.shutdown().await;
+}

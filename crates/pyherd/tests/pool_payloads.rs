@@ -40,7 +40,12 @@ async fn the_handler_sees_its_worker_session_request_and_deadline() {
     assert_eq!(ctx["worker_id"], "w1");
     assert_eq!(reply.worker_id(), "w1");
     assert_eq!(ctx["session_id"], "session-42");
-    assert!(ctx["request_id"].as_u64().unwrap() >= 1);
+    assert_eq!(ctx["request_id"].as_str(), Some(reply.request_id()));
+    assert!(
+        reply.request_id().starts_with('r'),
+        "{}",
+        reply.request_id()
+    );
     let deadline = ctx["deadline"].as_f64().unwrap();
     assert!(
         deadline > before + 9.0 && deadline < before + 11.0,

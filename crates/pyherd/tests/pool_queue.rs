@@ -82,10 +82,15 @@ async fn calls_are_served_in_the_order_they_arrived() {
     for i in 0..20 {
         let caller = pool.clone();
         calls.push(tokio::spawn(async move {
-            caller
-                .execute("ctx_info", json!({}))
-                .await
-                .map(|v| (i, v["request_id"].as_u64()))
+            caller.execute("ctx_info", json!({})).await.map(|v| {
+                // Generated request ids are `r` and a counter in hex.
+                let rid = v["request_id"].as_str().unwrap_or_default().to_owned();
+                (
+                    i,
+                    rid.strip_prefix('r')
+                        .and_then(|hex| u64::from_str_radix(hex, 16).ok()),
+                )
+            })
         }));
         let expected = i + 1;
         wait_until(Duration::from_secs(5), "the call to be queued", || {

@@ -6,6 +6,9 @@ use axum::response::{IntoResponse, Response};
 use pyherd::{Category, Error, ErrorKind};
 use serde_json::json;
 
+/// The header that carries a call's request id, both ways.
+pub(crate) const REQUEST_ID: &str = "x-request-id";
+
 /// Seconds a client should wait before retrying a 503, unless the error's context says
 /// (`retry_after_ms` of an open circuit breaker, rounded up to whole seconds).
 const RETRY_AFTER_SECONDS: u64 = 1;
@@ -40,17 +43,19 @@ impl ApiError {
 /// The status code for a pool error.
 pub(crate) fn status_of(error: &Error) -> StatusCode {
     match error.kind() {
-        ErrorKind::UnknownCommand | ErrorKind::SessionNotFound | ErrorKind::ProgramNotFound => {
-            StatusCode::NOT_FOUND
-        }
-        ErrorKind::SessionExists => StatusCode::CONFLICT,
+        ErrorKind::UnknownCommand
+        | ErrorKind::SessionNotFound
+        | ErrorKind::ProgramNotFound
+        | ErrorKind::CallNotFound => StatusCode::NOT_FOUND,
+        ErrorKind::SessionExists | ErrorKind::Cancelled => StatusCode::CONFLICT,
         ErrorKind::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::QueueTimeout
         | ErrorKind::PoolSaturated
         | ErrorKind::ShuttingDown
         | ErrorKind::WorkerBusy
-        | ErrorKind::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+        | ErrorKind::CircuitOpen
+        | ErrorKind::TooManyStreams => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::ExecutionTimeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::WorkerCrashed | ErrorKind::LmError => StatusCode::BAD_GATEWAY,
         _ => match error.category() {
@@ -74,8 +79,14 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let rid = self.body["context"]["request_id"]
+            .as_str()
+            .and_then(|id| HeaderValue::from_str(id).ok());
         let body = json!({"ok": false, "error": self.body});
         let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(rid) = rid {
+            response.headers_mut().insert(REQUEST_ID, rid);
+        }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             let seconds = self.body["context"]["retry_after_ms"]
                 .as_u64()
@@ -117,6 +128,10 @@ mod tests {
             (ErrorKind::InvalidId, 400),
             (ErrorKind::InvalidSignature, 400),
             (ErrorKind::SessionRequired, 400),
+            (ErrorKind::InvalidRequestId, 400),
+            (ErrorKind::CallNotFound, 404),
+            (ErrorKind::Cancelled, 409),
+            (ErrorKind::TooManyStreams, 503),
         ];
         for (kind, status) in cases {
             let e = Error::new(kind.clone(), "x");

@@ -5,14 +5,14 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use pyherd::{Affinity, CallOptions, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, REQUEST_ID};
 
 /// Longest `timeout_ms` a request may ask for (one day).
 const MAX_TIMEOUT_MS: u64 = 86_400_000;
@@ -21,9 +21,9 @@ const MAX_TIMEOUT_MS: u64 = 86_400_000;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ExecuteRequest {
-    command: String,
+    pub(crate) command: String,
     #[serde(default = "empty_object")]
-    args: Box<RawValue>,
+    pub(crate) args: Box<RawValue>,
     pub(crate) session_id: Option<String>,
     timeout_ms: Option<u64>,
     affinity: Option<Affinity>,
@@ -44,9 +44,39 @@ struct ExecuteResponse<'a> {
     duration_us: u64,
 }
 
+/// The request id a client sent in `X-Request-Id`, checked.
+///
+/// # Errors
+/// `invalid_request/invalid_request_id` (400) for a header that is not a valid id.
+pub(crate) fn request_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(REQUEST_ID) else {
+        return Ok(None);
+    };
+    let id = value.to_str().map_err(|_| {
+        ApiError::from(Error::new(
+            ErrorKind::InvalidRequestId,
+            "the X-Request-Id header is not ASCII text",
+        ))
+    })?;
+    pyherd::check_request_id(id)?;
+    Ok(Some(id.to_owned()))
+}
+
+/// `response` with the `X-Request-Id` header.
+pub(crate) fn with_request_id(mut response: Response, id: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}
+
 impl ExecuteRequest {
-    fn options(&self) -> Result<CallOptions, ApiError> {
+    /// The call's options; `request_id` from the `X-Request-Id` header.
+    pub(crate) fn options(&self, request_id: Option<String>) -> Result<CallOptions, ApiError> {
         let mut options = CallOptions::new();
+        if let Some(id) = request_id {
+            options = options.request_id(id);
+        }
         if let Some(ms) = self.timeout_ms {
             if !(1..=MAX_TIMEOUT_MS).contains(&ms) {
                 return Err(ApiError::malformed(format!(
@@ -88,22 +118,32 @@ pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(
 
 pub(crate) async fn execute(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match run(&state, body).await {
+    match run(&state, &headers, body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
 }
 
-async fn run(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn run(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request_id = request_id(headers)?;
     let request: ExecuteRequest = parse_body(body)?;
-    call(state, request).await
+    call(state, request, request_id).await
 }
 
 /// Runs a parsed request (of `/v1/execute` or `/v1/sessions/{id}/execute`).
-pub(crate) async fn call(state: &AppState, request: ExecuteRequest) -> Result<Response, ApiError> {
-    let options = request.options()?;
+pub(crate) async fn call(
+    state: &AppState,
+    request: ExecuteRequest,
+    request_id: Option<String>,
+) -> Result<Response, ApiError> {
+    let options = request.options(request_id)?;
     let reply = state
         .pool
         .execute_raw(&request.command, request.args, &options)
@@ -114,5 +154,8 @@ pub(crate) async fn call(state: &AppState, request: ExecuteRequest) -> Result<Re
         worker_id: reply.worker_id(),
         duration_us: u64::try_from(reply.duration().as_micros()).unwrap_or(u64::MAX),
     };
-    Ok(axum::Json(body).into_response())
+    Ok(with_request_id(
+        axum::Json(body).into_response(),
+        reply.request_id(),
+    ))
 }

@@ -1,10 +1,12 @@
-//! The HTTP API of `pyherd serve`, by concern: calls (`execute`), sessions and programs
-//! (`sessions`), operations (`admin`), the live dashboard (`dashboard`), and the one
-//! mapping from errors to status codes (`error`); the accept loop and its limits
-//! (`server`, `limits`) and the token (`auth`).
+//! The HTTP API of `pyherd serve`, by concern: calls (`execute`), streaming calls
+//! (`stream`), cancelling calls (`calls`), sessions and programs (`sessions`), operations
+//! (`admin`, `reload`), the live dashboard (`dashboard`), and the one mapping from errors
+//! to status codes (`error`); the accept loop and its limits (`server`, `limits`) and the
+//! token (`auth`).
 
 mod admin;
 mod auth;
+mod calls;
 mod dashboard;
 mod error;
 mod execute;
@@ -12,13 +14,14 @@ mod limits;
 mod reload;
 mod server;
 mod sessions;
+mod stream;
 
 pub(crate) use auth::{Token, check_bind};
 pub(crate) use server::{Limits, serve};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use pyherd::Pool;
 
 /// Room for the JSON envelope of `/v1/execute` around a body of frame size: a body
@@ -29,13 +32,19 @@ const BODY_SLACK: usize = 4096;
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) pool: Pool,
+    /// The open streams, bounded by `max_streams`.
+    pub(crate) streams: stream::StreamLimit,
 }
 
-/// Every route of the API.
-pub(crate) fn router(pool: Pool) -> Router {
+pub(crate) use stream::DEFAULT_MAX_STREAMS;
+
+/// Every route of the API; at most `max_streams` streams are open at once.
+pub(crate) fn router(pool: Pool, max_streams: usize) -> Router {
     let body_limit = pool.config().max_frame_bytes + BODY_SLACK;
     Router::new()
         .route("/v1/execute", post(execute::execute))
+        .route("/v1/stream", post(stream::stream))
+        .route("/v1/calls/{request_id}", delete(calls::cancel))
         .route("/v1/sessions", post(sessions::create).get(sessions::list))
         .route(
             "/v1/sessions/{id}",
@@ -44,6 +53,7 @@ pub(crate) fn router(pool: Pool) -> Router {
                 .delete(sessions::delete),
         )
         .route("/v1/sessions/{id}/execute", post(sessions::execute))
+        .route("/v1/sessions/{id}/stream", post(stream::session_stream))
         .route(
             "/v1/sessions/{id}/programs/{program_id}",
             get(sessions::get_program)
@@ -68,5 +78,8 @@ pub(crate) fn router(pool: Pool) -> Router {
         .fallback(admin::not_found)
         .method_not_allowed_fallback(admin::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(AppState { pool })
+        .with_state(AppState {
+            pool,
+            streams: stream::StreamLimit::new(max_streams),
+        })
 }

@@ -40,6 +40,8 @@ pub(crate) struct Limits {
     pub(crate) header_timeout: Duration,
     /// Longest time a request's body may take to arrive after its head; slower is a 408.
     pub(crate) body_timeout: Duration,
+    /// Most Server-Sent Event streams open at once; more get 503 `too_many_streams`.
+    pub(crate) max_streams: usize,
 }
 
 impl Default for Limits {
@@ -49,6 +51,7 @@ impl Default for Limits {
             max_connections: 256,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            max_streams: super::DEFAULT_MAX_STREAMS,
         }
     }
 }
@@ -66,7 +69,7 @@ pub(crate) async fn serve(
         max_bytes: pool.config().max_frame_bytes + BODY_SLACK,
         timeout: limits.body_timeout,
     };
-    let app = guard(super::router(pool), token, body);
+    let app = guard(super::router(pool, limits.max_streams), token, body);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())

@@ -6,7 +6,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use pyherd::session::{SessionSpec, SessionUpdate, check_id};
 use serde::Deserialize;
@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 use super::AppState;
 use super::error::ApiError;
-use super::execute::{ExecuteRequest, call, parse_body};
+use super::execute::{ExecuteRequest, call, parse_body, request_id};
 
 /// Most sessions one page of `GET /v1/sessions` may hold.
 const MAX_PAGE: usize = 1000;
@@ -128,22 +128,33 @@ pub(crate) async fn delete(
 pub(crate) async fn execute(
     State(state): State<AppState>,
     path: Result<Path<[String; 1]>, PathRejection>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = async {
-        let id = one(path, "session")?;
-        let mut request: ExecuteRequest = parse_body(body)?;
-        match &request.session_id {
-            Some(other) if *other != id => {
-                return Err(ApiError::malformed(format!(
-                    "the body names session {other:?}, the path {id:?}"
-                )));
-            }
-            _ => request.session_id = Some(id),
-        }
-        call(&state, request).await
+        let request_id = request_id(&headers)?;
+        let request = session_request(path, body)?;
+        call(&state, request, request_id).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The body of a call in the session named by the path (the body may name it too).
+pub(crate) fn session_request(
+    path: Result<Path<[String; 1]>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<ExecuteRequest, ApiError> {
+    let id = one(path, "session")?;
+    let mut request: ExecuteRequest = parse_body(body)?;
+    match &request.session_id {
+        Some(other) if *other != id => {
+            return Err(ApiError::malformed(format!(
+                "the body names session {other:?}, the path {id:?}"
+            )));
+        }
+        _ => request.session_id = Some(id),
+    }
+    Ok(request)
 }
 
 pub(crate) async fn get_program(

@@ -84,7 +84,11 @@ pub fn action(kind: &ErrorKind) -> Recovery {
         | ErrorKind::SessionRequired
         | ErrorKind::InvalidSignature
         | ErrorKind::LmError
-        | ErrorKind::CircuitOpen => Recovery::GIVE_UP,
+        | ErrorKind::CircuitOpen
+        | ErrorKind::InvalidRequestId
+        | ErrorKind::Cancelled
+        | ErrorKind::CallNotFound
+        | ErrorKind::TooManyStreams => Recovery::GIVE_UP,
     }
 }
 
@@ -93,7 +97,7 @@ mod tests {
     use super::*;
 
     /// Every kind the host knows, in the README's order within each row.
-    const KINDS: [ErrorKind; 29] = [
+    const KINDS: [ErrorKind; 33] = [
         ErrorKind::WorkerCrashed,
         ErrorKind::ExecutionTimeout,
         ErrorKind::QueueTimeout,
@@ -104,6 +108,7 @@ mod tests {
         ErrorKind::LmError,
         ErrorKind::ResultTooLarge,
         ErrorKind::CircuitOpen,
+        ErrorKind::TooManyStreams,
         ErrorKind::UnknownCommand,
         ErrorKind::PayloadTooLarge,
         ErrorKind::MalformedRequest,
@@ -111,6 +116,9 @@ mod tests {
         ErrorKind::InvalidId,
         ErrorKind::SessionRequired,
         ErrorKind::InvalidSignature,
+        ErrorKind::InvalidRequestId,
+        ErrorKind::Cancelled,
+        ErrorKind::CallNotFound,
         ErrorKind::SessionNotFound,
         ErrorKind::SessionExists,
         ErrorKind::QuotaExceeded,

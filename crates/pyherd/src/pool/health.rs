@@ -23,7 +23,7 @@ const HEALTH_MISSES_TO_REPLACE: u32 = 3;
 /// The call frame of the built-in `ping` (the same bytes a `Call` serialises to).
 fn ping_frame(id: u64, deadline_ms: u64) -> Bytes {
     Bytes::from(format!(
-        r#"{{"t":"call","id":{id},"cmd":"ping","args":null,"deadline_ms":{deadline_ms}}}"#
+        r#"{{"t":"call","id":{id},"rid":"health","cmd":"ping","args":null,"deadline_ms":{deadline_ms}}}"#
     ))
 }
 
@@ -109,12 +109,19 @@ mod tests {
     use serde_json::value::RawValue;
 
     use super::*;
-    use crate::protocol::Call;
+    use crate::protocol::{Call, CallMeta};
 
     #[test]
     fn the_ping_frame_is_a_protocol_call() {
         let args = RawValue::NULL.to_owned();
-        let call = Call::new(7, "ping", &args, None, 1_700_000_000_000);
+        let meta = CallMeta {
+            id: 7,
+            rid: "health",
+            session_id: None,
+            deadline_ms: 1_700_000_000_000,
+            stream: false,
+        };
+        let call = Call::new("ping", &args, meta);
         assert_eq!(
             ping_frame(7, 1_700_000_000_000),
             serde_json::to_vec(&call).unwrap()

@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
 use crate::error::Error;
@@ -15,9 +16,21 @@ const QUEUED: u8 = 0;
 const TAKEN: u8 = 1;
 const ABANDONED: u8 = 2;
 
+/// Who a call is and how it ends early: its request id and its cancellation.
+#[derive(Clone, Debug)]
+pub(crate) struct Flight {
+    pub(crate) rid: Arc<str>,
+    /// Cancelled by [`crate::Pool::cancel`] or when the caller drops its future or stream.
+    pub(crate) cancel: CancellationToken,
+}
+
 /// A call waiting for (or held by) a worker.
 pub(crate) struct Job {
     pub(crate) id: u64,
+    pub(crate) flight: Flight,
+    /// For a streaming call, where its chunks go (bounded: a full buffer stops the reads
+    /// from the worker's pipe). The final outcome still goes to `reply`.
+    pub(crate) chunks: Option<mpsc::Sender<Box<RawValue>>>,
     pub(crate) command: Box<str>,
     pub(crate) args: Box<RawValue>,
     pub(crate) session_id: Option<Box<str>>,
@@ -40,6 +53,7 @@ pub(crate) struct Ticket {
 impl Job {
     pub(crate) fn new(
         id: u64,
+        flight: Flight,
         command: &str,
         args: Box<RawValue>,
         session_id: Option<&str>,
@@ -50,6 +64,8 @@ impl Job {
         let (reply, answer) = oneshot::channel();
         let job = Self {
             id,
+            flight,
+            chunks: None,
             command: command.into(),
             args,
             session_id: session_id.map(Into::into),
@@ -92,8 +108,13 @@ mod tests {
     use super::*;
 
     fn job() -> (Job, Ticket, oneshot::Receiver<Result<Reply, Error>>) {
+        let flight = Flight {
+            rid: "r1".into(),
+            cancel: CancellationToken::new(),
+        };
         Job::new(
             1,
+            flight,
             "echo",
             RawValue::NULL.to_owned(),
             None,

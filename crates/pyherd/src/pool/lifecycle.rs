@@ -33,10 +33,12 @@ pub(crate) enum RestartReason {
     MaxAge,
     /// A reload replaced it with a worker running the handler code anew.
     Reload,
+    /// Its call was cancelled while running and it could not be stopped otherwise.
+    Cancelled,
 }
 
 impl RestartReason {
-    const ALL: [Self; 7] = [
+    const ALL: [Self; 8] = [
         Self::Crashed,
         Self::Timeout,
         Self::HealthCheck,
@@ -44,6 +46,7 @@ impl RestartReason {
         Self::MaxRss,
         Self::MaxAge,
         Self::Reload,
+        Self::Cancelled,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -55,6 +58,7 @@ impl RestartReason {
             Self::MaxRss => "max_rss",
             Self::MaxAge => "max_age",
             Self::Reload => "reload",
+            Self::Cancelled => "cancelled",
         }
     }
 }

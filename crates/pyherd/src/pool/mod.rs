@@ -1,5 +1,6 @@
 //! The pool: admission, the FIFO queue, worker slots, stats and shutdown (DESIGN §2).
 
+mod calls;
 mod health;
 mod job;
 mod lifecycle;
@@ -11,6 +12,7 @@ mod scale;
 mod sessions;
 mod slot;
 mod stats;
+mod stream;
 mod timeline;
 
 use std::collections::{BTreeMap, HashSet};
@@ -29,13 +31,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span};
 
-use self::job::Job;
+use self::calls::Calls;
+pub use self::calls::{MAX_REQUEST_ID_LEN, check_request_id};
+use self::job::{Flight, Job};
 use self::lifecycle::Lifecycle;
 pub use self::reload::{ReloadReport, ReloadedWorker};
 use self::retry::Resilience;
 use self::slot::Slot;
 use self::stats::{Counters, SlotStatus, bump};
 pub use self::stats::{PoolStats, WorkerInfo};
+pub use self::stream::{CallStream, STREAM_BUFFER, StreamEnd};
 pub use self::timeline::{RecentError, Timeline, TimelineSample};
 use crate::config::{Affinity, PoolConfig};
 use crate::error::{Error, ErrorKind};
@@ -62,6 +67,10 @@ pub struct CallOptions {
     /// Whether the call may run more than once, so a retryable failure is retried
     /// (default: whether its command is in [`PoolConfig::idempotent_commands`]).
     pub idempotent: Option<bool>,
+    /// The call's request id, the handler's `ctx.request_id` and the id
+    /// [`Pool::cancel`] takes: 1 to 128 characters of `A-Z a-z 0-9 . _ : -`, unique
+    /// among the calls in flight (default: one the pool makes, `r` and a hex counter).
+    pub request_id: Option<String>,
 }
 
 impl CallOptions {
@@ -104,6 +113,13 @@ impl CallOptions {
         self.idempotent = Some(idempotent);
         self
     }
+
+    /// Sets the request id (checked when the call is made).
+    #[must_use]
+    pub fn request_id(mut self, id: impl Into<String>) -> Self {
+        self.request_id = Some(id.into());
+        self
+    }
 }
 
 /// The `worker_id` of answers the host gives itself (session and program bookkeeping).
@@ -115,6 +131,7 @@ pub struct Reply {
     result: Box<RawValue>,
     worker_id: Arc<str>,
     duration: Duration,
+    request_id: Arc<str>,
 }
 
 impl Reply {
@@ -157,12 +174,18 @@ impl Reply {
         self.duration
     }
 
+    /// The call's request id (given in [`CallOptions::request_id`] or made by the pool).
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
     /// An answer the host gives without a worker.
     pub(crate) fn from_host(result: Box<RawValue>, duration: Duration) -> Self {
         Self {
             result,
             worker_id: HOST_WORKER_ID.into(),
             duration,
+            request_id: "".into(),
         }
     }
 
@@ -200,6 +223,8 @@ pub(crate) struct Shared {
     /// Retry policy, idempotent commands and circuit breakers.
     resilience: Resilience,
     next_request: AtomicU64,
+    /// The calls in flight by request id.
+    calls: Calls,
     next_worker: AtomicU64,
     /// Cancelled when shutdown's grace period is over (or the pool is dropped):
     /// workers are killed, calls still running fail.
@@ -525,6 +550,7 @@ impl PoolBuilder {
             timeline: timeline::Recorder::new(),
             resilience,
             next_request: AtomicU64::new(1),
+            calls: Calls::default(),
             next_worker,
             abort: CancellationToken::new(),
             closing: CancellationToken::new(),
@@ -641,8 +667,9 @@ impl Pool {
     /// See [`execute_with`](Self::execute_with).
     ///
     /// # Cancel safety
-    /// Dropping the future before a worker takes the call removes it from the queue; after
-    /// that the call runs to its end and its answer is discarded.
+    /// Dropping the future cancels the call: before a worker takes it, it is removed from
+    /// the queue; after, its worker is killed (a running call cannot be interrupted) and
+    /// replaced, `cancelled` in the restarts.
     pub async fn execute(&self, command: &str, args: Value) -> Result<Value, Error> {
         self.execute_with(command, args, &CallOptions::default())
             .await?
@@ -660,6 +687,8 @@ impl Pool {
     /// - `initialization/spawn_failing` at once, when no worker can serve and new ones
     ///   keep failing to start (with the last failure's stderr tail);
     /// - `resource/circuit_open` (the command's circuit breaker is open);
+    /// - `invalid_request/invalid_request_id` (a bad or in-flight
+    ///   [`CallOptions::request_id`]), `invalid_request/cancelled` ([`cancel`](Self::cancel));
     /// - `python/python_exception` (with `python_type` and `traceback`),
     ///   `python/result_not_serializable`, `resource/result_too_large`;
     /// - `system/shutting_down`.
@@ -721,6 +750,12 @@ impl Pool {
         options: &CallOptions,
     ) -> Result<Reply, Error> {
         let started = Instant::now();
+        let entered = self.enter(options.request_id.as_deref())?;
+        let rid = entered.flight.rid.clone();
+        let options = &CallOptions {
+            request_id: Some(rid.to_string()),
+            ..options.clone()
+        };
         let known = self.knows(command);
         let outcome = match options.session_id.as_deref() {
             Some(session) if known => self.in_session(session, command, args, options).await,
@@ -733,6 +768,7 @@ impl Pool {
         let outcome = outcome.map_err(|e| {
             e.with_context(|c| {
                 c.command.get_or_insert_with(|| command.to_owned());
+                c.request_id = Some(rid.to_string());
                 if c.session_id.is_none() {
                     c.session_id.clone_from(&options.session_id);
                 }
@@ -740,7 +776,11 @@ impl Pool {
         });
         let label = if known { command } else { UNKNOWN_COMMAND };
         self.count(label, outcome.as_ref().err(), started);
-        outcome
+        drop(entered);
+        outcome.map(|reply| Reply {
+            request_id: rid,
+            ..reply
+        })
     }
 
     /// Counts one call in the stats and metrics: `label` is its command's metric label.
@@ -795,46 +835,63 @@ impl Pool {
         preferred: Option<Arc<str>>,
         avoid: Option<&str>,
     ) -> Result<Reply, Error> {
-        let id = self
+        let flight = self
             .inner
             .shared
-            .next_request
-            .fetch_add(1, Ordering::Relaxed);
-        let span = telemetry::request_span(id, command, options.session_id.as_deref());
-        let result = if known || self.inner.queue.is_closed() {
-            self.admit(id, command, args, options, preferred, avoid)
-                .instrument(span.clone())
-                .await
-        } else {
-            let mut names: Vec<&str> = self.command_names();
-            names.sort_unstable();
-            Err(Error::new(
-                ErrorKind::UnknownCommand,
-                format!("no handler named {command:?} (known: {})", names.join(", ")),
-            ))
+            .calls
+            .flight(options.request_id.as_deref());
+        let span = telemetry::request_span(&flight.rid, command, options.session_id.as_deref());
+        let target = Target {
+            preferred,
+            avoid,
+            chunks: None,
         };
+        let result = async {
+            self.admit(command, known, args, options, flight, target)?
+                .wait()
+                .await
+        }
+        .instrument(span.clone())
+        .await;
         telemetry::finished(&span, &result);
         result
     }
 
-    /// [`submit_once`](Self::submit_once) of a known command, as call `id`, inside its span.
-    async fn admit(
+    /// Admits a call into the queue (or, for a session, its worker's channel); the
+    /// returned [`Admitted`] waits for its answer.
+    fn admit(
         &self,
-        id: u64,
         command: &str,
+        known: bool,
         args: Box<RawValue>,
         options: &CallOptions,
-        preferred: Option<Arc<str>>,
-        avoid: Option<&str>,
-    ) -> Result<Reply, Error> {
+        flight: Flight,
+        target: Target<'_>,
+    ) -> Result<Admitted, Error> {
+        let Target {
+            preferred,
+            avoid,
+            chunks,
+        } = target;
         let shared = &self.inner.shared;
         let queue = &self.inner.queue;
         if queue.is_closed() {
             return Err(shutting_down());
         }
+        if !known {
+            let mut names: Vec<&str> = self.command_names();
+            names.sort_unstable();
+            return Err(Error::new(
+                ErrorKind::UnknownCommand,
+                format!("no handler named {command:?} (known: {})", names.join(", ")),
+            ));
+        }
         let session_id = options.session_id.as_deref();
-        let size =
-            args.get().len() + command.len() + session_id.map_or(0, str::len) + CALL_ENVELOPE_BYTES;
+        let size = args.get().len()
+            + command.len()
+            + session_id.map_or(0, str::len)
+            + flight.rid.len()
+            + CALL_ENVELOPE_BYTES;
         let limit = shared.config.max_frame_bytes;
         if size > limit {
             return Err(Error::new(
@@ -848,8 +905,18 @@ impl Pool {
         }
         let timeout = options.timeout.unwrap_or(shared.config.request_timeout);
         let queue_timeout = options.queue_timeout.unwrap_or(shared.config.queue_timeout);
-        let (mut job, ticket, answer) =
-            Job::new(id, command, args, session_id, timeout, Span::current());
+        let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let cancel = flight.cancel.clone();
+        let (mut job, ticket, answer) = Job::new(
+            id,
+            flight,
+            command,
+            args,
+            session_id,
+            timeout,
+            Span::current(),
+        );
+        job.chunks = chunks;
         if shared.queued.fetch_add(1, Ordering::Relaxed) >= shared.config.max_queue {
             shared.dequeued();
             return Err(Error::new(
@@ -896,24 +963,12 @@ impl Pool {
             return Err(shutting_down());
         }
         shared.relieve_pressure();
-        tokio::pin!(answer);
-        let answer = tokio::select! {
-            biased;
-            answer = &mut answer => answer,
-            () = tokio::time::sleep(queue_timeout) => {
-                if ticket.abandon() {
-                    let ms = u64::try_from(queue_timeout.as_millis()).unwrap_or(u64::MAX);
-                    return Err(Error::new(
-                        ErrorKind::QueueTimeout,
-                        format!("no worker became free within {ms} ms"),
-                    )
-                    .with_context(|c| c.timeout_ms = Some(ms)));
-                }
-                // A worker took the call at the last moment: it enforces the execution timeout.
-                answer.await
-            }
-        };
-        answer.unwrap_or_else(|_| Err(shutting_down()))
+        Ok(Admitted {
+            ticket,
+            answer,
+            queue_timeout,
+            cancel,
+        })
     }
 
     /// Counters and worker counts right now.
@@ -1177,6 +1232,67 @@ fn render_session_metrics(out: &mut String, stats: &PoolStats) {
         "pyherd_session_affinity_total{{result=\"miss\"}} {}",
         stats.affinity_misses
     );
+}
+
+/// Where an admitted call goes: `preferred` is the worker its session served on last,
+/// `avoid` the worker that failed its previous attempt; `chunks` takes a stream's chunks.
+struct Target<'a> {
+    preferred: Option<Arc<str>>,
+    avoid: Option<&'a str>,
+    chunks: Option<tokio::sync::mpsc::Sender<Box<RawValue>>>,
+}
+
+/// A call in a queue, waiting for its answer.
+struct Admitted {
+    ticket: job::Ticket,
+    answer: tokio::sync::oneshot::Receiver<Result<Reply, Error>>,
+    queue_timeout: Duration,
+    cancel: CancellationToken,
+}
+
+impl Admitted {
+    /// Waits for the answer, giving the call up when the queue timeout passes or the call
+    /// is cancelled before a worker takes it (a worker that took it answers the cancel).
+    ///
+    /// # Cancel safety
+    /// Dropping it before a worker takes the call leaves the job to be skipped.
+    async fn wait(self) -> Result<Reply, Error> {
+        let Self {
+            ticket,
+            mut answer,
+            queue_timeout,
+            cancel,
+        } = self;
+        let answer = tokio::select! {
+            biased;
+            answer = &mut answer => answer,
+            () = cancel.cancelled() => {
+                if ticket.abandon() {
+                    return Err(cancelled());
+                }
+                answer.await
+            }
+            () = tokio::time::sleep(queue_timeout) => {
+                if ticket.abandon() {
+                    let ms = u64::try_from(queue_timeout.as_millis()).unwrap_or(u64::MAX);
+                    return Err(Error::new(
+                        ErrorKind::QueueTimeout,
+                        format!("no worker became free within {ms} ms"),
+                    )
+                    .with_context(|c| c.timeout_ms = Some(ms)));
+                }
+                // A worker took the call at the last moment: it enforces the execution
+                // timeout and answers a cancel.
+                answer.await
+            }
+        };
+        answer.unwrap_or_else(|_| Err(shutting_down()))
+    }
+}
+
+/// What the caller of a cancelled call gets.
+pub(crate) fn cancelled() -> Error {
+    Error::new(ErrorKind::Cancelled, "the call was cancelled")
 }
 
 pub(crate) fn shutting_down() -> Error {

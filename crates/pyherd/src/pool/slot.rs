@@ -15,7 +15,7 @@ use super::reload::Swap;
 use super::stats::{SlotStatus, bump};
 use super::{Reply, Shared, shutting_down};
 use crate::error::{Error, ErrorKind};
-use crate::protocol::Call;
+use crate::protocol::{Call, CallMeta};
 use crate::telemetry;
 use crate::worker::{CallResult, WorkerProcess, WorkerState};
 
@@ -192,25 +192,20 @@ impl Slot {
         job: Job,
         request_limit: Option<u64>,
     ) -> Option<Ending> {
-        let context = |e: Error, worker: &WorkerProcess| {
-            e.with_context(|c| {
-                c.worker_id = Some(worker.id().to_string());
-                c.pid = Some(worker.pid());
-            })
-        };
         let deadline_ms = SystemTime::now()
             .checked_add(job.timeout)
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(u64::MAX, |d| {
                 u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
             });
-        let call = Call::new(
-            job.id,
-            &job.command,
-            &job.args,
-            job.session_id.as_deref(),
+        let meta = CallMeta {
+            id: job.id,
+            rid: &job.flight.rid,
+            session_id: job.session_id.as_deref(),
             deadline_ms,
-        );
+            stream: job.chunks.is_some(),
+        };
+        let call = Call::new(&job.command, &job.args, meta);
         let frame = match serde_json::to_vec(&call) {
             Ok(body) => Bytes::from(body),
             Err(e) => {
@@ -238,9 +233,18 @@ impl Slot {
             job.answer(Err(error));
             return None;
         }
+        if job.chunks.is_some() {
+            return self.run_stream(worker, job, frame, request_limit).await;
+        }
         let started = Instant::now();
         let outcome = worker
-            .call(frame, job.id, started + job.timeout, &self.shared.abort)
+            .call(
+                frame,
+                job.id,
+                started + job.timeout,
+                &self.shared.abort,
+                &job.flight.cancel,
+            )
             .await;
         let ran = started.elapsed();
         let label = match &outcome {
@@ -248,60 +252,27 @@ impl Slot {
             CallResult::Answered(Err(e)) | CallResult::Failed(e) => e.kind().as_str(),
             CallResult::TimedOut => "execution_timeout",
             CallResult::Aborted => "shutting_down",
+            CallResult::Cancelled => "cancelled",
         };
         telemetry::executed(&job.span, ran, label);
         self.shared.metrics.executed(&job.command, label, ran);
         match outcome {
             CallResult::Answered(answer) => {
-                // The next state before the caller hears back, so stats read after an
-                // answer are current.
-                let served = self.status.served();
-                let retire = self.recycle_reason(worker, served, request_limit);
-                match retire {
-                    Some(reason) => self.go(WorkerState::Draining, reason.as_str()),
-                    None => self.go(WorkerState::Ready, "answered"),
-                }
-                let answer = match answer {
-                    Ok(result) => Ok(Reply {
-                        result,
-                        worker_id: worker.id().clone(),
-                        duration: ran,
-                    }),
-                    Err(e) => Err(context(e, worker)),
-                };
-                job.answer(answer);
-                let reason = retire?;
-                telemetry::worker_recycled(worker.id(), worker.pid(), reason.as_str());
-                self.hand_back();
-                worker.stop(self.shared.config.kill_timeout).await;
-                self.go(WorkerState::Stopped, reason.as_str());
-                Some(Ending::Replace(reason))
+                let answer = answer.map(|result| Reply {
+                    result,
+                    worker_id: worker.id().clone(),
+                    duration: ran,
+                    request_id: job.flight.rid.clone(),
+                });
+                self.answered(worker, job, answer, request_limit).await
             }
-            CallResult::TimedOut => {
-                let timeout_ms = u64::try_from(job.timeout.as_millis()).unwrap_or(u64::MAX);
-                let error = Error::new(
-                    ErrorKind::ExecutionTimeout,
-                    format!(
-                        "{:?} ran past its {timeout_ms} ms timeout; worker {} was killed and is being replaced",
-                        &*job.command,
-                        worker.id()
-                    ),
-                )
-                .with_context(|c| c.timeout_ms = Some(timeout_ms));
-                job.answer(Err(context(error, worker)));
+            CallResult::TimedOut => Some(self.timed_out(worker, job).await),
+            CallResult::Aborted => Some(self.aborted(worker, job).await),
+            CallResult::Cancelled => {
+                job.answer(Err(on_worker(super::cancelled(), worker)));
                 worker.kill().await;
-                self.go(WorkerState::Stopped, "execution_timeout");
-                Some(Ending::Replace(RestartReason::Timeout))
-            }
-            CallResult::Aborted => {
-                let error = Error::new(
-                    ErrorKind::ShuttingDown,
-                    "the pool's shutdown grace period ended before this call finished",
-                );
-                job.answer(Err(context(error, worker)));
-                worker.kill().await;
-                self.go(WorkerState::Stopped, "aborted");
-                Some(Ending::Stop)
+                self.go(WorkerState::Stopped, "cancelled");
+                Some(Ending::Replace(RestartReason::Cancelled))
             }
             CallResult::Failed(error) => {
                 tracing::warn!(worker = %worker.id(), error = %error, "worker lost during a call");
@@ -310,6 +281,62 @@ impl Slot {
                 Some(Ending::Replace(RestartReason::Crashed))
             }
         }
+    }
+
+    /// A worker answered `job` (a result or a Python-side error) and is fine: the caller
+    /// hears back, then the worker is recycled if its time has come; `Some` if it was.
+    pub(super) async fn answered(
+        &self,
+        worker: &mut WorkerProcess,
+        job: Job,
+        answer: Result<Reply, Error>,
+        request_limit: Option<u64>,
+    ) -> Option<Ending> {
+        // The next state before the caller hears back, so stats read after an answer are
+        // current.
+        let served = self.status.served();
+        let retire = self.recycle_reason(worker, served, request_limit);
+        match retire {
+            Some(reason) => self.go(WorkerState::Draining, reason.as_str()),
+            None => self.go(WorkerState::Ready, "answered"),
+        }
+        job.answer(answer.map_err(|e| on_worker(e, worker)));
+        let reason = retire?;
+        self.hand_back();
+        telemetry::worker_recycled(worker.id(), worker.pid(), reason.as_str());
+        worker.stop(self.shared.config.kill_timeout).await;
+        self.go(WorkerState::Stopped, reason.as_str());
+        Some(Ending::Replace(reason))
+    }
+
+    /// `job` ran past its execution timeout: the caller hears so, the worker is killed.
+    pub(super) async fn timed_out(&self, worker: &mut WorkerProcess, job: Job) -> Ending {
+        let timeout_ms = u64::try_from(job.timeout.as_millis()).unwrap_or(u64::MAX);
+        let error = Error::new(
+            ErrorKind::ExecutionTimeout,
+            format!(
+                "{:?} ran past its {timeout_ms} ms timeout; worker {} was killed and is being replaced",
+                &*job.command,
+                worker.id()
+            ),
+        )
+        .with_context(|c| c.timeout_ms = Some(timeout_ms));
+        job.answer(Err(on_worker(error, worker)));
+        worker.kill().await;
+        self.go(WorkerState::Stopped, "execution_timeout");
+        Ending::Replace(RestartReason::Timeout)
+    }
+
+    /// The shutdown grace ended during `job`: the caller hears so, the worker is killed.
+    pub(super) async fn aborted(&self, worker: &mut WorkerProcess, job: Job) -> Ending {
+        let error = Error::new(
+            ErrorKind::ShuttingDown,
+            "the pool's shutdown grace period ended before this call finished",
+        );
+        job.answer(Err(on_worker(error, worker)));
+        worker.kill().await;
+        self.go(WorkerState::Stopped, "aborted");
+        Ending::Stop
     }
 
     /// Starts a worker in this slot (a replacement when `reason` says why the last one
@@ -385,4 +412,12 @@ impl Slot {
             }
         }
     }
+}
+
+/// `error` with the worker it happened on.
+pub(super) fn on_worker(error: Error, worker: &WorkerProcess) -> Error {
+    error.with_context(|c| {
+        c.worker_id = Some(worker.id().to_string());
+        c.pid = Some(worker.pid());
+    })
 }

@@ -1,6 +1,7 @@
 //! The host ⇄ worker wire protocol (DESIGN §3): 4-byte big-endian length + JSON body.
 //!
-//! Host → worker: `call`. Worker → host: `hello` (first frame), `ok`, `err`.
+//! Host → worker: `call`, and `cancel` while a stream runs. Worker → host: `hello` (first
+//! frame), `ok`, `err`, and for a streaming call `chunk`… then `end` (or `err`).
 //! An `err` with id 0 before `hello` reports a start-up failure (a handler module that raised).
 
 use serde::{Deserialize, Serialize};
@@ -12,7 +13,8 @@ use crate::error::Error;
 /// The protocol version this host speaks; a worker announcing another is refused.
 pub(crate) const PROTOCOL_VERSION: u32 = 1;
 
-/// Bytes a call frame needs besides its command and arguments (envelope, id, deadline, session).
+/// Bytes a call frame needs besides its command, arguments, session id and request id
+/// (envelope, id, deadline, stream flag).
 pub(crate) const CALL_ENVELOPE_BYTES: usize = 160;
 
 /// The frame codec for both directions, refusing frames over `max_frame_bytes`.
@@ -28,31 +30,46 @@ pub(crate) fn codec(max_frame_bytes: usize) -> LengthDelimitedCodec {
 pub(crate) struct Call<'a> {
     pub(crate) t: &'static str,
     pub(crate) id: u64,
+    /// The caller's request id (the handler's `ctx.request_id`).
+    pub(crate) rid: &'a str,
     pub(crate) cmd: &'a str,
     pub(crate) args: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) session_id: Option<&'a str>,
     /// Wall-clock deadline, in milliseconds since the Unix epoch.
     pub(crate) deadline_ms: u64,
+    /// The answer is streamed: `chunk` frames, then `end`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) stream: bool,
+}
+
+/// What a call frame carries besides its command and arguments.
+pub(crate) struct CallMeta<'a> {
+    pub(crate) id: u64,
+    pub(crate) rid: &'a str,
+    pub(crate) session_id: Option<&'a str>,
+    pub(crate) deadline_ms: u64,
+    pub(crate) stream: bool,
 }
 
 impl<'a> Call<'a> {
-    pub(crate) fn new(
-        id: u64,
-        cmd: &'a str,
-        args: &'a RawValue,
-        session_id: Option<&'a str>,
-        deadline_ms: u64,
-    ) -> Self {
+    pub(crate) fn new(cmd: &'a str, args: &'a RawValue, meta: CallMeta<'a>) -> Self {
         Self {
             t: "call",
-            id,
+            id: meta.id,
+            rid: meta.rid,
             cmd,
             args,
-            session_id,
-            deadline_ms,
+            session_id: meta.session_id,
+            deadline_ms: meta.deadline_ms,
+            stream: meta.stream,
         }
     }
+}
+
+/// The frame asking a worker to stop streaming call `id`.
+pub(crate) fn cancel_frame(id: u64) -> Vec<u8> {
+    format!(r#"{{"t":"cancel","id":{id}}}"#).into_bytes()
 }
 
 /// The worker's first frame.
@@ -73,6 +90,8 @@ struct Incoming<'a> {
     id: u64,
     #[serde(borrow, default)]
     result: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
     category: Option<String>,
     kind: Option<String>,
     message: Option<String>,
@@ -91,8 +110,23 @@ struct Incoming<'a> {
 #[derive(Debug)]
 pub(crate) enum Message {
     Hello(Hello),
-    Ok { id: u64, result: Box<RawValue> },
-    Err { id: u64, error: Error },
+    Ok {
+        id: u64,
+        result: Box<RawValue>,
+    },
+    Err {
+        id: u64,
+        error: Error,
+    },
+    /// One chunk of a streaming call.
+    Chunk {
+        id: u64,
+        data: Box<RawValue>,
+    },
+    /// A streaming call is over.
+    End {
+        id: u64,
+    },
 }
 
 /// Decodes one frame body sent by a worker; the error says how it breaks the protocol.
@@ -112,6 +146,11 @@ pub(crate) fn decode(body: &[u8]) -> Result<Message, String> {
                 result,
             })
         }
+        "chunk" => Ok(Message::Chunk {
+            id: frame.id,
+            data: frame.data.map_or_else(null, ToOwned::to_owned),
+        }),
+        "end" => Ok(Message::End { id: frame.id }),
         "err" => {
             let error = Error::from_wire(
                 frame.category.as_deref().unwrap_or("system"),
@@ -160,12 +199,37 @@ mod tests {
     #[test]
     fn call_frames_embed_raw_args() {
         let args = RawValue::from_string(r#"{"a":[1,2]}"#.into()).unwrap();
-        let body = serde_json::to_string(&Call::new(7, "echo", &args, None, 99)).unwrap();
+        let meta = |stream| CallMeta {
+            id: 7,
+            rid: "r7",
+            session_id: None,
+            deadline_ms: 99,
+            stream,
+        };
+        let body = serde_json::to_string(&Call::new("echo", &args, meta(false))).unwrap();
         assert_eq!(
             body,
-            r#"{"t":"call","id":7,"cmd":"echo","args":{"a":[1,2]},"deadline_ms":99}"#
+            r#"{"t":"call","id":7,"rid":"r7","cmd":"echo","args":{"a":[1,2]},"deadline_ms":99}"#
         );
         assert!(body.len() < CALL_ENVELOPE_BYTES);
+        let body = serde_json::to_string(&Call::new("echo", &args, meta(true))).unwrap();
+        assert!(
+            body.ends_with(r#""deadline_ms":99,"stream":true}"#),
+            "{body}"
+        );
+        assert_eq!(cancel_frame(7), br#"{"t":"cancel","id":7}"#);
+    }
+
+    #[test]
+    fn chunks_and_ends_decode() {
+        match decode(br#"{"t":"chunk","id":2,"data":[1,"a"]}"#).unwrap() {
+            Message::Chunk { id, data } => assert_eq!((id, data.get()), (2, r#"[1,"a"]"#)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decode(br#"{"t":"end","id":2}"#).unwrap(),
+            Message::End { id: 2 }
+        ));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 pub use exit::StartedBy;
 pub(crate) use launcher::Launcher;
-pub(crate) use process::{CallResult, LaunchSpec, WorkerProcess};
+pub(crate) use process::{CallResult, Fault, LaunchSpec, WorkerProcess};
 pub(crate) use spawner::Spawner;
 
 /// Where a worker is in its life:

@@ -84,6 +84,9 @@ pub(crate) enum CallResult {
     TimedOut,
     /// The pool is being torn down: the worker must be killed.
     Aborted,
+    /// The call was cancelled while it ran: the worker must be killed (a running call
+    /// cannot be interrupted).
+    Cancelled,
     /// The worker died or broke the protocol; the error is for the caller.
     Failed(Error),
 }
@@ -261,7 +264,7 @@ impl WorkerProcess {
                 }
                 // A handler module raised at import: Python says why.
                 Ok(Message::Err { error, .. }) => Err(worker.fail_start(error).await),
-                Ok(Message::Ok { .. }) => Err(worker
+                Ok(Message::Ok { .. } | Message::Chunk { .. } | Message::End { .. }) => Err(worker
                     .fail_start(Error::new(
                         ErrorKind::HandshakeFailed,
                         "worker answered before saying hello",
@@ -342,6 +345,7 @@ impl WorkerProcess {
         id: u64,
         deadline: tokio::time::Instant,
         abort: &CancellationToken,
+        cancel: &CancellationToken,
     ) -> CallResult {
         let exchange = async {
             self.send_frame(frame).await?;
@@ -351,6 +355,7 @@ impl WorkerProcess {
             outcome = exchange => outcome,
             () = tokio::time::sleep_until(deadline) => return CallResult::TimedOut,
             () = abort.cancelled() => return CallResult::Aborted,
+            () = cancel.cancelled() => return CallResult::Cancelled,
         };
         match outcome {
             Ok(answer) => CallResult::Answered(answer),
@@ -384,6 +389,29 @@ impl WorkerProcess {
                 Ok(Message::Err { id: got, error }) if got == id => Ok(Err(error)),
                 Ok(other) => Err(Fault::Protocol(format!(
                     "expected the answer to call {id}, got {other:?}"
+                ))),
+                Err(why) => Err(Fault::Protocol(why)),
+            },
+            Some(Err(e)) => Err(Fault::Protocol(format!("unreadable frame: {e}"))),
+            None => Err(Fault::Gone("reply pipe closed".into())),
+        }
+    }
+
+    /// Waits for the next frame of streaming call `id`: a chunk, its end, or its error
+    /// (an `ok` is not part of a stream).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is consumed unless a whole frame arrived.
+    pub(crate) async fn stream_frame(&mut self, id: u64) -> Result<Message, Fault> {
+        match self.replies.next().await {
+            Some(Ok(body)) => match protocol::decode(&body) {
+                Ok(
+                    message @ (Message::Chunk { id: got, .. }
+                    | Message::End { id: got }
+                    | Message::Err { id: got, .. }),
+                ) if got == id => Ok(message),
+                Ok(other) => Err(Fault::Protocol(format!(
+                    "expected a frame of stream {id}, got {other:?}"
                 ))),
                 Err(why) => Err(Fault::Protocol(why)),
             },

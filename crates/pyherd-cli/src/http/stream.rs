@@ -1,0 +1,133 @@
+//! `POST /v1/stream` and `POST /v1/sessions/{id}/stream`: a streaming call as
+//! Server-Sent Events. One `chunk` event per chunk (data: the chunk's JSON), then an
+//! `end` event (`{"request_id","worker_id","duration_us","chunks"}`) or an `error` event
+//! (the usual error object). Errors found before the stream starts are plain JSON error
+//! responses. A client that disconnects drops the stream, which cancels the call.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use pyherd::{CallStream, Error, ErrorKind};
+use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::AppState;
+use super::error::ApiError;
+use super::execute::{ExecuteRequest, parse_body, request_id, with_request_id};
+use super::sessions::session_request;
+
+/// Streams open at once when `max_streams` is not set.
+pub(crate) const DEFAULT_MAX_STREAMS: usize = 64;
+
+/// The open streams, bounded by `max_streams`.
+#[derive(Clone)]
+pub(crate) struct StreamLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl StreamLimit {
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    fn acquire(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.permits.clone().try_acquire_owned().map_err(|_| {
+            ApiError::from(Error::new(
+                ErrorKind::TooManyStreams,
+                format!(
+                    "{} streams are open, the most this server allows (max_streams)",
+                    self.max
+                ),
+            ))
+        })
+    }
+}
+
+pub(crate) async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = async {
+        let request_id = request_id(&headers)?;
+        let request: ExecuteRequest = parse_body(body)?;
+        open(&state, request, request_id).await
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub(crate) async fn session_stream(
+    State(state): State<AppState>,
+    path: Result<Path<[String; 1]>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = async {
+        let request_id = request_id(&headers)?;
+        let request = session_request(path, body)?;
+        open(&state, request, request_id).await
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Starts the call and answers with its events.
+async fn open(
+    state: &AppState,
+    request: ExecuteRequest,
+    request_id: Option<String>,
+) -> Result<Response, ApiError> {
+    let permit = state.streams.acquire()?;
+    let options = request.options(request_id)?;
+    let stream = state
+        .pool
+        .stream_raw(&request.command, request.args, &options)
+        .await?;
+    let rid = stream.request_id().to_owned();
+    let events = Sse::new(events(stream, permit)).keep_alive(KeepAlive::default());
+    Ok(with_request_id(events.into_response(), &rid))
+}
+
+/// The stream's events; the permit is held until the last one (or the client's leaving).
+fn events(
+    stream: CallStream,
+    permit: OwnedSemaphorePermit,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    futures::stream::unfold(Some((stream, permit)), |state| async move {
+        let (mut stream, permit) = state?;
+        let event = match stream.next().await {
+            Some(Ok(chunk)) => {
+                let event = Event::default().event("chunk").data(chunk.to_string());
+                return Some((Ok(event), Some((stream, permit))));
+            }
+            Some(Err(e)) => Event::default()
+                .event("error")
+                .data(e.to_json().to_string()),
+            None => {
+                let end = stream.end().map(|end| {
+                    json!({
+                        "request_id": stream.request_id(),
+                        "worker_id": end.worker_id,
+                        "duration_us": u64::try_from(end.duration.as_micros()).unwrap_or(u64::MAX),
+                        "chunks": end.chunks,
+                    })
+                });
+                Event::default()
+                    .event("end")
+                    .data(end.unwrap_or_default().to_string())
+            }
+        };
+        drop((stream, permit));
+        Some((Ok(event), None))
+    })
+}

@@ -109,7 +109,8 @@ fn workers_that_cannot_start_make_serve_exit_non_zero_with_the_python_error() {
     let status = wait_exit(&mut child, Duration::from_secs(25)).expect("serve must exit");
     assert!(began.elapsed() < Duration::from_secs(20));
     assert_eq!(status.code(), Some(3), "initialization failures exit 3");
-    let text = stderr.lock().unwrap().clone();
+    let needles = ["OPENAI_API_KEY is not set", "handler_import_failed"];
+    let text = common::drained(&stderr, &needles, Duration::from_secs(5));
     assert!(text.contains("OPENAI_API_KEY is not set"), "{text}");
     assert!(text.contains("handler_import_failed"), "{text}");
 }

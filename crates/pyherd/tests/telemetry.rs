@@ -35,23 +35,27 @@ fn number(seen: &Seen, field: &str) -> u64 {
 async fn each_call_has_a_request_span_with_worker_queue_wait_execution_and_outcome() {
     let (captured, _guard) = capture();
     let pool = testing_pool(1).build().await.unwrap();
-    pool.execute("sleep", json!({"seconds": 0.05}))
+    let slept = pool
+        .execute_with("sleep", json!({"seconds": 0.05}), &CallOptions::new())
         .await
         .unwrap();
     let failed = pool.execute("raise_error", json!({})).await.unwrap_err();
     assert_eq!(failed.kind(), &ErrorKind::PythonException);
-    pool.execute_with("echo", json!(1), &CallOptions::new().session_id("s-span"))
+    let in_session = CallOptions::new()
+        .session_id("s-span")
+        .request_id("job-7");
+    pool.execute_with("echo", json!(1), &in_session)
         .await
         .unwrap();
     let unknown = pool.execute("no_such", json!({})).await.unwrap_err();
     assert_eq!(unknown.kind(), &ErrorKind::UnknownCommand);
 
-    let slept = request_spans(&captured, "sleep");
-    assert_eq!(slept.len(), 1, "{slept:?}");
-    let span = &slept[0];
+    let spans = request_spans(&captured, "sleep");
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    let span = &spans[0];
     assert_eq!(span.get("worker"), Some("w1"));
     assert_eq!(span.get("outcome"), Some("ok"));
-    assert!(number(span, "request_id") > 0);
+    assert_eq!(span.get("request_id"), Some(slept.request_id()));
     assert!(number(span, "execution_us") >= 50_000, "{span:?}");
     number(span, "queue_wait_us");
     assert_eq!(span.get("session_id"), None);
@@ -61,6 +65,7 @@ async fn each_call_has_a_request_span_with_worker_queue_wait_execution_and_outco
     assert_ne!(raised.get("request_id"), span.get("request_id"));
     let in_session = &request_spans(&captured, "echo")[0];
     assert_eq!(in_session.get("session_id"), Some("s-span"));
+    assert_eq!(in_session.get("request_id"), Some("job-7"));
     assert_eq!(in_session.get("outcome"), Some("ok"));
 
     let refused = &request_spans(&captured, "no_such")[0];

@@ -136,6 +136,19 @@ pub fn drain(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
     text
 }
 
+/// The text a [`drain`] collected once it holds every one of `needles`, or all it has
+/// after `limit` (the reader can lag behind a process that has just exited).
+pub fn drained(text: &Mutex<String>, needles: &[&str], limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let now = text.lock().unwrap().clone();
+        if needles.iter().all(|n| now.contains(n)) || start.elapsed() > limit {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("signal");
 }

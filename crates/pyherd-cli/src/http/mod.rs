@@ -5,12 +5,15 @@
 mod admin;
 mod error;
 mod execute;
+mod openapi;
 mod sessions;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
 use pyherd::Pool;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Room for the JSON envelope of `/v1/execute` around a body of frame size: a body
 /// over `max_frame_bytes + BODY_SLACK` is refused before it is read whole.
@@ -22,37 +25,40 @@ pub(crate) struct AppState {
     pub(crate) pool: Pool,
 }
 
-/// Every route of the API.
+/// Every route of the API with its documentation. A route is added here, and only here,
+/// with `.routes(routes!(handler, …))` (one path, its methods' handlers), each handler
+/// annotated with `#[utoipa::path]`: it is then served and in `/openapi.json` alike.
+pub(crate) fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(execute::execute))
+        .routes(routes!(sessions::create, sessions::list))
+        .routes(routes!(sessions::get, sessions::patch, sessions::delete))
+        .routes(routes!(sessions::execute))
+        .routes(routes!(
+            sessions::get_program,
+            sessions::put_program,
+            sessions::delete_program
+        ))
+        .routes(routes!(sessions::list_globals))
+        .routes(routes!(
+            sessions::get_global,
+            sessions::put_global,
+            sessions::delete_global
+        ))
+        .routes(routes!(admin::stats))
+        .routes(routes!(admin::workers))
+        .routes(routes!(admin::healthz))
+        .routes(routes!(admin::readyz))
+        .routes(routes!(admin::metrics))
+        .routes(routes!(openapi::openapi_json))
+}
+
+/// The API over `pool`: the routes of [`api`], the answers for unknown routes and
+/// methods, the body limit.
 pub(crate) fn router(pool: Pool) -> Router {
     let body_limit = pool.config().max_frame_bytes + BODY_SLACK;
-    Router::new()
-        .route("/v1/execute", post(execute::execute))
-        .route("/v1/sessions", post(sessions::create).get(sessions::list))
-        .route(
-            "/v1/sessions/{id}",
-            get(sessions::get)
-                .patch(sessions::patch)
-                .delete(sessions::delete),
-        )
-        .route("/v1/sessions/{id}/execute", post(sessions::execute))
-        .route(
-            "/v1/sessions/{id}/programs/{program_id}",
-            get(sessions::get_program)
-                .put(sessions::put_program)
-                .delete(sessions::delete_program),
-        )
-        .route("/v1/programs", get(sessions::list_globals))
-        .route(
-            "/v1/programs/{program_id}",
-            get(sessions::get_global)
-                .put(sessions::put_global)
-                .delete(sessions::delete_global),
-        )
-        .route("/v1/stats", get(admin::stats))
-        .route("/v1/workers", get(admin::workers))
-        .route("/healthz", get(admin::healthz))
-        .route("/readyz", get(admin::readyz))
-        .route("/metrics", get(admin::metrics))
+    let (routes, _) = api().split_for_parts();
+    routes
         .fallback(admin::not_found)
         .method_not_allowed_fallback(admin::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -64,3 +64,63 @@ pub(crate) fn router(pool: Pool) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(AppState { pool })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use axum::routing::get;
+    use utoipa::openapi::OpenApi;
+
+    type Routes = BTreeMap<String, BTreeSet<String>>;
+
+    /// The paths a router serves and their methods (HEAD aside), read from its `Debug`
+    /// form, its only listing: `RouteId(n): "/path"` and `RouteId(n): MethodRouter(…
+    /// allow_header: Bytes(b"GET,HEAD") …)`, before the fallback router's own.
+    fn served<S>(router: &axum::Router<S>) -> Routes {
+        let text = format!("{router:?}");
+        let main = text.split(", fallback_router:").next().unwrap_or_default();
+        let (mut paths, mut methods) = (BTreeMap::new(), BTreeMap::new());
+        for part in main.split("RouteId(").skip(1) {
+            let Some((id, rest)) = part.split_once("): ") else {
+                continue;
+            };
+            if let Some(path) = rest.strip_prefix('"') {
+                paths.insert(id, path.split('"').next().unwrap_or_default().to_owned());
+            } else if let Some((_, allow)) = rest.split_once("allow_header: Bytes(b\"") {
+                let allow = allow.split('"').next().unwrap_or_default();
+                let set = allow.split(',').filter(|m| *m != "HEAD").map(str::to_owned);
+                methods.insert(id, set.collect::<BTreeSet<_>>());
+            }
+        }
+        paths
+            .into_iter()
+            .map(|(id, path)| (path, methods.remove(id).unwrap_or_default()))
+            .collect()
+    }
+
+    fn documented(doc: &OpenApi) -> Routes {
+        let doc = serde_json::to_value(doc).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        paths
+            .iter()
+            .map(|(path, item)| {
+                let methods = item.as_object().unwrap().keys();
+                (path.clone(), methods.map(|m| m.to_uppercase()).collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_served_route_is_documented_and_every_documented_one_served() {
+        let (router, doc) = super::api().split_for_parts();
+        let routes = served(&router);
+        let both = BTreeSet::from(["GET".into(), "POST".into()]);
+        assert_eq!(routes["/v1/sessions"], both);
+        assert_eq!(routes, documented(&doc));
+        let (router, doc) = super::api()
+            .route("/v1/hidden", get(|| async { "" }))
+            .split_for_parts();
+        assert_ne!(served(&router), documented(&doc));
+    }
+}

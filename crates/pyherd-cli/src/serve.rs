@@ -15,9 +15,9 @@ use crate::settings::{PoolArgs, bind_address};
 pub(crate) struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7878]
     #[arg(long, env = "PYHERD_BIND")]
-    bind: Option<String>,
+    pub(crate) bind: Option<String>,
     #[command(flatten)]
-    pool: PoolArgs,
+    pub(crate) pool: PoolArgs,
 }
 
 pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {

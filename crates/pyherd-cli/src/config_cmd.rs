@@ -10,6 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -119,14 +120,6 @@ fn effective(args: &ServeArgs, file: Option<&Path>) -> anyhow::Result<Map<String
     Ok(values)
 }
 
-/// The file `resolve` reads, if any.
-fn config_file(args: &ServeArgs) -> Option<PathBuf> {
-    args.pool.config.clone().or_else(|| {
-        let default = Path::new(crate::settings::DEFAULT_FILE);
-        default.is_file().then(|| default.to_owned())
-    })
-}
-
 fn file_table(file: Option<&Path>) -> anyhow::Result<toml::Table> {
     let Some(path) = file else {
         return Ok(toml::Table::new());
@@ -218,7 +211,7 @@ fn show(value: &Value) -> String {
 /// Prints the effective configuration. `matches` are those of the `config` subcommand
 /// (they tell a flag from its environment variable).
 pub(crate) fn run(args: &ConfigArgs, matches: &ArgMatches) -> anyhow::Result<u8> {
-    let file = config_file(&args.serve);
+    let file = args.serve.pool.config_file();
     let values = effective(&args.serve, file.as_deref())?;
     let table = file_table(file.as_deref())?;
     let report = Report {
@@ -226,29 +219,35 @@ pub(crate) fn run(args: &ConfigArgs, matches: &ArgMatches) -> anyhow::Result<u8>
         unknown_env: unknown_env(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok())),
         file,
     };
+    let mut out = String::new();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(0);
+        out = serde_json::to_string_pretty(&report)? + "\n";
+    } else {
+        let width = report
+            .settings
+            .iter()
+            .map(|e| e.key.len())
+            .max()
+            .unwrap_or(0);
+        let shown: Vec<String> = report.settings.iter().map(|e| show(&e.value)).collect();
+        let value_width = shown.iter().map(String::len).max().unwrap_or(0).min(40);
+        out.push_str("# precedence: flag > PYHERD_* environment > file > default\n");
+        for (entry, value) in report.settings.iter().zip(&shown) {
+            let source = match (&entry.source, &entry.origin) {
+                (Source::Default, _) => "default".to_owned(),
+                (Source::File, Some(path)) => format!("file ({path})"),
+                (Source::Env, Some(var)) => format!("env ({var})"),
+                (Source::Flag, Some(flag)) => format!("flag ({flag})"),
+                (source, None) => format!("{source:?}").to_lowercase(),
+            };
+            let line = format!("{:width$}  {value:value_width$}  {source}", entry.key);
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
     }
-    let width = report
-        .settings
-        .iter()
-        .map(|e| e.key.len())
-        .max()
-        .unwrap_or(0);
-    let shown: Vec<String> = report.settings.iter().map(|e| show(&e.value)).collect();
-    let value_width = shown.iter().map(String::len).max().unwrap_or(0).min(40);
-    println!("# precedence: flag > PYHERD_* environment > file > default");
-    for (entry, value) in report.settings.iter().zip(&shown) {
-        let source = match (&entry.source, &entry.origin) {
-            (Source::Default, _) => "default".to_owned(),
-            (Source::File, Some(path)) => format!("file ({path})"),
-            (Source::Env, Some(var)) => format!("env ({var})"),
-            (Source::Flag, Some(flag)) => format!("flag ({flag})"),
-            (source, None) => format!("{source:?}").to_lowercase(),
-        };
-        println!("{:width$}  {value:value_width$}  {source}", entry.key);
-    }
+    std::io::stdout()
+        .write_all(out.as_bytes())
+        .context("cannot write to stdout")?;
     for name in &report.unknown_env {
         eprintln!("pyherd: warning: {name} is not a pyherd setting; it is ignored");
     }

@@ -6,6 +6,8 @@
 mod bench;
 mod bench_start;
 mod cleanup;
+mod completions;
+mod config_cmd;
 mod exec;
 mod http;
 mod serve;
@@ -17,7 +19,7 @@ mod status;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use pyherd::Category;
 use tracing_subscriber::EnvFilter;
 
@@ -47,6 +49,10 @@ enum Command {
     Setup(setup::SetupArgs),
     /// Kill what runs whose host died left behind (the sweep a pool runs at start)
     Cleanup(cleanup::CleanupArgs),
+    /// Print the effective configuration: each setting, its value and where it came from
+    Config(config_cmd::ConfigArgs),
+    /// Print a completion script for a shell (bash, zsh, fish, elvish, powershell)
+    Completions(completions::CompletionsArgs),
 }
 
 /// Exit codes: 0 success, 1 other failure, 2 invalid request or usage, 3 workers could
@@ -64,14 +70,11 @@ pub(crate) fn exit_code(category: Category) -> u8 {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Exec(_)
-        | Command::Bench(_)
-        | Command::Status(_)
-        | Command::Setup(_)
-        | Command::Cleanup(_) => "warn",
+        _ => "warn",
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -80,6 +83,12 @@ fn main() -> ExitCode {
             EnvFilter::try_from_env("PYHERD_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .init();
+    if matches!(
+        cli.command,
+        Command::Serve(_) | Command::Exec(_) | Command::Bench(_)
+    ) {
+        config_cmd::warn_unknown_env();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -98,6 +107,11 @@ fn main() -> ExitCode {
             Command::Status(args) => status::run(args).await,
             Command::Setup(args) => setup::run(args).await,
             Command::Cleanup(args) => cleanup::run(&args),
+            Command::Config(args) => {
+                let sub = matches.subcommand_matches("config").unwrap_or(&matches);
+                config_cmd::run(&args, sub)
+            }
+            Command::Completions(args) => completions::run(&args, Cli::command()),
         }
     });
     match outcome {

@@ -18,11 +18,11 @@ use crate::settings::{PoolArgs, bind_address};
 pub(crate) struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7878]
     #[arg(long, env = "PYHERD_BIND")]
-    bind: Option<String>,
+    pub(crate) bind: Option<String>,
     #[command(flatten)]
-    server: ServerArgs,
+    pub(crate) server: ServerArgs,
     #[command(flatten)]
-    pool: PoolArgs,
+    pub(crate) pool: PoolArgs,
 }
 
 pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {

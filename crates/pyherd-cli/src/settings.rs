@@ -184,9 +184,8 @@ impl PoolArgs {
     /// The file's settings with flags and environment applied. The pool runs on the state
     /// directory's environment when it exists and no interpreter is named.
     pub(crate) fn resolve(&self) -> anyhow::Result<Settings> {
-        let mut file = match &self.config {
-            Some(path) => read_file(path)?,
-            None if Path::new(DEFAULT_FILE).is_file() => read_file(Path::new(DEFAULT_FILE))?,
+        let mut file = match self.config_file() {
+            Some(path) => read_file(&path)?,
             None => FileSettings::default(),
         };
         self.apply(&mut file.pool);
@@ -218,6 +217,14 @@ impl PoolArgs {
             requirements,
             server: file.server,
             venv_python: venv,
+        })
+    }
+
+    /// The file read: `--config`, else `./pyherd.toml` when it exists.
+    pub(crate) fn config_file(&self) -> Option<PathBuf> {
+        self.config.clone().or_else(|| {
+            let default = Path::new(DEFAULT_FILE);
+            default.is_file().then(|| default.to_owned())
         })
     }
 

@@ -150,6 +150,7 @@ pub struct PoolConfig {
 /// How a session's calls prefer the worker that served the session last (its programs
 /// and LM are then already built there). Any worker can serve any session: affinity only
 /// saves that work.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]

@@ -6,6 +6,7 @@ use std::fmt;
 use serde::Serialize;
 
 /// The broad class of a failure; callers and the HTTP API branch on it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -264,6 +265,7 @@ impl Serialize for ErrorKind {
 }
 
 /// Where and why: every field that is known for this failure.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct ErrorContext {

@@ -41,9 +41,7 @@ async fn each_call_has_a_request_span_with_worker_queue_wait_execution_and_outco
         .unwrap();
     let failed = pool.execute("raise_error", json!({})).await.unwrap_err();
     assert_eq!(failed.kind(), &ErrorKind::PythonException);
-    let in_session = CallOptions::new()
-        .session_id("s-span")
-        .request_id("job-7");
+    let in_session = CallOptions::new().session_id("s-span").request_id("job-7");
     pool.execute_with("echo", json!(1), &in_session)
         .await
         .unwrap();

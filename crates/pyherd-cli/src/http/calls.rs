@@ -8,12 +8,28 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use pyherd::{Error, ErrorKind};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::ApiError;
 use super::execute::with_request_id;
+use super::openapi::CancelErrors;
 
+/// A call that was cancelled.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Cancelled {
+    /// The call's request id.
+    request_id: String,
+    /// Always `true`.
+    cancelled: bool,
+}
+
+/// Cancels the call in flight with this request id.
+#[utoipa::path(delete, path = "/v1/calls/{request_id}", tag = "calls",
+    params(("request_id" = String, Path, description = "The call's request id (its `X-Request-Id`)")),
+    responses((status = 200, description = "The call was cancelled; its caller gets 409 `cancelled`", body = Cancelled),
+        CancelErrors))]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -27,7 +43,10 @@ pub(crate) async fn cancel(
                 format!("no call in flight has the request id {id:?}"),
             )));
         }
-        let body = Json(json!({"request_id": id, "cancelled": true}));
+        let body = Json(Cancelled {
+            request_id: id.clone(),
+            cancelled: true,
+        });
         Ok(with_request_id(body.into_response(), &id))
     };
     run().unwrap_or_else(IntoResponse::into_response)

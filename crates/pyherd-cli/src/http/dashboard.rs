@@ -5,7 +5,9 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use pyherd::{RecentError, TimelineSample};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::AppState;
 
@@ -17,7 +19,23 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'unsafe-in
      style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; \
      base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
+/// The last ten minutes second by second, and the last errors.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TimelineResponse {
+    /// Width of a sample, in milliseconds.
+    interval_ms: u64,
+    /// Unix time of this snapshot, in milliseconds.
+    now_ms: u64,
+    /// One sample per second, oldest first; the last one is still being filled.
+    samples: Vec<TimelineSample>,
+    /// The last 50 errors calls ended with, oldest first.
+    recent_errors: Vec<RecentError>,
+}
+
 /// `GET /`: the dashboard page.
+#[utoipa::path(get, path = "/", tag = "operations",
+    responses((status = 200, description = "The live dashboard (one HTML page)",
+        body = String, content_type = "text/html; charset=utf-8")))]
 pub(crate) async fn page() -> Response {
     (
         [
@@ -32,13 +50,15 @@ pub(crate) async fn page() -> Response {
 }
 
 /// `GET /v1/timeline`: the last ten minutes second by second and the last errors.
+#[utoipa::path(get, path = "/v1/timeline", tag = "operations",
+    responses((status = 200, description = "The timeline the dashboard draws", body = TimelineResponse)))]
 pub(crate) async fn timeline(State(state): State<AppState>) -> Response {
     let timeline = state.pool.timeline();
-    Json(json!({
-        "interval_ms": timeline.interval_ms,
-        "now_ms": timeline.now_ms,
-        "samples": timeline.samples,
-        "recent_errors": state.pool.recent_errors(),
-    }))
+    Json(TimelineResponse {
+        interval_ms: timeline.interval_ms,
+        now_ms: timeline.now_ms,
+        samples: timeline.samples,
+        recent_errors: state.pool.recent_errors(),
+    })
     .into_response()
 }

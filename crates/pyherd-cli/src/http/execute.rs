@@ -10,23 +10,32 @@ use axum::response::{IntoResponse, Response};
 use pyherd::{Affinity, CallOptions, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, REQUEST_ID};
+use super::openapi::CallErrors;
 
 /// Longest `timeout_ms` a request may ask for (one day).
 const MAX_TIMEOUT_MS: u64 = 86_400_000;
 
-/// The request body.
-#[derive(Deserialize)]
+/// The request body: a command and its arguments, with per-call options.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ExecuteRequest {
+    /// The handler to run, e.g. `echo`.
     pub(crate) command: String,
+    /// The handler's arguments (any JSON; default `{}`).
     #[serde(default = "empty_object")]
+    #[schema(value_type = Value)]
     pub(crate) args: Box<RawValue>,
+    /// Run in this session (created on first use).
     pub(crate) session_id: Option<String>,
+    /// Longest execution, 1..=86400000 ms [default: the server's `request_timeout_ms`].
     timeout_ms: Option<u64>,
+    /// How a session call prefers the session's last worker.
     affinity: Option<Affinity>,
+    /// Whether the call may be retried after a retryable error.
     idempotent: Option<bool>,
 }
 
@@ -36,11 +45,16 @@ fn empty_object() -> Box<RawValue> {
 }
 
 /// The success body; `result` is passed through as the worker wrote it.
-#[derive(Serialize)]
-struct ExecuteResponse<'a> {
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ExecuteResponse<'a> {
+    /// Always `true`.
     ok: bool,
+    /// What the handler returned (any JSON).
+    #[schema(value_type = Value)]
     result: &'a RawValue,
+    /// The worker that ran the call.
     worker_id: &'a str,
+    /// Time from admission to the answer, µs.
     duration_us: u64,
 }
 
@@ -116,6 +130,11 @@ pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(
         .map_err(|e| ApiError::malformed(format!("the request body is not valid: {e}")))
 }
 
+/// Runs one call on a free worker.
+#[utoipa::path(post, path = "/v1/execute", tag = "calls", request_body = ExecuteRequest,
+    params(("X-Request-Id" = Option<String>, Header, description = "The call's request id (1-128 of `A-Z a-z 0-9 . _ : -`); one is made when absent")),
+    responses((status = 200, description = "The handler's result", body = ExecuteResponse),
+        CallErrors))]
 pub(crate) async fn execute(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -145,15 +145,33 @@ fn too_many_connections(limit: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Writes the 503, then reads what the client sent until it closes (within
-/// `REFUSAL_TIME`), so that closing does not reset the connection before the client
-/// has read the answer.
+/// Most bytes of a refused request's head read before the 503 is written anyway.
+const REFUSAL_HEAD_BYTES: usize = 16 * 1024;
+
+/// Waits (within `REFUSAL_TIME`) for the request's head, so that the 503 answers a
+/// request as HTTP clients expect rather than arriving before it; writes the 503; then
+/// reads what the client still sends until it closes, so that closing does not reset
+/// the connection before the client has read the answer.
 async fn refuse(mut stream: TcpStream, answer: &[u8]) {
     let exchange = async {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        let waited = tokio::time::timeout(REFUSAL_TIME / 2, async {
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < REFUSAL_HEAD_BYTES {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            Ok::<_, io::Error>(())
+        });
+        if let Ok(read) = waited.await {
+            read?;
+        }
         stream.write_all(answer).await?;
         stream.shutdown().await?;
-        let mut sink = [0u8; 4096];
-        while stream.read(&mut sink).await? > 0 {}
+        while stream.read(&mut buf).await? > 0 {}
         Ok::<_, io::Error>(())
     };
     if let Ok(Err(e)) = tokio::time::timeout(REFUSAL_TIME, exchange).await {

@@ -8,13 +8,15 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use pyherd::session::{SessionSpec, SessionUpdate, check_id};
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use pyherd::session::{Program, Session, SessionPage, SessionSpec, SessionUpdate, check_id};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::ApiError;
-use super::execute::{ExecuteRequest, call, parse_body, request_id};
+use super::execute::{ExecuteRequest, ExecuteResponse, call, parse_body, request_id};
+use super::openapi::{CallErrors, CreateErrors, LookupErrors, QueryErrors, UpdateErrors};
 
 /// Most sessions one page of `GET /v1/sessions` may hold.
 const MAX_PAGE: usize = 1000;
@@ -23,26 +25,62 @@ const DEFAULT_PAGE: usize = 100;
 
 type ApiResult = Result<Response, ApiError>;
 
-#[derive(Deserialize)]
+/// `POST /v1/sessions`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
+pub(crate) struct CreateBody {
+    /// The id (`A-Z a-z 0-9 - _ . :`, at most 128 characters) [default: generated].
     session_id: Option<String>,
+    /// Time to live after the last access, s [default: the server's `session_ttl_ms`].
     ttl_s: Option<u64>,
+    /// Any JSON [default: `{}`].
+    #[schema(value_type = Option<Value>)]
     metadata: Option<Value>,
 }
 
-#[derive(Deserialize)]
+/// `PATCH /v1/sessions/{id}`: what is given replaces what the session has.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PatchBody {
+pub(crate) struct PatchBody {
+    /// New metadata.
+    #[schema(value_type = Option<Value>)]
     metadata: Option<Value>,
+    /// New time to live, s.
     ttl_s: Option<u64>,
 }
 
-#[derive(Deserialize)]
+/// A page of `GET /v1/sessions`.
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
+    /// Sessions on the page, 1..=1000 [default: 100].
     limit: Option<usize>,
+    /// The `next_after` of the previous page.
     after: Option<String>,
+}
+
+/// A deleted session.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SessionDeleted {
+    session_id: String,
+    /// Always `true`.
+    deleted: bool,
+}
+
+/// A deleted program.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ProgramDeleted {
+    program_id: String,
+    /// Always `true`.
+    deleted: bool,
+}
+
+/// `GET /v1/programs`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ProgramList {
+    /// Every global program, in id order.
+    programs: Vec<Program>,
 }
 
 /// The path's ids, each checked (they name store keys and appear in logs).
@@ -66,6 +104,9 @@ fn ttl(seconds: Option<u64>) -> Option<Duration> {
     seconds.map(Duration::from_secs)
 }
 
+/// Creates a session.
+#[utoipa::path(post, path = "/v1/sessions", tag = "sessions", request_body = CreateBody,
+    responses((status = 201, description = "Created", body = Session), CreateErrors))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
@@ -79,6 +120,9 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(session)).into_response())
 }
 
+/// Live sessions in id order, a page at a time.
+#[utoipa::path(get, path = "/v1/sessions", tag = "sessions", params(ListQuery),
+    responses((status = 200, description = "A page", body = SessionPage), QueryErrors))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -94,6 +138,9 @@ pub(crate) async fn list(
     Ok(Json(page).into_response())
 }
 
+/// One session (an access: its TTL restarts).
+#[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path, description = "The session id")),
+    responses((status = 200, description = "The session", body = Session), LookupErrors))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     path: Result<Path<[String; 1]>, PathRejection>,
@@ -102,6 +149,10 @@ pub(crate) async fn get(
     Ok(Json(state.pool.sessions().get(&id).await?).into_response())
 }
 
+/// Changes a session's metadata or TTL.
+#[utoipa::path(patch, path = "/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path, description = "The session id")),
+    request_body = PatchBody,
+    responses((status = 200, description = "The session, changed", body = Session), UpdateErrors))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
     path: Result<Path<[String; 1]>, PathRejection>,
@@ -115,16 +166,27 @@ pub(crate) async fn patch(
     Ok(Json(state.pool.sessions().update(&id, update).await?).into_response())
 }
 
+/// Deletes a session.
+#[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path, description = "The session id")),
+    responses((status = 200, description = "Deleted", body = SessionDeleted), LookupErrors))]
 pub(crate) async fn delete(
     State(state): State<AppState>,
     path: Result<Path<[String; 1]>, PathRejection>,
 ) -> ApiResult {
     let id = one(path, "session")?;
     let removed = state.pool.sessions().delete(&id).await?;
-    Ok(Json(json!({"session_id": removed.id, "deleted": true})).into_response())
+    Ok(Json(SessionDeleted {
+        session_id: removed.id,
+        deleted: true,
+    })
+    .into_response())
 }
 
 /// `POST /v1/sessions/{id}/execute`: the body of `/v1/execute`, in this session.
+#[utoipa::path(post, path = "/v1/sessions/{id}/execute", tag = "sessions", params(("id" = String, Path, description = "The session id"), ("X-Request-Id" = Option<String>, Header, description = "The call's request id (1-128 of `A-Z a-z 0-9 . _ : -`); one is made when absent")),
+    request_body = ExecuteRequest,
+    responses((status = 200, description = "The handler's result", body = ExecuteResponse),
+        CallErrors))]
 pub(crate) async fn execute(
     State(state): State<AppState>,
     path: Result<Path<[String; 1]>, PathRejection>,
@@ -157,6 +219,10 @@ pub(crate) fn session_request(
     Ok(request)
 }
 
+/// A program of the session.
+#[utoipa::path(get, path = "/v1/sessions/{id}/programs/{program_id}", tag = "sessions",
+    params(("id" = String, Path, description = "The session id"), ("program_id" = String, Path, description = "The program id")),
+    responses((status = 200, description = "The program", body = Program), LookupErrors))]
 pub(crate) async fn get_program(
     State(state): State<AppState>,
     path: Result<Path<[String; 2]>, PathRejection>,
@@ -170,6 +236,12 @@ pub(crate) async fn get_program(
     Ok(Json(program).into_response())
 }
 
+/// Stores (or replaces) a program of the session; a worker validates its definition.
+#[utoipa::path(put, path = "/v1/sessions/{id}/programs/{program_id}", tag = "sessions",
+    params(("id" = String, Path, description = "The session id"), ("program_id" = String, Path, description = "The program id")),
+    request_body(content = Object, description = "The definition: `signature` and optional \
+        `program_type` (`predict`, `chain_of_thought`), as the DSPy adapter takes them"),
+    responses((status = 200, description = "The program", body = Program), CallErrors))]
 pub(crate) async fn put_program(
     State(state): State<AppState>,
     path: Result<Path<[String; 2]>, PathRejection>,
@@ -184,6 +256,10 @@ pub(crate) async fn put_program(
     Ok(Json(program).into_response())
 }
 
+/// Deletes a program of the session.
+#[utoipa::path(delete, path = "/v1/sessions/{id}/programs/{program_id}", tag = "sessions",
+    params(("id" = String, Path, description = "The session id"), ("program_id" = String, Path, description = "The program id")),
+    responses((status = 200, description = "Deleted", body = ProgramDeleted), LookupErrors))]
 pub(crate) async fn delete_program(
     State(state): State<AppState>,
     path: Result<Path<[String; 2]>, PathRejection>,
@@ -194,14 +270,24 @@ pub(crate) async fn delete_program(
         .sessions()
         .delete_program(&session, &program)
         .await?;
-    Ok(Json(json!({"program_id": removed.id, "deleted": true})).into_response())
+    Ok(Json(ProgramDeleted {
+        program_id: removed.id,
+        deleted: true,
+    })
+    .into_response())
 }
 
+/// Every global program.
+#[utoipa::path(get, path = "/v1/programs", tag = "programs",
+    responses((status = 200, description = "The global programs", body = ProgramList)))]
 pub(crate) async fn list_globals(State(state): State<AppState>) -> ApiResult {
     let programs = state.pool.sessions().list_global_programs().await?;
-    Ok(Json(json!({ "programs": programs })).into_response())
+    Ok(Json(ProgramList { programs }).into_response())
 }
 
+/// A global program.
+#[utoipa::path(get, path = "/v1/programs/{program_id}", tag = "programs", params(("program_id" = String, Path, description = "The program id")),
+    responses((status = 200, description = "The program", body = Program), LookupErrors))]
 pub(crate) async fn get_global(
     State(state): State<AppState>,
     path: Result<Path<[String; 1]>, PathRejection>,
@@ -210,6 +296,10 @@ pub(crate) async fn get_global(
     Ok(Json(state.pool.sessions().get_global_program(&id).await?).into_response())
 }
 
+/// Stores (or replaces) a program every session can run.
+#[utoipa::path(put, path = "/v1/programs/{program_id}", tag = "programs", params(("program_id" = String, Path, description = "The program id")),
+    request_body(content = Object, description = "The definition, as for a session program"),
+    responses((status = 200, description = "The program", body = Program), CallErrors))]
 pub(crate) async fn put_global(
     State(state): State<AppState>,
     path: Result<Path<[String; 1]>, PathRejection>,
@@ -220,11 +310,18 @@ pub(crate) async fn put_global(
     Ok(Json(state.pool.put_program(None, &id, spec).await?).into_response())
 }
 
+/// Deletes a global program.
+#[utoipa::path(delete, path = "/v1/programs/{program_id}", tag = "programs", params(("program_id" = String, Path, description = "The program id")),
+    responses((status = 200, description = "Deleted", body = ProgramDeleted), LookupErrors))]
 pub(crate) async fn delete_global(
     State(state): State<AppState>,
     path: Result<Path<[String; 1]>, PathRejection>,
 ) -> ApiResult {
     let id = one(path, "program")?;
     let removed = state.pool.sessions().delete_global_program(&id).await?;
-    Ok(Json(json!({"program_id": removed.id, "deleted": true})).into_response())
+    Ok(Json(ProgramDeleted {
+        program_id: removed.id,
+        deleted: true,
+    })
+    .into_response())
 }

@@ -21,6 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::AppState;
 use super::error::ApiError;
 use super::execute::{ExecuteRequest, parse_body, request_id, with_request_id};
+use super::openapi::{CallErrors, STREAM_EVENTS};
 use super::sessions::session_request;
 
 /// Streams open at once when `max_streams` is not set.
@@ -54,6 +55,11 @@ impl StreamLimit {
     }
 }
 
+/// Runs one call and answers its chunks as Server-Sent Events.
+#[utoipa::path(post, path = "/v1/stream", tag = "calls", request_body = ExecuteRequest,
+    params(("X-Request-Id" = Option<String>, Header, description = "The call's request id (1-128 of `A-Z a-z 0-9 . _ : -`); one is made when absent")),
+    responses((status = 200, description = STREAM_EVENTS, body = String,
+        content_type = "text/event-stream"), CallErrors))]
 pub(crate) async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -67,6 +73,11 @@ pub(crate) async fn stream(
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Runs one call in the session and answers its chunks as Server-Sent Events.
+#[utoipa::path(post, path = "/v1/sessions/{id}/stream", tag = "sessions", request_body = ExecuteRequest,
+    params(("id" = String, Path, description = "The session id"), ("X-Request-Id" = Option<String>, Header, description = "The call's request id (1-128 of `A-Z a-z 0-9 . _ : -`); one is made when absent")),
+    responses((status = 200, description = STREAM_EVENTS, body = String,
+        content_type = "text/event-stream"), CallErrors))]
 pub(crate) async fn session_stream(
     State(state): State<AppState>,
     path: Result<Path<[String; 1]>, PathRejection>,

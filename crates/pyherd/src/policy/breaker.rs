@@ -10,6 +10,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 /// Where a command's circuit breaker is.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -37,6 +38,7 @@ impl BreakerState {
 }
 
 /// A snapshot of one command's breaker, in [`PoolStats::breakers`](crate::PoolStats::breakers).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct BreakerInfo {

@@ -35,6 +35,7 @@ impl Swap {
 }
 
 /// What a reload did, from [`Pool::reload`].
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct ReloadReport {
@@ -47,6 +48,7 @@ pub struct ReloadReport {
 }
 
 /// One worker a reload replaced.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct ReloadedWorker {

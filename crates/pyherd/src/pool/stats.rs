@@ -12,6 +12,7 @@ use crate::session::SessionStats;
 use crate::worker::{StartedBy, WorkerState};
 
 /// A snapshot of the pool, from [`Pool::stats`](crate::Pool::stats).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct PoolStats {
@@ -53,6 +54,7 @@ pub struct PoolStats {
 }
 
 /// A snapshot of one worker, from [`Pool::workers`](crate::Pool::workers).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct WorkerInfo {

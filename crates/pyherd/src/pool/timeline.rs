@@ -41,6 +41,7 @@ pub struct Timeline {
 }
 
 /// What happened during one second.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct TimelineSample {
@@ -65,6 +66,7 @@ pub struct TimelineSample {
 
 /// One of the last errors calls ended with, from
 /// [`Pool::recent_errors`](crate::Pool::recent_errors).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct RecentError {

@@ -131,6 +131,7 @@ pub struct SessionUpdate {
 
 /// A session as stored. Serialises with the LM's `api_key` hidden, program ids only,
 /// times in RFC 3339 and the TTL in seconds.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub struct Session {
@@ -141,21 +142,26 @@ pub struct Session {
     pub metadata: Value,
     /// Programs by id.
     #[serde(serialize_with = "program_ids")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub programs: BTreeMap<String, Program>,
     /// The LM configuration given to `configure_lm`, if any, as its JSON (sent with
     /// every `execute_program` as it is, so it is kept serialised).
     #[serde(serialize_with = "redacted")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub lm: Option<Arc<RawValue>>,
     /// The worker that served the session last.
     pub last_worker: Option<String>,
     /// When it was created.
     #[serde(serialize_with = "rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub created_at: SystemTime,
     /// When it was last read or changed.
     #[serde(serialize_with = "rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub last_accessed: SystemTime,
     /// Time to live after the last access.
     #[serde(rename = "ttl_s", serialize_with = "seconds")]
+    #[cfg_attr(feature = "openapi", schema(value_type = u64))]
     pub ttl: Duration,
 }
 
@@ -167,6 +173,7 @@ impl Session {
 }
 
 /// A program definition with its bookkeeping.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub struct Program {
@@ -179,14 +186,17 @@ pub struct Program {
     pub program_type: String,
     /// The definition a worker builds the program from, as the worker validated it (kept
     /// serialised: it travels with every execution).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub definition: Arc<RawValue>,
     /// When it was stored.
     #[serde(serialize_with = "rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub created_at: SystemTime,
     /// Successful executions.
     pub execution_count: u64,
     /// When it last ran successfully.
     #[serde(serialize_with = "rfc3339_opt")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub last_executed: Option<SystemTime>,
 }
 
@@ -211,6 +221,7 @@ impl Program {
 }
 
 /// One page of [`SessionStore::list`].
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub struct SessionPage {
@@ -221,6 +232,7 @@ pub struct SessionPage {
 }
 
 /// Counts kept by a store.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct SessionStats {

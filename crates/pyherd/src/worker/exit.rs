@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 const GONE_POLL: Duration = Duration::from_millis(5);
 
 /// How a worker is started: `spawn` (a fresh interpreter) or `fork` (from the zygote).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]

@@ -22,6 +22,7 @@ pub(crate) use spawner::Spawner;
 /// slot goes `stopped → starting` with its replacement (or stays `stopped` while the
 /// pool runs below `max_workers`). [`WorkerState::allows`] is the one table of the
 /// transitions that can happen.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]

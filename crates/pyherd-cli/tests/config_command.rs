@@ -1,0 +1,249 @@
+//! `pyherd config` (the effective configuration and where each value came from) and
+//! `pyherd completions`, as a user runs them.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+/// `pyherd <args>` in `dir` with the extra environment; exit code, stdout, stderr.
+fn pyherd(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = common::pyherd(Some(dir));
+    cmd.envs(env.iter().copied()).args(args);
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `pyherd config --json` in `dir`: the report.
+fn report(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Value {
+    let args = [&["config", "--json"][..], args].concat();
+    let (code, stdout, stderr) = pyherd(dir, env, &args);
+    assert_eq!(code, Some(0), "{stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+fn entry<'a>(report: &'a Value, key: &str) -> &'a Value {
+    report["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == key)
+        .unwrap_or_else(|| panic!("no setting {key} in {report}"))
+}
+
+/// The long flags a subcommand's `--help` lists, but `--help` itself.
+fn flags_of(subcommand: &str) -> BTreeSet<String> {
+    let (code, help, _) = common::run(&[subcommand, "--help"]);
+    assert_eq!(code, Some(0));
+    help.split_whitespace()
+        .filter_map(|word| word.strip_prefix("--"))
+        .map(|flag| {
+            flag.trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+                .to_owned()
+        })
+        .filter(|flag| !flag.is_empty() && flag != "help")
+        .collect()
+}
+
+#[test]
+fn each_value_is_reported_with_the_source_that_won() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("pyherd.toml"),
+        "workers = 3\nqueue_timeout_ms = 250\nmax_queue = 7\nkill_timeout_ms = 900\n",
+    )
+    .unwrap();
+    let env = [
+        ("PYHERD_MAX_QUEUE", "9"),
+        ("PYHERD_REQUEST_TIMEOUT_MS", "1234"),
+        ("PYHERD_WORKERS", "4"),
+        ("PYHERD_DSPY", "true"),
+    ];
+    let report = report(
+        dir.path(),
+        &env,
+        &["--workers", "5", "--bind", "127.0.0.1:9"],
+    );
+    assert_eq!(report["file"], "pyherd.toml");
+    let check = |key: &str, value: Value, source: &str, origin: Option<&str>| {
+        let e = entry(&report, key);
+        assert_eq!(
+            (&e["value"], e["source"].as_str()),
+            (&value, Some(source)),
+            "{e}"
+        );
+        assert_eq!(e["origin"].as_str(), origin, "{e}");
+    };
+    // flag > env > file > default, for each layer that is present.
+    check("workers", 5.into(), "flag", Some("--workers"));
+    check("bind", "127.0.0.1:9".into(), "flag", Some("--bind"));
+    check("max_queue", 9.into(), "env", Some("PYHERD_MAX_QUEUE"));
+    check(
+        "request_timeout_ms",
+        1234.into(),
+        "env",
+        Some("PYHERD_REQUEST_TIMEOUT_MS"),
+    );
+    check("dspy", true.into(), "env", Some("PYHERD_DSPY"));
+    check("queue_timeout_ms", 250.into(), "file", Some("pyherd.toml"));
+    check("kill_timeout_ms", 900.into(), "file", Some("pyherd.toml"));
+    check("max_sessions", 10_000.into(), "default", None);
+    check("max_requests", Value::Null, "default", None);
+    let handlers = &entry(&report, "handlers")["value"];
+    assert_eq!(handlers[0], "pyherd_worker.dspy_adapter", "{handlers}");
+
+    // The table says the same, one line per setting.
+    let (code, text, _) = pyherd(dir.path(), &env, &["config", "--workers", "5"]);
+    assert_eq!(code, Some(0));
+    let line = |key: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(key))
+            .unwrap_or_else(|| panic!("no line for {key}:\n{text}"))
+            .to_owned()
+    };
+    assert!(line("workers").ends_with("flag (--workers)"), "{text}");
+    assert!(
+        line("max_queue").ends_with("env (PYHERD_MAX_QUEUE)"),
+        "{text}"
+    );
+    assert!(
+        line("queue_timeout_ms").ends_with("file (pyherd.toml)"),
+        "{text}"
+    );
+    assert!(line("max_sessions").ends_with("default"), "{text}");
+    assert!(line("max_requests").contains(" none "), "{text}");
+
+    // --config names another file.
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, "max_sessions = 5\n").unwrap();
+    let report = report_with_config(dir.path(), &other);
+    assert_eq!(entry(&report, "max_sessions")["value"], 5);
+    assert_eq!(entry(&report, "workers")["source"], "default");
+    assert_eq!(entry(&report, "config")["source"], "flag");
+}
+
+fn report_with_config(dir: &Path, file: &Path) -> Value {
+    report(dir, &[], &["--config", file.to_str().unwrap()])
+}
+
+#[test]
+fn every_flag_of_serve_is_a_setting_of_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = flags_of("serve");
+    assert!(
+        serve.contains("max-queue") && serve.contains("bind"),
+        "{serve:?}"
+    );
+    let config = flags_of("config");
+    let missing: Vec<_> = serve.difference(&config).collect();
+    assert!(missing.is_empty(), "config does not take {missing:?}");
+    let report = report(dir.path(), &[], &[]);
+    let keys: BTreeSet<String> = report["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap().to_owned())
+        .collect();
+    for flag in &serve {
+        assert!(
+            keys.contains(&flag.replace('-', "_")),
+            "--{flag} is not reported"
+        );
+    }
+    // The file-only keys are there too.
+    for key in ["kill_timeout_ms", "env", "working_dir", "requirements"] {
+        assert!(keys.contains(key), "{key}");
+    }
+}
+
+#[test]
+fn unknown_file_keys_are_refused_and_unknown_variables_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pyherd.toml"), "wrokers = 2\n").unwrap();
+    let (code, _, stderr) = pyherd(dir.path(), &[], &["config"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("wrokers"), "{stderr}");
+    std::fs::remove_file(dir.path().join("pyherd.toml")).unwrap();
+
+    let env = [("PYHERD_WROKERS", "2"), ("PYHERD_LOG", "warn")];
+    let report = report(dir.path(), &env, &[]);
+    assert_eq!(report["unknown_env"], serde_json::json!(["PYHERD_WROKERS"]));
+    let (code, _, stderr) = pyherd(dir.path(), &env, &["config"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stderr.contains("PYHERD_WROKERS is not a pyherd setting"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("PYHERD_LOG"), "{stderr}");
+    // The commands that run a pool say it too.
+    let (code, stdout, stderr) = pyherd(dir.path(), &env, &["exec", "--workers", "1", "ping"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("pong"), "{stdout}");
+    assert!(stderr.contains("PYHERD_WROKERS"), "{stderr}");
+}
+
+#[test]
+fn a_bad_value_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = pyherd(dir.path(), &[("PYHERD_MAX_QUEUE", "0")], &["config"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("max_queue"), "{stderr}");
+    let (code, _, stderr) = pyherd(dir.path(), &[], &["config", "--bind", "nowhere"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("nowhere"), "{stderr}");
+}
+
+#[test]
+fn completion_scripts_name_the_subcommands_and_bash_accepts_its_own() {
+    let (code, bash, _) = common::run(&["completions", "bash"]);
+    assert_eq!(code, Some(0));
+    for sub in [
+        "serve",
+        "exec",
+        "bench",
+        "setup",
+        "cleanup",
+        "config",
+        "completions",
+    ] {
+        assert!(bash.contains(sub), "{sub} missing");
+    }
+    assert!(bash.contains("--max-queue"));
+    let mut check = Command::new("bash")
+        .arg("-n")
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(bash.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for shell in ["zsh", "fish"] {
+        let (code, script, _) = common::run(&["completions", shell]);
+        assert_eq!(code, Some(0));
+        assert!(
+            script.contains("serve") && script.contains("max-queue"),
+            "{shell}"
+        );
+    }
+    let (code, _, stderr) = common::run(&["completions", "tcsh"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("tcsh"), "{stderr}");
+}

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -118,52 +118,32 @@ fn an_unreachable_server_is_a_clear_error_with_exit_code_1() {
     assert!(err.contains("cannot reach the pyherd server"), "{err}");
 }
 
-/// A one-connection HTTP server that answers 401 with the API's error object and
-/// returns the request it read.
-fn refusing_server() -> (String, std::thread::JoinHandle<String>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let handle = std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut request = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !request.ends_with(b"\r\n\r\n") {
-            let n = stream.read(&mut buf).unwrap();
-            assert!(n > 0, "the request ended early");
-            request.extend_from_slice(&buf[..n]);
-        }
-        let body = r#"{"ok":false,"error":{"category":"invalid_request","kind":"unauthorized","message":"a valid bearer token is required","retryable":false,"context":{}}}"#;
-        write!(
-            stream,
-            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        String::from_utf8_lossy(&request).into_owned()
-    });
-    (url, handle)
-}
-
-#[test]
-fn the_token_is_sent_as_a_bearer_and_a_refusal_is_reported() {
-    let (url, server) = refusing_server();
-    let out = pyherd(None)
-        .args(["status", "--url", &url])
-        .env("PYHERD_TOKEN", "s3cret")
-        .output()
-        .unwrap();
-    let request = server.join().unwrap();
-    assert!(
-        request
-            .to_ascii_lowercase()
-            .contains("authorization: bearer s3cret"),
-        "{request}"
-    );
+#[tokio::test]
+async fn the_token_is_sent_as_a_bearer_and_a_refusal_is_reported() {
+    const TOKEN: &str = "status-token-0123456789";
+    let server = Server::start(&["--workers", "1", "--token", TOKEN]);
+    let url = server.base.clone();
+    let status = move |token: Option<&'static str>| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = pyherd(None);
+            cmd.args(["status", "--url", &url, "--json"]);
+            if let Some(token) = token {
+                cmd.env("PYHERD_TOKEN", token);
+            }
+            cmd.output().unwrap()
+        })
+    };
+    let out = status(Some(TOKEN)).await.unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("401"), "{err}");
-    assert!(err.contains("a valid bearer token is required"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["workers"].as_array().unwrap().len(), 1, "{shown}");
+    for refused in [None, Some("not-the-token-at-all")] {
+        let out = status(refused).await.unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("401"), "{err}");
+        assert!(err.contains("Authorization: Bearer"), "{err}");
+    }
 }

@@ -60,8 +60,10 @@ pub(crate) struct ErrorBody {
     /// `program_not_found`, `session_exists`, `quota_exceeded`, `python_exception`,
     /// `result_not_serializable`, `result_too_large`, `lm_error`, `worker_crashed`,
     /// `queue_timeout`, `execution_timeout`, `pool_saturated`, `worker_busy`,
-    /// `circuit_open`, `shutting_down`, `spawn_failing`, `startup_failed`, … (a
-    /// handler may raise a kind of its own).
+    /// `circuit_open`, `shutting_down`, `spawn_failing`, `startup_failed`,
+    /// `invalid_request_id`, `cancelled`, `call_not_found`, `too_many_streams`,
+    /// `unauthorized`, `body_timeout`, `unsupported_media_type`, `too_many_connections`, …
+    /// (a handler may raise a kind of its own).
     kind: String,
     /// What happened, for people.
     message: String,

@@ -144,6 +144,6 @@ async fn the_token_is_sent_as_a_bearer_and_a_refusal_is_reported() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(err.contains("401"), "{err}");
-        assert!(err.contains("Authorization: Bearer"), "{err}");
+        assert!(err.contains("401 Unauthorized"), "{err}");
     }
 }

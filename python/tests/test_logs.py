@@ -1,9 +1,11 @@
 """Log records in a worker carry the worker id and the running call's request id."""
 
 import io
+import json
 import logging
+import os
 
-from pyherd_worker import handler, logs, runtime
+from pyherd_worker import handler, logs, protocol, runtime
 
 
 @handler("logs_probe")
@@ -54,15 +56,30 @@ def test_installing_twice_keeps_one_factory():
     assert record.worker_id == "w2"
 
 
+@handler("logs_stream_probe")
+def _logs_stream_probe(args, ctx):
+    for i in range(2):
+        ctx.log.warning("chunk %d", i)
+        yield i
+
+
 def test_a_handlers_log_lines_carry_the_request_id_of_its_call():
     logs.install("w3")
     stream, done = capture()
-    worker = runtime.Worker(io.BytesIO(), io.BytesIO(), "w3", 1 << 20)
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "wb") as frames:
+        protocol.write_frame(frames, json.dumps({"t": "call", "id": 99, "rid": "job-9", "cmd": "logs_probe", "args": {}}).encode())
+        protocol.write_frame(frames, json.dumps({"t": "call", "id": 100, "cmd": "logs_stream_probe", "args": {}, "stream": True}).encode())
     try:
-        worker.reply_body({"t": "call", "id": 99, "cmd": "logs_probe", "args": {}})
+        with os.fdopen(read_end, "rb") as requests:
+            runtime.Worker(requests, io.BytesIO(), "w3", 1 << 20).serve()
+        logging.getLogger().warning("between calls")
     finally:
         done()
     assert stream.getvalue().splitlines() == [
-        "WARNING pyherd.handler [w3 r=99] from ctx.log",
-        "WARNING root [w3 r=99] from the root logger",
+        "WARNING pyherd.handler [w3 r=job-9] from ctx.log",
+        "WARNING root [w3 r=job-9] from the root logger",
+        "WARNING pyherd.handler [w3 r=100] chunk 0",
+        "WARNING pyherd.handler [w3 r=100] chunk 1",
+        "WARNING root [w3 r=-] between calls",
     ]

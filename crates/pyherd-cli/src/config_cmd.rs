@@ -114,6 +114,16 @@ fn effective(args: &ServeArgs, file: Option<&Path>) -> anyhow::Result<Map<String
         anyhow::bail!("the pool configuration is not a table");
     };
     values.insert("bind".into(), bind.to_string().into());
+    let limits = args.server.limits(&settings.server)?;
+    let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    values.insert("max_header_bytes".into(), limits.max_header_bytes.into());
+    values.insert("max_connections".into(), limits.max_connections.into());
+    values.insert(
+        "header_timeout_ms".into(),
+        millis(limits.header_timeout).into(),
+    );
+    values.insert("body_timeout_ms".into(), millis(limits.body_timeout).into());
+    values.insert("max_streams".into(), limits.max_streams.into());
     values.insert("dspy".into(), dspy.into());
     values.insert("requirements".into(), settings.requirements.into());
     values.insert("config".into(), serde_json::to_value(file)?);

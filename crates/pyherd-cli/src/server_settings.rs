@@ -140,7 +140,8 @@ impl ServerArgs {
         Ok(ServerSettings { token, limits })
     }
 
-    fn limits(&self, file: &ServerFile) -> anyhow::Result<Limits> {
+    /// The limits: flags over the file over the defaults, checked.
+    pub(crate) fn limits(&self, file: &ServerFile) -> anyhow::Result<Limits> {
         let mut limits = Limits::default();
         let ms = Duration::from_millis;
         if let Some(v) = self.max_header_bytes.or(file.max_header_bytes) {

@@ -58,7 +58,8 @@ fn each_value_is_reported_with_the_source_that_won() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("pyherd.toml"),
-        "workers = 3\nqueue_timeout_ms = 250\nmax_queue = 7\nkill_timeout_ms = 900\n",
+        "workers = 3\nqueue_timeout_ms = 250\nmax_queue = 7\nkill_timeout_ms = 900\nmax_streams = 3\n\
+         token = \"config-token-0123456789\"\n",
     )
     .unwrap();
     let env = [
@@ -66,11 +67,19 @@ fn each_value_is_reported_with_the_source_that_won() {
         ("PYHERD_REQUEST_TIMEOUT_MS", "1234"),
         ("PYHERD_WORKERS", "4"),
         ("PYHERD_DSPY", "true"),
+        ("PYHERD_MAX_CONNECTIONS", "9"),
     ];
     let report = report(
         dir.path(),
         &env,
-        &["--workers", "5", "--bind", "127.0.0.1:9"],
+        &[
+            "--workers",
+            "5",
+            "--bind",
+            "127.0.0.1:9",
+            "--body-timeout-ms",
+            "500",
+        ],
     );
     assert_eq!(report["file"], "pyherd.toml");
     let check = |key: &str, value: Value, source: &str, origin: Option<&str>| {
@@ -97,6 +106,22 @@ fn each_value_is_reported_with_the_source_that_won() {
     check("kill_timeout_ms", 900.into(), "file", Some("pyherd.toml"));
     check("max_sessions", 10_000.into(), "default", None);
     check("max_requests", Value::Null, "default", None);
+    // The server's settings, resolved like the pool's; the token never shown.
+    check(
+        "body_timeout_ms",
+        500.into(),
+        "flag",
+        Some("--body-timeout-ms"),
+    );
+    check(
+        "max_connections",
+        9.into(),
+        "env",
+        Some("PYHERD_MAX_CONNECTIONS"),
+    );
+    check("max_streams", 3.into(), "file", Some("pyherd.toml"));
+    check("header_timeout_ms", 10_000.into(), "default", None);
+    check("token", "***".into(), "file", Some("pyherd.toml"));
     let handlers = &entry(&report, "handlers")["value"];
     assert_eq!(handlers[0], "pyherd_worker.dspy_adapter", "{handlers}");
 

@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import time
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Union
 
@@ -198,9 +199,13 @@ def invoke(h: Handler, args: Any, ctx: Context) -> Any:
     return result
 
 
+#: The types of a generator handler's result (sync or async): its items are chunks.
+STREAM_TYPES = frozenset({types.GeneratorType, types.AsyncGeneratorType})
+
+
 def is_stream(result: Any) -> bool:
     """Whether a handler's result is a generator (sync or async) whose items are chunks."""
-    return inspect.isgenerator(result) or inspect.isasyncgen(result)
+    return type(result) in STREAM_TYPES
 
 
 def chunks(gen: Any) -> Iterator[Any]:

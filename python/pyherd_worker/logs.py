@@ -37,6 +37,14 @@ def install(worker_id: str) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=FORMAT)
 
 
+def running(request_id: Any) -> Any:
+    """From now on records carry ``request_id`` (the call now running); returns the one
+    they carried before, for ``running`` to restore when the call ends."""
+    global _request_id
+    outer, _request_id = _request_id, request_id
+    return outer
+
+
 class call:
     """Within ``with call(request_id):``, records carry that request id."""
 
@@ -47,9 +55,7 @@ class call:
         self.outer: Any = "-"
 
     def __enter__(self) -> None:
-        global _request_id
-        self.outer, _request_id = _request_id, self.request_id
+        self.outer = running(self.request_id)
 
     def __exit__(self, *exc: Any) -> None:
-        global _request_id
-        _request_id = self.outer
+        running(self.outer)

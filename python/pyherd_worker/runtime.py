@@ -171,7 +171,7 @@ class Worker:
         status, result = self._start(msg)
         if status == "err":
             return self.dumps(result)
-        if handlers.is_stream(result):
+        if type(result) in handlers.STREAM_TYPES:
             try:
                 result = list(handlers.chunks(result))
             except handlers.HandlerError as exc:
@@ -234,6 +234,7 @@ class Worker:
         """Answer calls until the request stream ends."""
         read_frame, write_frame = protocol.read_frame, protocol.write_frame
         loads, requests, replies = self.loads, self.requests, self.replies
+        running = logs.running
         while True:
             body = read_frame(requests)
             if body is None:
@@ -248,11 +249,14 @@ class Worker:
             if kind != "call":
                 raise protocol.ProtocolError(f"unexpected message type {kind!r}")
             # Log lines name the call while it runs, a stream's generator included.
-            with logs.call(msg.get("rid", msg.get("id"))):
+            outer = running(msg.get("rid") or msg.get("id"))
+            try:
                 if msg.get("stream"):
                     self.stream(msg)
                 else:
                     write_frame(replies, self.reply_body(msg))
+            finally:
+                running(outer)
 
 
 def watch_parent(parent: Optional[int], interval: float = PARENT_CHECK_INTERVAL_S) -> None:

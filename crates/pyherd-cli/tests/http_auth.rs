@@ -1,5 +1,6 @@
-//! The bearer token and the bind rule: with a token every route but `/healthz` needs it;
-//! a non-loopback address needs a token or `--insecure`, else `serve` exits 2.
+//! The bearer token and the bind rule: with a token every route but `/healthz` and the
+//! dashboard's page `/` needs it; a non-loopback address needs a token or `--insecure`,
+//! else `serve` exits 2.
 
 mod common;
 
@@ -82,8 +83,17 @@ async fn assert_guarded(server: &Server) {
     }
     let (status, _, _) = call(Method::GET, &server.url("/metrics"), Some(&bearer(TOKEN))).await;
     assert_eq!(status, 200);
-    let (status, _, body) = call(Method::GET, &server.url("/healthz"), None).await;
-    assert_eq!(status, 200, "{body}");
+    // The two open paths: liveness and the dashboard's page, for GET and HEAD only.
+    for path in ["/healthz", "/"] {
+        for method in [Method::GET, Method::HEAD] {
+            let (status, _, body) = call(method.clone(), &server.url(path), None).await;
+            assert_eq!(status, 200, "{method} {path}: {body}");
+        }
+        for method in [Method::POST, Method::DELETE] {
+            let (status, _, body) = call(method.clone(), &server.url(path), None).await;
+            assert_eq!(status, 405, "{method} {path}: {body}");
+        }
+    }
 }
 
 #[tokio::test]

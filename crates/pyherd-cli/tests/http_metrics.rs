@@ -208,7 +208,8 @@ async fn metrics_text(server: &Server) -> String {
 }
 
 /// The metric names of the README's Observability table (first column).
-fn documented() -> BTreeSet<String> {
+/// The rows of the README's metrics table (in its Observability section).
+fn readme_rows() -> Vec<String> {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
     let section = readme
@@ -220,8 +221,19 @@ fn documented() -> BTreeSet<String> {
         .unwrap();
     section
         .lines()
-        .filter_map(|l| l.strip_prefix("| `pyherd_"))
-        .map(|l| format!("pyherd_{}", &l[..l.find('`').unwrap()]))
+        .filter(|l| l.starts_with("| `pyherd_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The metric names the README's table documents.
+fn documented() -> BTreeSet<String> {
+    readme_rows()
+        .iter()
+        .map(|l| {
+            let name = &l["| `".len()..];
+            name[..name.find('`').unwrap()].to_owned()
+        })
         .collect()
 }
 
@@ -312,6 +324,23 @@ async fn metrics_pass_a_strict_format_check_and_match_the_readme() {
         0.0
     );
     assert_eq!(sample("pyherd_sessions", &[]), 1.0);
+    // Every reason a restart is counted under is named in the README's row.
+    let row = readme_rows()
+        .into_iter()
+        .find(|l| l.starts_with("| `pyherd_worker_restarts_total`"))
+        .unwrap();
+    let reasons: Vec<&String> = families["pyherd_worker_restarts_total"]
+        .samples
+        .iter()
+        .filter_map(|(_, labels, _)| labels.get("reason"))
+        .collect();
+    assert!(reasons.len() >= 8, "{reasons:?}");
+    for reason in reasons {
+        assert!(
+            row.contains(&format!("`{reason}`")),
+            "{reason} missing from {row}"
+        );
+    }
     assert_eq!(
         sample(
             "pyherd_circuit_breaker_state",

@@ -14,7 +14,6 @@ use tracing::Span;
 use tracing::field::{Empty, display};
 
 use crate::error::Error;
-use crate::pool::Reply;
 use crate::worker::StartedBy;
 
 /// The span of one call admitted (or refused) by the pool; `request_id` identifies the
@@ -48,17 +47,12 @@ pub(crate) fn executed(span: &Span, ran: Duration, outcome: &str) {
     tracing::debug!(parent: span, execution_us = micros(ran), outcome = %outcome, "call executed");
 }
 
-/// The call's final outcome, as its caller sees it.
-pub(crate) fn finished(span: &Span, result: &Result<Reply, Error>) {
-    span.record("outcome", display(outcome(result)));
-}
-
-/// `ok`, or the error's kind: the `outcome` of spans and metrics.
-pub(crate) fn outcome(result: &Result<Reply, Error>) -> &str {
-    match result {
-        Ok(_) => "ok",
-        Err(e) => e.kind().as_str(),
-    }
+/// The call's final outcome, as its caller sees it: `ok`, or the error's kind.
+pub(crate) fn finished(span: &Span, error: Option<&Error>) {
+    span.record(
+        "outcome",
+        display(error.map_or("ok", |e| e.kind().as_str())),
+    );
 }
 
 /// A worker said hello: started `how` (spawn or fork) in `ms` milliseconds.

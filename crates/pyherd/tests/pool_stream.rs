@@ -267,3 +267,65 @@ async fn a_slow_reader_holds_the_worker_back() {
     assert_eq!(produced(), total);
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_counted_like_calls_in_stats_metrics_and_the_timeline() {
+    let pool = testing_pool(1).build().await.unwrap();
+    let (_, error, _) = collect(pool.stream("count", json!({"to": 3})).await.unwrap()).await;
+    assert!(error.is_none(), "{error:?}");
+    let failing = pool.stream("count_then_fail", json!({"n": 1})).await;
+    let (_, error, _) = collect(failing.unwrap()).await;
+    assert_eq!(error.unwrap().kind(), &ErrorKind::PythonException);
+    let e = pool.stream("nope", json!({})).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::UnknownCommand);
+    // A reader that goes away after the first chunk cancels the stream.
+    let mut dropped = pool
+        .stream("count", json!({"to": 1000, "delay": 0.01}))
+        .await
+        .unwrap();
+    assert!(dropped.next().await.unwrap().is_ok());
+    drop(dropped);
+
+    let stats = pool.stats();
+    assert_eq!((stats.requests, stats.errors), (4, 3));
+    let timeline = pool.timeline();
+    let (ok, err) = timeline
+        .samples
+        .iter()
+        .fold((0, 0), |(ok, err), s| (ok + s.ok, err + s.err));
+    assert_eq!((ok, err), (1, 3));
+    let errors: Vec<(String, String)> = pool
+        .recent_errors()
+        .into_iter()
+        .map(|e| (e.command, e.kind))
+        .collect();
+    let expected = [
+        ("count_then_fail", "python_exception"),
+        ("(unknown)", "unknown_command"),
+        ("count", "cancelled"),
+    ]
+    .map(|(c, k)| (c.to_owned(), k.to_owned()));
+    assert_eq!(errors, expected);
+    // The worker's side of the cancelled stream is measured once it has stopped.
+    let executed =
+        "pyherd_request_execution_seconds_count{command=\"count\",outcome=\"cancelled\"} 1";
+    wait_until(
+        Duration::from_secs(5),
+        "the cancelled stream's execution",
+        || pool.render_metrics().contains(executed),
+    )
+    .await;
+    let metrics = pool.render_metrics();
+    for line in [
+        "pyherd_requests_total{command=\"count\",outcome=\"ok\"} 1",
+        "pyherd_requests_total{command=\"count\",outcome=\"cancelled\"} 1",
+        "pyherd_requests_total{command=\"count_then_fail\",outcome=\"python_exception\"} 1",
+        "pyherd_requests_total{command=\"(unknown)\",outcome=\"unknown_command\"} 1",
+        "pyherd_request_execution_seconds_count{command=\"count\",outcome=\"ok\"} 1",
+        "pyherd_request_execution_seconds_count{command=\"count_then_fail\",outcome=\"python_exception\"} 1",
+        "pyherd_request_duration_seconds_count{command=\"count\",outcome=\"ok\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+    pool.shutdown().await;
+}

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::capture::{Captured, Seen, capture};
 use common::{testing_pool, wait_until};
+use futures::StreamExt;
 use pyherd::{CallOptions, ErrorKind};
 use serde_json::json;
 
@@ -82,6 +83,37 @@ async fn each_call_has_a_request_span_with_worker_queue_wait_execution_and_outco
         raised.get("request_id")
     );
     number(event, "execution_us");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn each_stream_has_a_request_span_like_a_call() {
+    let (captured, _guard) = capture();
+    let pool = testing_pool(1).build().await.unwrap();
+    let options = CallOptions::new().request_id("stream-1");
+    let mut stream = pool
+        .stream_with("count", json!({"to": 2, "delay": 0.02}), &options)
+        .await
+        .unwrap();
+    while let Some(chunk) = stream.next().await {
+        chunk.unwrap();
+    }
+    let mut failing = pool
+        .stream("count_then_fail", json!({"n": 1}))
+        .await
+        .unwrap();
+    while failing.next().await.is_some() {}
+
+    let spans = request_spans(&captured, "count");
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    let span = &spans[0];
+    assert_eq!(span.get("request_id"), Some("stream-1"));
+    assert_eq!(span.get("worker"), Some("w1"));
+    assert_eq!(span.get("outcome"), Some("ok"));
+    assert!(number(span, "execution_us") >= 40_000, "{span:?}");
+    number(span, "queue_wait_us");
+    let failed = &request_spans(&captured, "count_then_fail")[0];
+    assert_eq!(failed.get("outcome"), Some("python_exception"));
     pool.shutdown().await;
 }
 

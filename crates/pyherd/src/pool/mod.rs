@@ -236,6 +236,23 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Counts one call in the stats and metrics: `label` is its command's metric label.
+    pub(crate) fn count(&self, label: &str, error: Option<&Error>, started: Instant) {
+        let elapsed = started.elapsed();
+        bump(&self.counters.requests);
+        self.timeline.record(label, elapsed, error);
+        match error {
+            None => self.metrics.observe(label, "ok", elapsed),
+            Some(e) => {
+                bump(&self.counters.errors);
+                if e.kind() == &ErrorKind::QueueTimeout {
+                    bump(&self.counters.queue_timeouts);
+                }
+                self.metrics.observe(label, e.kind().as_str(), elapsed);
+            }
+        }
+    }
+
     fn next_worker_id(&self) -> Arc<str> {
         format!("w{}", self.next_worker.fetch_add(1, Ordering::Relaxed)).into()
     }
@@ -775,31 +792,14 @@ impl Pool {
             })
         });
         let label = if known { command } else { UNKNOWN_COMMAND };
-        self.count(label, outcome.as_ref().err(), started);
+        self.inner
+            .shared
+            .count(label, outcome.as_ref().err(), started);
         drop(entered);
         outcome.map(|reply| Reply {
             request_id: rid,
             ..reply
         })
-    }
-
-    /// Counts one call in the stats and metrics: `label` is its command's metric label.
-    fn count(&self, label: &str, error: Option<&Error>, started: Instant) {
-        let shared = &self.inner.shared;
-        bump(&shared.counters.requests);
-        shared.timeline.record(label, started.elapsed(), error);
-        match error {
-            None => shared.metrics.observe(label, "ok", started.elapsed()),
-            Some(e) => {
-                bump(&shared.counters.errors);
-                if e.kind() == &ErrorKind::QueueTimeout {
-                    bump(&shared.counters.queue_timeouts);
-                }
-                shared
-                    .metrics
-                    .observe(label, e.kind().as_str(), started.elapsed());
-            }
-        }
     }
 
     /// Calls `command` in the session `session_id` (created on first use); see
@@ -853,7 +853,7 @@ impl Pool {
         }
         .instrument(span.clone())
         .await;
-        telemetry::finished(&span, &result);
+        telemetry::finished(&span, result.as_ref().err());
         result
     }
 

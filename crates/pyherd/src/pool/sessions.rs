@@ -209,7 +209,9 @@ impl Pool {
         }
         let started = Instant::now();
         let outcome = self.store_program(session_id, program_id, spec).await;
-        self.count("create_program", outcome.as_ref().err(), started);
+        self.inner
+            .shared
+            .count("create_program", outcome.as_ref().err(), started);
         outcome
     }
 

@@ -20,15 +20,18 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::Span;
 
 use super::calls::Entered;
 use super::job::Job;
 use super::lifecycle::RestartReason;
 use super::slot::{Ending, Slot, on_worker};
-use super::{CallOptions, Pool, Reply, Target, cancelled};
+use super::{CallOptions, Pool, Reply, Shared, Target, cancelled};
 use crate::error::{Error, ErrorKind};
+use crate::metrics::UNKNOWN_COMMAND;
 use crate::protocol::{self, Message};
 use crate::session::check_id;
+use crate::telemetry;
 use crate::worker::{Fault, WorkerProcess, WorkerState};
 
 /// Chunks the host holds for a stream's reader before it stops reading the worker's pipe.
@@ -62,7 +65,33 @@ pub struct CallStream {
     drained: bool,
     outcome: Option<Outcome>,
     end: Option<StreamEnd>,
+    /// Counts the stream once it has ended (or, dropped before, as cancelled).
+    tally: Option<Tally>,
     _entered: Entered,
+}
+
+/// A stream's place in the stats, metrics, timeline and its `request` span, like a plain
+/// call's: counted once, when it ends.
+struct Tally {
+    shared: Arc<Shared>,
+    label: Box<str>,
+    started: std::time::Instant,
+    span: Span,
+}
+
+impl Tally {
+    fn record(&self, error: Option<&Error>) {
+        self.shared.count(&self.label, error, self.started);
+        telemetry::finished(&self.span, error);
+    }
+}
+
+impl Drop for CallStream {
+    fn drop(&mut self) {
+        if let Some(tally) = self.tally.take() {
+            tally.record(Some(&cancelled()));
+        }
+    }
 }
 
 impl std::fmt::Debug for CallStream {
@@ -87,6 +116,9 @@ impl CallStream {
 
     fn finish(&mut self, outcome: Result<Reply, Error>) -> Option<Result<Value, Error>> {
         self.outcome = None;
+        if let Some(tally) = self.tally.take() {
+            tally.record(outcome.as_ref().err());
+        }
         match outcome {
             Ok(reply) => {
                 self.end = Some(StreamEnd {
@@ -202,14 +234,24 @@ impl Pool {
         args: Box<RawValue>,
         options: &CallOptions,
     ) -> Result<CallStream, Error> {
+        let started = std::time::Instant::now();
         let entered = self.enter(options.request_id.as_deref())?;
         let rid = entered.flight.rid.clone();
+        let known = self.inner.shared.handlers.contains(command);
+        let tally = Tally {
+            shared: self.inner.shared.clone(),
+            label: if known { command } else { UNKNOWN_COMMAND }.into(),
+            started,
+            span: telemetry::request_span(&rid, command, options.session_id.as_deref()),
+        };
         let context = |e: Error| {
-            e.with_context(|c| {
+            let e = e.with_context(|c| {
                 c.command = Some(command.to_owned());
                 c.request_id = Some(rid.to_string());
                 c.session_id.clone_from(&options.session_id);
-            })
+            });
+            tally.record(Some(&e));
+            e
         };
         if self.needs_session(command) {
             return Err(context(Error::new(
@@ -219,7 +261,6 @@ impl Pool {
                 ),
             )));
         }
-        let known = self.inner.shared.handlers.contains(command);
         let preferred = match options.session_id.as_deref() {
             Some(id) => {
                 check_id("session", id).map_err(context)?;
@@ -234,15 +275,19 @@ impl Pool {
             avoid: None,
             chunks: Some(sender),
         };
-        let admitted = self
-            .admit(
-                command,
-                known,
-                args,
-                options,
-                entered.flight.clone(),
-                target,
-            )
+        // Admitted inside its span: the job carries it to the worker that takes it.
+        let admitted = tally
+            .span
+            .in_scope(|| {
+                self.admit(
+                    command,
+                    known,
+                    args,
+                    options,
+                    entered.flight.clone(),
+                    target,
+                )
+            })
             .map_err(context)?;
         Ok(CallStream {
             request_id: entered.flight.rid.clone(),
@@ -250,6 +295,7 @@ impl Pool {
             drained: false,
             outcome: Some(Box::pin(admitted.wait())),
             end: None,
+            tally: Some(tally),
             _entered: entered,
         })
     }
@@ -282,12 +328,18 @@ impl Slot {
         // The call frame is written whole (a cancel may only follow a whole frame).
         let written = tokio::select! {
             biased;
-            () = abort.cancelled() => return Some(self.aborted(worker, job).await),
-            () = tokio::time::sleep_until(deadline) => return Some(self.timed_out(worker, job).await),
+            () = abort.cancelled() => {
+                self.ran(&job, started, "shutting_down");
+                return Some(self.aborted(worker, job).await);
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                self.ran(&job, started, "execution_timeout");
+                return Some(self.timed_out(worker, job).await);
+            }
             written = worker.send_frame(frame) => written,
         };
         if let Err(fault) = written {
-            return Some(self.lost(worker, job, fault).await);
+            return Some(self.lost(worker, job, fault, started).await);
         }
         let mut sent: u64 = 0;
         let mut pending: Option<Box<RawValue>> = None;
@@ -309,10 +361,12 @@ impl Slot {
                 Turn::Sent(true) => sent += 1,
                 Turn::Sent(false) | Turn::Cancel => {
                     drop(chunks);
+                    self.ran(&job, started, "cancelled");
                     return self.cancel_stream(worker, job).await;
                 }
                 Turn::Frame(Ok(Message::End { .. })) => {
                     drop(chunks);
+                    self.ran(&job, started, "ok");
                     let reply = Reply {
                         result: protocol_count(sent),
                         worker_id: worker.id().clone(),
@@ -323,6 +377,7 @@ impl Slot {
                 }
                 Turn::Frame(Ok(Message::Err { error, .. })) => {
                     drop(chunks);
+                    self.ran(&job, started, error.kind().as_str());
                     return self.answered(worker, job, Err(error), request_limit).await;
                 }
                 Turn::Frame(Ok(other)) => {
@@ -330,18 +385,41 @@ impl Slot {
                         "expected a frame of stream {}, got {other:?}",
                         job.id
                     ));
-                    return Some(self.lost(worker, job, fault).await);
+                    return Some(self.lost(worker, job, fault, started).await);
                 }
-                Turn::Frame(Err(fault)) => return Some(self.lost(worker, job, fault).await),
-                Turn::TimedOut => return Some(self.timed_out(worker, job).await),
-                Turn::Aborted => return Some(self.aborted(worker, job).await),
+                Turn::Frame(Err(fault)) => {
+                    return Some(self.lost(worker, job, fault, started).await);
+                }
+                Turn::TimedOut => {
+                    self.ran(&job, started, "execution_timeout");
+                    return Some(self.timed_out(worker, job).await);
+                }
+                Turn::Aborted => {
+                    self.ran(&job, started, "shutting_down");
+                    return Some(self.aborted(worker, job).await);
+                }
             }
         }
     }
 
+    /// A stream's time on its worker and how it ended there, in its span and the metrics
+    /// (as [`run_job`](Slot::run_job) records a plain call's).
+    fn ran(&self, job: &Job, started: Instant, outcome: &str) {
+        let ran = started.elapsed();
+        telemetry::executed(&job.span, ran, outcome);
+        self.shared.metrics.executed(&job.command, outcome, ran);
+    }
+
     /// The worker died or broke the protocol during a stream.
-    async fn lost(&self, worker: &mut WorkerProcess, job: Job, fault: Fault) -> Ending {
+    async fn lost(
+        &self,
+        worker: &mut WorkerProcess,
+        job: Job,
+        fault: Fault,
+        started: Instant,
+    ) -> Ending {
         let error = worker.crashed(fault).await;
+        self.ran(&job, started, error.kind().as_str());
         tracing::warn!(worker = %worker.id(), error = %error, "worker lost during a stream");
         self.go(WorkerState::Stopped, "crashed");
         job.answer(Err(error));

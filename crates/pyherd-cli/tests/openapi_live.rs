@@ -76,6 +76,28 @@ fn validate(doc: &Value, schema: &Value, instance: &Value, what: &str) {
     );
 }
 
+/// The events of a Server-Sent Events body, each as `{"event": name, "data": JSON}`
+/// (comments, such as keep-alives, left out).
+fn sse_events(text: &str) -> Vec<Value> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let mut name = None;
+            let mut data = Vec::new();
+            for line in block.lines() {
+                if let Some(value) = line.strip_prefix("event:") {
+                    name = Some(value.trim_start().to_owned());
+                } else if let Some(value) = line.strip_prefix("data:") {
+                    data.push(value.strip_prefix(' ').unwrap_or(value));
+                }
+            }
+            let name = name?;
+            let data: Value = serde_json::from_str(&data.join("\n"))
+                .unwrap_or_else(|e| panic!("an event's data is not JSON ({e}): {block}"));
+            Some(json!({"event": name, "data": data}))
+        })
+        .collect()
+}
+
 impl Checker {
     async fn new(server: &Server) -> Self {
         let mut headers = reqwest::header::HeaderMap::new();
@@ -184,6 +206,13 @@ impl Checker {
                 &Value::String(text.clone()),
                 &what,
             );
+            if content_type == "text/event-stream" {
+                let schema = &media["x-event-schema"];
+                assert!(schema.is_object(), "{what}: no x-event-schema");
+                for event in sse_events(&text) {
+                    validate(&self.doc, schema, &event, &format!("{what}, event {event}"));
+                }
+            }
             Value::String(text)
         };
         (status, body)
@@ -408,7 +437,17 @@ async fn every_documented_operation_answers_as_documented() {
     let st = "/v1/stream";
     let count = json!({"command": "count", "args": {"to": 2}});
     let events = c.expect(M::POST, st, st, Json(count), 200).await;
-    assert!(events.as_str().unwrap().contains("event: end"), "{events}");
+    let names: Vec<Value> = sse_events(events.as_str().unwrap())
+        .into_iter()
+        .map(|e| e["event"].clone())
+        .collect();
+    assert_eq!(names, ["chunk", "chunk", "end"], "{events}");
+    let failing = json!({"command": "count_then_fail", "args": {"n": 1}});
+    let events = c.expect(M::POST, st, st, Json(failing), 200).await;
+    let events = sse_events(events.as_str().unwrap());
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[1]["event"], "error");
+    assert_eq!(events[1]["data"]["kind"], "python_exception");
     c.expect(M::POST, st, st, Json(json!({"command": "nope"})), 404)
         .await;
     let running = {

@@ -15,6 +15,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use pyherd::{Category, ErrorContext};
 use serde::Serialize;
+use utoipa::openapi::extensions::Extensions;
 use utoipa::openapi::response::{Response as DocResponse, ResponseBuilder};
 use utoipa::openapi::schema::{OneOfBuilder, Schema};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
@@ -31,7 +32,7 @@ use utoipa::{IntoResponses, OpenApi, ToSchema};
             A path that is not listed here answers 404 (`invalid_request/not_found`), a \
             listed path called with another method 405 (`invalid_request/method_not_allowed`)."
     ),
-    components(schemas(ErrorResponse, ErrorBody)),
+    components(schemas(ErrorResponse, ErrorBody, StreamEvent)),
     tags(
         (name = "calls", description = "Run a command on a worker"),
         (name = "sessions", description = "Sessions and their programs"),
@@ -72,15 +73,79 @@ pub(crate) struct ErrorBody {
     context: ErrorContext,
 }
 
+impl From<&pyherd::Error> for ErrorBody {
+    fn from(e: &pyherd::Error) -> Self {
+        Self {
+            category: e.category(),
+            kind: e.kind().as_str().to_owned(),
+            message: e.message().to_owned(),
+            retryable: e.is_retryable(),
+            context: e.context().clone(),
+        }
+    }
+}
+
+/// One event of a stream, as `{"event": name, "data": the event's data}`: SSE carries
+/// the name in its `event:` field and the data, as JSON, in its `data:` field.
+#[derive(Serialize, ToSchema)]
+#[serde(tag = "event", content = "data", rename_all = "lowercase")]
+pub(crate) enum StreamEvent {
+    /// A chunk the handler yielded: any JSON value.
+    Chunk(serde_json::Value),
+    /// The stream ran to its end.
+    End(StreamEnd),
+    /// The stream failed, after the chunks sent before: the error (the `error` of an
+    /// `ErrorResponse`).
+    Error(Box<ErrorBody>),
+}
+
+/// The data of a stream's `end` event.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct StreamEnd {
+    /// The call's request id.
+    pub(crate) request_id: String,
+    /// The worker that streamed.
+    pub(crate) worker_id: String,
+    /// Time from sending the call to the worker until its end, in microseconds.
+    pub(crate) duration_us: u64,
+    /// Chunks streamed.
+    pub(crate) chunks: u64,
+}
+
 /// The generated document.
 pub(crate) fn document() -> &'static utoipa::openapi::OpenApi {
     static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(|| {
         let mut document = super::api().into_openapi();
         guarded(&mut document);
+        event_schemas(&mut document);
         document
     });
     &DOCUMENT
 }
+
+/// Names the schema of each event of every `text/event-stream` answer: OpenAPI 3.1 has
+/// no place for it, so it is the media type's `x-event-schema` (a `StreamEvent`).
+fn event_schemas(document: &mut utoipa::openapi::OpenApi) {
+    let event = serde_json::json!({"$ref": "#/components/schemas/StreamEvent"});
+    for item in document.paths.paths.values_mut() {
+        for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
+            for response in operation.responses.responses.values_mut() {
+                let RefOr::T(response) = response else {
+                    continue;
+                };
+                if let Some(RefOr::T(content)) = response.content.get_mut(EVENT_STREAM) {
+                    let extensions = Extensions::builder()
+                        .add("x-event-schema", event.clone())
+                        .build();
+                    content.extensions = Some(extensions);
+                }
+            }
+        }
+    }
+}
+
+/// The media type of Server-Sent Events.
+pub(crate) const EVENT_STREAM: &str = "text/event-stream";
 
 /// `GET /openapi.json`: this API's OpenAPI document.
 #[utoipa::path(
@@ -273,8 +338,9 @@ error_set!(
 
 /// What the events of a stream are.
 pub(crate) const STREAM_EVENTS: &str = "Server-Sent Events: one `chunk` event per chunk \
-    (data: the chunk's JSON), then `end` (data: `{request_id, worker_id, duration_us, \
-    chunks}`) or `error` (data: the error object, `ErrorBody`)";
+    (data: the chunk's JSON), then `end` (data: a `StreamEnd`) or `error` (data: the error \
+    object, an `ErrorBody`); each event, as `{event, data}`, is a `StreamEvent` \
+    (`x-event-schema`)";
 
 error_set!(
     /// What a bad query can answer.

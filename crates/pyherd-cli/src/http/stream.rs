@@ -15,13 +15,12 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use pyherd::{CallStream, Error, ErrorKind};
-use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::AppState;
 use super::error::ApiError;
 use super::execute::{ExecuteRequest, parse_body, request_id, with_request_id};
-use super::openapi::{CallErrors, STREAM_EVENTS};
+use super::openapi::{CallErrors, EVENT_STREAM, ErrorBody, STREAM_EVENTS, StreamEnd, StreamEvent};
 use super::sessions::session_request;
 
 /// Streams open at once when `max_streams` is not set.
@@ -59,7 +58,7 @@ impl StreamLimit {
 #[utoipa::path(post, path = "/v1/stream", tag = "calls", request_body = ExecuteRequest,
     params(("X-Request-Id" = Option<String>, Header, description = "The call's request id (1-128 of `A-Z a-z 0-9 . _ : -`); one is made when absent")),
     responses((status = 200, description = STREAM_EVENTS, body = String,
-        content_type = "text/event-stream"), CallErrors))]
+        content_type = EVENT_STREAM), CallErrors))]
 pub(crate) async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -77,7 +76,7 @@ pub(crate) async fn stream(
 #[utoipa::path(post, path = "/v1/sessions/{id}/stream", tag = "sessions", request_body = ExecuteRequest,
     params(("id" = String, Path, description = "The session id"), ("X-Request-Id" = Option<String>, Header, description = "The call's request id (1-128 of `A-Z a-z 0-9 . _ : -`); one is made when absent")),
     responses((status = 200, description = STREAM_EVENTS, body = String,
-        content_type = "text/event-stream"), CallErrors))]
+        content_type = EVENT_STREAM), CallErrors))]
 pub(crate) async fn session_stream(
     State(state): State<AppState>,
     path: Result<Path<[String; 1]>, PathRejection>,
@@ -118,27 +117,35 @@ fn events(
         let (mut stream, permit) = state?;
         let event = match stream.next().await {
             Some(Ok(chunk)) => {
-                let event = Event::default().event("chunk").data(chunk.to_string());
+                let event = StreamEvent::Chunk(chunk).sse();
                 return Some((Ok(event), Some((stream, permit))));
             }
-            Some(Err(e)) => Event::default()
-                .event("error")
-                .data(e.to_json().to_string()),
-            None => {
-                let end = stream.end().map(|end| {
-                    json!({
-                        "request_id": stream.request_id(),
-                        "worker_id": end.worker_id,
-                        "duration_us": u64::try_from(end.duration.as_micros()).unwrap_or(u64::MAX),
-                        "chunks": end.chunks,
-                    })
-                });
-                Event::default()
-                    .event("end")
-                    .data(end.unwrap_or_default().to_string())
-            }
+            Some(Err(e)) => StreamEvent::Error(Box::new(ErrorBody::from(&e))).sse(),
+            None => match stream.end() {
+                Some(end) => StreamEvent::End(StreamEnd {
+                    request_id: stream.request_id().to_owned(),
+                    worker_id: end.worker_id.clone(),
+                    duration_us: u64::try_from(end.duration.as_micros()).unwrap_or(u64::MAX),
+                    chunks: end.chunks,
+                })
+                .sse(),
+                None => return None,
+            },
         };
         drop((stream, permit));
         Some((Ok(event), None))
     })
+}
+
+impl StreamEvent {
+    /// As Server-Sent Events carry it: the name in `event:`, the data as JSON in `data:`.
+    fn sse(&self) -> Event {
+        let (name, data) = match self {
+            Self::Chunk(chunk) => ("chunk", serde_json::to_string(chunk)),
+            Self::End(end) => ("end", serde_json::to_string(end)),
+            Self::Error(error) => ("error", serde_json::to_string(error)),
+        };
+        // JSON values and plain structs of strings and numbers always serialise.
+        Event::default().event(name).data(data.unwrap_or_default())
+    }
 }

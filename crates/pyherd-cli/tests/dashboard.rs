@@ -94,6 +94,13 @@ fn the_dashboard_shows_the_workers_and_its_charts_follow_the_load() {
     );
     let rows = page.eval("document.querySelectorAll('#workers tbody tr').length");
     assert_eq!(rows, 3);
+    // It refreshes every second: five more refreshes within six seconds.
+    let updates = page.number("updates");
+    page.wait_within(
+        &format!("Number(document.body.dataset.updates) >= {}", updates + 5),
+        "five refreshes",
+        Duration::from_secs(6),
+    );
     let headers = page.eval("[...document.querySelectorAll('th')].map(t => t.textContent)");
     for name in [
         "id",

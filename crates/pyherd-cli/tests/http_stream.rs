@@ -1,7 +1,7 @@
 //! Streaming over Server-Sent Events, request ids and cancellation, through a real
 //! `pyherd serve` on loopback: chunk/end/error events, errors before the stream starts,
-//! `X-Request-Id` both ways, `DELETE /v1/calls/{id}`, a client that disconnects, and the
-//! limit on open streams.
+//! `X-Request-Id` both ways, `DELETE /v1/calls/{id}`, a client that disconnects, a
+//! client that stops reading (backpressure), and the limit on open streams.
 
 mod common;
 
@@ -339,6 +339,61 @@ async fn a_client_that_disconnects_cancels_its_stream_and_frees_the_worker() {
     .await;
     let (status, _) = common::execute(&server, json!({"command": "echo"})).await;
     assert_eq!(status, 200);
+}
+
+/// The most a kernel socket buffer may hold, from `/proc/sys/net/ipv4/<name>`.
+fn socket_buffer_max(name: &str) -> usize {
+    let text = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).unwrap();
+    text.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_slow_http_reader_holds_the_worker_back() {
+    let server = Server::start(&TESTING);
+    let dir = tempfile::tempdir().unwrap();
+    let progress = dir.path().join("progress");
+    let produced = || {
+        std::fs::read_to_string(&progress)
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    // 4 KiB chunks, 160 MiB in all.
+    let total = 40_000;
+    let body =
+        json!({"command": "count", "args": {"to": total, "pad": 4096, "progress": progress}});
+    let mut events = open(&server, "/v1/stream", body, None).await;
+    assert_eq!(events.next().await.unwrap().name, "chunk");
+    // Between the worker and this reader that reads no more, chunks can wait in: the
+    // worker's pipe (64 KiB), the host's buffer, the HTTP stacks' buffers (1 MiB is
+    // generous) and the two sockets' kernel buffers.
+    let buffered =
+        64 * 1024 + 1024 * 1024 + socket_buffer_max("tcp_wmem") + socket_buffer_max("tcp_rmem");
+    let bound = buffered / 4096 + pyherd::STREAM_BUFFER + 2;
+    assert!(bound < total / 2, "{bound}");
+    let ran = || async { produced() > 64 };
+    wait_until(Duration::from_secs(20), "the worker to run ahead", ran).await;
+    let watched = std::time::Instant::now();
+    let mut most = 0;
+    while watched.elapsed() < Duration::from_millis(1500) {
+        most = most.max(produced());
+        assert!(
+            most <= bound,
+            "the worker produced {most} chunks ahead of 1 read (bound {bound})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Reading on lets it go on.
+    for i in 1..=most + 100 {
+        let event = events.next().await.unwrap();
+        assert_eq!(
+            (event.name.as_str(), &event.data["i"]),
+            ("chunk", &json!(i))
+        );
+    }
+    // (The progress file is rewritten before each chunk: a read may catch it empty.)
+    let further = || async { produced() > most };
+    wait_until(Duration::from_secs(20), "the worker to go on", further).await;
 }
 
 #[tokio::test]

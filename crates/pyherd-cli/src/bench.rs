@@ -199,11 +199,13 @@ impl Report {
 
     fn print(&self, args: &BenchArgs, workers: usize) {
         let q = |p: f64| self.latency.value_at_quantile(p);
+        let plural = |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
         println!(
-            "{} × {} with {} callers on {workers} workers (ready in {:.0} ms)",
+            "{} × {} with {} on {} (ready in {:.0} ms)",
             self.requests,
             args.command,
-            args.concurrency,
+            plural(args.concurrency, "caller"),
+            plural(workers as u64, "worker"),
             self.startup.as_secs_f64() * 1e3
         );
         println!(

@@ -273,3 +273,37 @@ fn bad_retry_settings_are_refused_by_name() {
     assert_eq!(code, Some(3), "{stderr}");
     assert!(stderr.contains("breaker_open"), "{stderr}");
 }
+
+#[test]
+fn bench_draws_a_progress_bar_on_a_terminal_only() {
+    let args = ["bench", "--workers", "1", "--requests", "300"];
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        !stderr.contains("calls") && !stdout.contains("300/300"),
+        "{stderr}"
+    );
+    // On a terminal (a pseudo-terminal from Python's pty), the bar is drawn as the calls
+    // go, then cleared for the report.
+    let mut command = common::pyherd(None);
+    command.args(args);
+    let program = command.get_program().to_owned();
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import pty, sys; sys.exit(pty.spawn(sys.argv[1:]) >> 8)",
+        ])
+        .arg(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let terminal = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{terminal}");
+    let drawn = terminal.matches("/300 calls").count();
+    assert!(drawn >= 2, "{terminal}");
+    assert!(
+        terminal.contains("on 1 worker (ready in"),
+        "the report follows: {terminal}"
+    );
+}

@@ -115,6 +115,26 @@ fn workers_that_cannot_start_make_serve_exit_non_zero_with_the_python_error() {
     assert!(text.contains("handler_import_failed"), "{text}");
 }
 
+#[test]
+fn workers_that_keep_dying_at_start_make_serve_exit_3_after_five_tries() {
+    let began = Instant::now();
+    let mut child = common::spawn_serve_with_fixture("hard_exit_at_import.py", 20_000);
+    let stderr = common::drain(child.stderr.take().unwrap());
+    let status = wait_exit(&mut child, Duration::from_secs(25)).expect("serve must exit");
+    // Four waits between a worker's five starts: 50 + 100 + 200 + 400 ms.
+    assert!(began.elapsed() >= Duration::from_millis(750));
+    assert_eq!(status.code(), Some(3), "initialization failures exit 3");
+    let needles = ["startup_failed", "leaving now"];
+    let text = common::drained(&stderr, &needles, Duration::from_secs(5));
+    assert!(text.contains("startup_failed"), "{text}");
+    assert!(text.contains("leaving now"), "{text}");
+    // The first worker to fail five times ends the build: its four retries were logged.
+    let retries = text
+        .matches("a worker failed to start at the pool's start")
+        .count();
+    assert!(retries >= 4, "{retries} retries logged: {text}");
+}
+
 #[tokio::test]
 async fn settings_come_from_file_then_environment_then_flags() {
     let dir = tempfile::tempdir().unwrap();

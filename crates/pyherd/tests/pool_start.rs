@@ -1,12 +1,12 @@
-//! Starting a pool: workers start concurrently; every way a worker can fail to start
-//! makes `build` fail with an `initialization` error carrying the Python side's words,
-//! and leaves no process behind.
+//! Starting a pool: workers start concurrently; a start that fails for a reason that may
+//! pass is tried again, and when a worker cannot start `build` fails with an
+//! `initialization` error carrying the Python side's words, and leaves no process behind.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{exists, fixture, testing_pool};
+use common::{exists, fixture, sigkill, testing_pool, wait_until};
 use pyherd::{Category, ErrorKind, Pool, WorkerState};
 use serde_json::json;
 
@@ -60,7 +60,26 @@ async fn starting_eight_workers_is_concurrent() {
     );
 }
 
-async fn start_failure(module: &str, startup_timeout: Duration) -> pyherd::Error {
+/// Waits between the five starts of a worker whose start keeps failing for a reason that
+/// may pass: 50 + 100 + 200 + 400 ms.
+const RETRY_BACKOFF: Duration = Duration::from_millis(750);
+
+/// How long a worker whose start failed is given to exit by itself before it is killed.
+const FAILED_START_PATIENCE: Duration = Duration::from_secs(1);
+
+/// The number in a worker id (`w7` → 7).
+fn worker_number(e: &pyherd::Error) -> u64 {
+    let id = e
+        .context()
+        .worker_id
+        .as_deref()
+        .expect("the failed worker's id");
+    id.trim_start_matches('w').parse().unwrap()
+}
+
+/// Builds a pool of 2 workers loading `module`, which must fail; `retried` says whether the
+/// failure is one that may pass, so each worker is started five times before the build fails.
+async fn start_failure(module: &str, startup_timeout: Duration, retried: bool) -> pyherd::Error {
     let began = Instant::now();
     let error = match Pool::builder()
         .workers(2)
@@ -72,19 +91,35 @@ async fn start_failure(module: &str, startup_timeout: Duration) -> pyherd::Error
         Ok(_) => panic!("a pool with {module} must not start"),
         Err(error) => error,
     };
-    assert!(began.elapsed() < startup_timeout + Duration::from_secs(5));
+    let took = began.elapsed();
     assert_eq!(error.category(), Category::Initialization, "{error}");
     let pid = error.context().pid.expect("the failed worker's pid");
     assert!(
         !exists(pid),
         "the failed worker {pid} is still in the process table"
     );
+    if retried {
+        // The fifth start of a worker: its four retries took ids after w1 and w2.
+        assert!(worker_number(&error) >= 6, "{error:?}");
+        assert!(took >= RETRY_BACKOFF, "{took:?}");
+        let most = (startup_timeout + FAILED_START_PATIENCE) * 5 + RETRY_BACKOFF;
+        assert!(took < most + Duration::from_secs(5), "{took:?}");
+    } else {
+        // The first start of w1 or w2, and the build failed without waiting.
+        assert!(worker_number(&error) <= 2, "{error:?}");
+        assert!(took < startup_timeout, "{took:?}");
+    }
     error
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_raising_at_import_is_reported_with_its_traceback() {
-    let e = start_failure(&fixture("raise_at_import.py"), Duration::from_secs(20)).await;
+    let e = start_failure(
+        &fixture("raise_at_import.py"),
+        Duration::from_secs(20),
+        false,
+    )
+    .await;
     assert_eq!(e.kind(), &ErrorKind::HandlerImportFailed);
     assert!(e.message().contains("OPENAI_API_KEY is not set"), "{e}");
     assert_eq!(e.context().python_type.as_deref(), Some("RuntimeError"));
@@ -107,7 +142,12 @@ async fn a_module_raising_at_import_is_reported_with_its_traceback() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_exiting_at_import_is_reported() {
-    let e = start_failure(&fixture("exit_at_import.py"), Duration::from_secs(20)).await;
+    let e = start_failure(
+        &fixture("exit_at_import.py"),
+        Duration::from_secs(20),
+        false,
+    )
+    .await;
     assert_eq!(e.kind(), &ErrorKind::HandlerImportFailed);
     assert!(e.message().contains("SystemExit"), "{e}");
     assert!(
@@ -120,8 +160,13 @@ async fn a_module_exiting_at_import_is_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_process_dying_before_hello_is_reported_with_exit_status_and_stderr() {
-    let e = start_failure(&fixture("hard_exit_at_import.py"), Duration::from_secs(20)).await;
+async fn a_process_dying_before_hello_five_times_is_reported_with_exit_status_and_stderr() {
+    let e = start_failure(
+        &fixture("hard_exit_at_import.py"),
+        Duration::from_secs(20),
+        true,
+    )
+    .await;
     assert_eq!(e.kind(), &ErrorKind::StartupFailed);
     assert_eq!(e.context().exit_status.as_deref(), Some("exit status: 5"));
     assert!(
@@ -134,21 +179,27 @@ async fn a_process_dying_before_hello_is_reported_with_exit_status_and_stderr() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_without_hello_in_time_is_killed() {
-    let e = start_failure(&fixture("hang_at_import.py"), Duration::from_millis(1500)).await;
+async fn a_worker_without_hello_in_time_is_killed_and_tried_again() {
+    let e = start_failure(
+        &fixture("hang_at_import.py"),
+        Duration::from_millis(1500),
+        true,
+    )
+    .await;
     assert_eq!(e.kind(), &ErrorKind::StartupTimeout);
     assert!(e.message().contains("1.5s"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hello_of_another_protocol_is_refused() {
-    let e = start_failure(&fixture("bad_hello.py"), Duration::from_secs(20)).await;
+async fn a_hello_of_another_protocol_is_refused_at_every_try() {
+    let e = start_failure(&fixture("bad_hello.py"), Duration::from_secs(20), true).await;
     assert_eq!(e.kind(), &ErrorKind::HandshakeFailed);
     assert!(e.message().contains("protocol 99"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_interpreter_or_module_is_a_typed_error() {
+    let began = Instant::now();
     let e = Pool::builder()
         .python("/nonexistent/python3")
         .build()
@@ -156,7 +207,8 @@ async fn a_missing_interpreter_or_module_is_a_typed_error() {
         .err()
         .unwrap();
     assert_eq!(e.kind(), &ErrorKind::SpawnFailed);
-    let e = start_failure("no_such_module_anywhere", Duration::from_secs(20)).await;
+    assert!(began.elapsed() < RETRY_BACKOFF, "not retried");
+    let e = start_failure("no_such_module_anywhere", Duration::from_secs(20), false).await;
     assert_eq!(e.kind(), &ErrorKind::HandlerImportFailed);
     assert_eq!(
         e.context().python_type.as_deref(),
@@ -175,4 +227,38 @@ async fn invalid_settings_are_refused_before_anything_starts() {
         .err()
         .unwrap();
     assert_eq!(e.kind(), &ErrorKind::InvalidConfig);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_during_its_first_start_is_started_again_and_the_pool_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("killed");
+    let pool = testing_pool(2)
+        .handlers(fixture("killed_once_at_start.py"))
+        .env("PYHERD_TEST_MARKER", marker.to_string_lossy())
+        .build()
+        .await
+        .unwrap();
+    assert!(marker.exists(), "no start was killed");
+    // The retry took the next id; a retried first start is not a replacement.
+    let mut ids: Vec<_> = pool.workers().into_iter().map(|w| w.id).collect();
+    ids.sort();
+    assert!(ids == ["w1", "w3"] || ids == ["w2", "w3"], "{ids:?}");
+    let stats = pool.stats();
+    assert_eq!((stats.available, stats.restarts), (2, 0));
+    assert_eq!(pool.execute("ping", json!({})).await.unwrap()["pong"], true);
+    // Replacements go on from there.
+    let victim = pool.workers()[0].pid.unwrap();
+    sigkill(victim);
+    wait_until(Duration::from_secs(10), "the replacement worker", || {
+        let s = pool.stats();
+        s.restarts == 1 && s.available == 2
+    })
+    .await;
+    assert!(
+        pool.workers().iter().any(|w| w.id == "w4"),
+        "{:?}",
+        pool.workers()
+    );
+    pool.shutdown().await;
 }

@@ -4,6 +4,7 @@
 use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -11,8 +12,12 @@ use crate::error::{Error, ErrorKind};
 use crate::metrics;
 use crate::worker::WorkerState;
 
-/// Start-up failures in a row (across the pool) that open the spawn breaker.
+/// Start-up failures in a row (across the pool) that open the spawn breaker; at the
+/// pool's first start, the failed starts of one worker that fail the build.
 pub(crate) const SPAWN_BREAKER_THRESHOLD: u32 = 5;
+/// First wait before starting again a worker that failed to start; doubles up to the max.
+pub(crate) const SPAWN_BACKOFF_MIN: Duration = Duration::from_millis(50);
+pub(crate) const SPAWN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 const STATES: usize = WorkerState::ALL.len();
 

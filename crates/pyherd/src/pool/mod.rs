@@ -11,6 +11,7 @@ mod retry;
 mod scale;
 mod sessions;
 mod slot;
+mod start;
 mod stats;
 mod stream;
 mod timeline;
@@ -443,11 +444,19 @@ impl PoolBuilder {
 
     /// Starts every worker concurrently and returns once all are ready.
     ///
+    /// A worker whose start fails for a reason that may pass (the process could not be
+    /// started, died or timed out before its hello, or garbled it) is started again, as
+    /// a replacement would be: after a backoff doubling from 50 ms, up to five starts of
+    /// that worker (the spawn breaker's threshold).
+    ///
     /// # Errors
-    /// `initialization/invalid_config` for a bad setting; otherwise the first worker's
-    /// start-up failure (`spawn_failed`, `startup_failed`, `startup_timeout`,
-    /// `handler_import_failed`, `handshake_failed`) with its stderr tail. No process is
-    /// left running when this fails.
+    /// At once, without a retry: `initialization/invalid_config` for a bad setting;
+    /// `spawn_failed` when the interpreter is not found, or the worker package or the
+    /// run's guardian cannot be set up; `handler_import_failed` when a worker reports
+    /// that a handler module failed to import. Otherwise the fifth start-up failure of a
+    /// worker (`spawn_failed`, `startup_failed`, `startup_timeout`, `handshake_failed`).
+    /// A worker's failure carries its stderr tail. No process is left running when this
+    /// fails.
     ///
     /// # Panics
     /// When called outside a tokio runtime.
@@ -482,27 +491,28 @@ impl PoolBuilder {
                 format!("cannot start the spawner thread: {e}"),
             )
         })?;
-        let ids: Vec<Arc<str>> = (1..=config.workers)
-            .map(|i| format!("w{i}").into())
-            .collect();
         let launcher = Launcher::new(launch, spawner, zygote_modules(&config)).await;
-        let (guardian, started) = futures::join!(
-            run.start_guardian(
-                &launcher.spec().python,
-                &launcher.spec().pythonpath,
-                config.startup_timeout
-            ),
-            futures::future::join_all(ids.into_iter().map(|id| launcher.start(id)))
-        );
-        let mut workers = Vec::with_capacity(started.len());
-        let mut failure = guardian.err();
-        for outcome in started {
-            match outcome {
-                Ok(worker) => workers.push(worker),
-                Err(e) => failure = failure.or(Some(e)),
+        // Ids `w1`… go to the first starts; a retried start takes the next.
+        let next_worker = AtomicU64::new(config.workers as u64 + 1);
+        let give_up = CancellationToken::new();
+        let guardian = async {
+            let started = run
+                .start_guardian(
+                    &launcher.spec().python,
+                    &launcher.spec().pythonpath,
+                    config.startup_timeout,
+                )
+                .await;
+            if started.is_err() {
+                give_up.cancel();
             }
-        }
-        if let Some(error) = failure {
+            started
+        };
+        let (guardian, (mut workers, failure)) = futures::join!(
+            guardian,
+            start::start_workers(&launcher, config.workers, &next_worker, &give_up)
+        );
+        if let Some(error) = guardian.err().or(failure) {
             for worker in &mut workers {
                 worker.kill().await;
             }
@@ -550,7 +560,6 @@ impl PoolBuilder {
             });
             directs.push((receiver, swaps));
         }
-        let next_worker = AtomicU64::new(config.workers as u64 + 1);
         let sweep_every = config.session_sweep_interval;
         let resilience = Resilience::new(&config);
         let shared = Arc::new(Shared {

@@ -2,14 +2,14 @@
 //! queue one at a time, and replaces the process when it dies or must be killed.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::job::Job;
-use super::lifecycle::RestartReason;
+use super::lifecycle::{RestartReason, SPAWN_BACKOFF_MAX, SPAWN_BACKOFF_MIN};
 use super::recycle;
 use super::reload::Swap;
 use super::stats::{SlotStatus, bump};
@@ -18,10 +18,6 @@ use crate::error::{Error, ErrorKind};
 use crate::protocol::{Call, CallMeta};
 use crate::telemetry;
 use crate::worker::{CallResult, WorkerProcess, WorkerState};
-
-/// First wait before retrying a replacement that failed to start; doubles up to the max.
-const RESPAWN_BACKOFF_MIN: Duration = Duration::from_millis(50);
-const RESPAWN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub(crate) struct Slot {
     pub(crate) status: Arc<SlotStatus>,
@@ -345,7 +341,7 @@ impl Slot {
     async fn respawn(&self, reason: Option<RestartReason>) -> Option<WorkerProcess> {
         let shared = &self.shared;
         let life = &shared.life;
-        let mut delay = RESPAWN_BACKOFF_MIN;
+        let mut delay = SPAWN_BACKOFF_MIN;
         loop {
             let drained = self.queue.is_closed() && self.queue.is_empty();
             if shared.abort.is_cancelled() || drained {
@@ -382,7 +378,7 @@ impl Slot {
                         tracing::error!(error = %e, "workers keep failing to start: spawn breaker open, calls fail at once with initialization/spawn_failing");
                     }
                     if life.spawn_breaker_open() {
-                        delay = RESPAWN_BACKOFF_MAX;
+                        delay = SPAWN_BACKOFF_MAX;
                         self.fail_waiting();
                     }
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "a worker failed to start");
@@ -392,7 +388,7 @@ impl Slot {
                 () = tokio::time::sleep(delay) => {}
                 () = shared.abort.cancelled() => return None,
             }
-            delay = (delay * 2).min(RESPAWN_BACKOFF_MAX);
+            delay = (delay * 2).min(SPAWN_BACKOFF_MAX);
         }
     }
 

@@ -1,6 +1,7 @@
-//! No orphans: a `pyherd serve` killed with SIGKILL leaves no process of its run (not even
-//! a handler's own child); stale registry entries of dead runs are swept by `pyherd
-//! cleanup` and by the next pool start, PID-reuse safe; broken files never crash either.
+//! No orphans: a `pyherd serve` killed with SIGKILL while its workers run calls leaves no
+//! process of its run (not even a handler's own child); stale registry entries of dead
+//! runs are swept by `pyherd cleanup` and by the next pool start, PID-reuse safe; broken
+//! files never crash either.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Server, execute, fixture, pyherd, running, wait_until};
+use common::{Server, execute, pyherd, running, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -142,18 +143,17 @@ async fn wait_dead(pids: &[u32], what: &str) {
 }
 
 #[tokio::test]
-async fn sigkill_of_serve_leaves_no_process_of_its_run_within_2_s() {
+async fn sigkill_of_serve_with_calls_running_leaves_no_process_of_its_run_within_2_s() {
     let state = tempfile::tempdir().unwrap();
-    let handlers = fixture("spawns_child.py");
     let server = Server::start(&[
         "--workers",
         "2",
         "--handlers",
-        &handlers,
+        "pyherd_worker.testing",
         "--state-dir",
         state.path().to_str().unwrap(),
     ]);
-    let (code, body) = execute(&server, json!({"command": "start_child"})).await;
+    let (code, body) = execute(&server, json!({"command": "spawn_child"})).await;
     assert_eq!(code, 200, "{body}");
     let grandchild = body["result"]["pid"].as_u64().unwrap() as u32;
     let files: Vec<PathBuf> = std::fs::read_dir(state.path().join("runs"))
@@ -168,6 +168,19 @@ async fn sigkill_of_serve_leaves_no_process_of_its_run_within_2_s() {
         children: Vec::new(),
     };
     assert!(server.stderr().contains(&format!("run_id={run_id}")));
+    // Every worker (the one with its own child among them) is in a call when the host dies.
+    let client = reqwest::Client::new();
+    let sleep = json!({"command": "sleep", "args": {"seconds": 600}, "timeout_ms": 600_000});
+    let calls: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(client.post(server.url("/v1/execute")).json(&sleep).send()))
+        .collect();
+    wait_until(LIMIT, "both workers to run a call", || async {
+        common::workers(&server)
+            .await
+            .iter()
+            .all(|(_, state)| state == "busy")
+    })
+    .await;
     let workers: Vec<u32> = common::workers(&server)
         .await
         .into_iter()
@@ -193,6 +206,10 @@ async fn sigkill_of_serve_leaves_no_process_of_its_run_within_2_s() {
         took.as_millis()
     );
     assert!(!running(grandchild));
+    for call in calls {
+        let answer = call.await.unwrap();
+        assert!(answer.is_err(), "a call outlived its host: {answer:?}");
+    }
     drop(server);
     wait_until(LIMIT, "the guardian to remove the run file", || async {
         !file.exists()

@@ -23,7 +23,6 @@ use tokio::time::Instant;
 
 use super::calls::Entered;
 use super::job::Job;
-use super::lifecycle::RestartReason;
 use super::slot::{Ending, Slot, on_worker};
 use super::{CallOptions, Pool, Reply, Target, cancelled};
 use crate::error::{Error, ErrorKind};
@@ -283,11 +282,11 @@ impl Slot {
         let written = tokio::select! {
             biased;
             () = abort.cancelled() => return Some(self.aborted(worker, job).await),
-            () = tokio::time::sleep_until(deadline) => return Some(self.timed_out(worker, job).await),
+            () = tokio::time::sleep_until(deadline) => return self.timed_out(worker, job, request_limit).await,
             written = worker.send_frame(frame) => written,
         };
         if let Err(fault) = written {
-            return Some(self.lost(worker, job, fault).await);
+            return self.lost(worker, job, fault, request_limit).await;
         }
         let mut sent: u64 = 0;
         let mut pending: Option<Box<RawValue>> = None;
@@ -309,7 +308,7 @@ impl Slot {
                 Turn::Sent(true) => sent += 1,
                 Turn::Sent(false) | Turn::Cancel => {
                     drop(chunks);
-                    return self.cancel_stream(worker, job).await;
+                    return self.cancel_stream(worker, job, request_limit).await;
                 }
                 Turn::Frame(Ok(Message::End { .. })) => {
                     drop(chunks);
@@ -323,34 +322,47 @@ impl Slot {
                 }
                 Turn::Frame(Ok(Message::Err { error, .. })) => {
                     drop(chunks);
-                    return self.answered(worker, job, Err(error), request_limit).await;
+                    return self.failed(worker, job, error, request_limit).await;
                 }
                 Turn::Frame(Ok(other)) => {
                     let fault = Fault::Protocol(format!(
                         "expected a frame of stream {}, got {other:?}",
                         job.id
                     ));
-                    return Some(self.lost(worker, job, fault).await);
+                    return self.lost(worker, job, fault, request_limit).await;
                 }
-                Turn::Frame(Err(fault)) => return Some(self.lost(worker, job, fault).await),
-                Turn::TimedOut => return Some(self.timed_out(worker, job).await),
+                Turn::Frame(Err(fault)) => {
+                    return self.lost(worker, job, fault, request_limit).await;
+                }
+                Turn::TimedOut => return self.timed_out(worker, job, request_limit).await,
                 Turn::Aborted => return Some(self.aborted(worker, job).await),
             }
         }
     }
 
-    /// The worker died or broke the protocol during a stream.
-    async fn lost(&self, worker: &mut WorkerProcess, job: Job, fault: Fault) -> Ending {
+    /// The worker died or broke the protocol during a stream: a failed call (see
+    /// [`Slot::failed`]).
+    async fn lost(
+        &self,
+        worker: &mut WorkerProcess,
+        job: Job,
+        fault: Fault,
+        request_limit: Option<u64>,
+    ) -> Option<Ending> {
         let error = worker.crashed(fault).await;
         tracing::warn!(worker = %worker.id(), error = %error, "worker lost during a stream");
-        self.go(WorkerState::Stopped, "crashed");
-        job.answer(Err(error));
-        Ending::Replace(RestartReason::Crashed)
+        self.failed(worker, job, error, request_limit).await
     }
 
-    /// Asks the worker to stop a cancelled stream, dropping what it still sends; kills it
-    /// if it has not answered within [`CANCEL_GRACE`].
-    async fn cancel_stream(&self, worker: &mut WorkerProcess, job: Job) -> Option<Ending> {
+    /// Asks the worker to stop a cancelled stream, dropping what it still sends. One that
+    /// stops within [`CANCEL_GRACE`] serves on; one that does not still runs a cancelled
+    /// call (see [`Slot::failed`]).
+    async fn cancel_stream(
+        &self,
+        worker: &mut WorkerProcess,
+        job: Job,
+        request_limit: Option<u64>,
+    ) -> Option<Ending> {
         let id = job.id;
         let stopped = tokio::time::timeout(CANCEL_GRACE, async {
             worker
@@ -364,15 +376,13 @@ impl Slot {
             }
         })
         .await;
-        job.answer(Err(on_worker(cancelled(), worker)));
         if matches!(stopped, Ok(Ok(()))) {
+            job.answer(Err(on_worker(cancelled(), worker)));
             self.go(WorkerState::Ready, "cancelled");
             return None;
         }
         tracing::info!(worker = %worker.id(), "a cancelled stream did not stop in time: worker killed");
-        worker.kill().await;
-        self.go(WorkerState::Stopped, "cancelled");
-        Some(Ending::Replace(RestartReason::Cancelled))
+        self.failed(worker, job, cancelled(), request_limit).await
     }
 }
 

@@ -11,8 +11,10 @@ even by SIGKILL. It then kills, PID-reuse safe:
 - every recorded worker (``--registry``) still running with the recorded start time and
   the run id on its command line or in its environment, with its whole process group;
 
-repeating until a pass finds nothing, then removes the registry file. A host that shuts
-down cleanly has removed the file and ended its workers already: the pass finds nothing.
+repeating until a pass finds nothing, then removes the registry file and the temporary
+file beside it (``<registry>.tmp``) that a host killed while rewriting the registry leaves.
+A host that shuts down cleanly has removed the file and ended its workers already: the
+pass finds nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ RUN_ID_VAR = b"PYHERD_RUN_ID"
 RUN_ID_FLAG = b"--run-id"
 SETTLE_S = 0.01
 GIVE_UP_S = 1.5
+#: What the host adds to the registry's name for the file it writes before renaming it.
+TEMP_SUFFIX = ".tmp"
 
 
 def stat(pid: int) -> Optional[Tuple[str, int, int]]:
@@ -124,7 +128,7 @@ def sweep_once(run_id: bytes, workers: List[Dict[str, int]]) -> Set[int]:
 
 def sweep(run_id: str, registry: Optional[str], give_up_s: float = GIVE_UP_S) -> Set[int]:
     """Kill everything of the run until a pass finds nothing (or ``give_up_s`` passed);
-    remove the registry file. Returns every pid killed."""
+    remove the registry file and its temporary file. Returns every pid killed."""
     rid = run_id.encode()
     workers = read_workers(registry)
     killed: Set[int] = set()
@@ -136,10 +140,11 @@ def sweep(run_id: str, registry: Optional[str], give_up_s: float = GIVE_UP_S) ->
             break
         time.sleep(SETTLE_S)
     if registry is not None:
-        try:
-            os.remove(registry)
-        except OSError:
-            pass
+        for path in (registry, registry + TEMP_SUFFIX):
+            try:
+                os.remove(path)
+            except OSError:
+                pass
     return killed
 
 

@@ -186,7 +186,10 @@ def count_then_object(args: Dict[str, Any]) -> Iterator[Any]:
 
 @handler
 def stubborn_stream(args: Dict[str, Any], ctx: Context) -> Iterator[Any]:
-    """Stream one chunk (with the pid), then hang in it: a cancel is never seen."""
+    """Stream one chunk (with the pid), then hang in it: a cancel is never seen. The file
+    ``hanging`` (when given) is written as the hang begins, once the worker has looked
+    for a cancel after the chunk."""
     yield {"pid": os.getpid(), "request_id": ctx.request_id}
+    _note(args.get("hanging"), "hanging")
     time.sleep(3600)
     yield None

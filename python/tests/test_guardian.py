@@ -150,6 +150,18 @@ def test_processes_and_groups_0_and_1_are_never_signalled():
     assert guardian._signal(os.kill, gone) is False
 
 
+def test_a_sweep_removes_the_temporary_file_a_host_killed_mid_write_left(tmp_path):
+    registry = tmp_path / f"{RUN_ID}.json"
+    record(registry, [])
+    temp = tmp_path / f"{RUN_ID}.json.tmp"
+    temp.write_text('{"version": 1, "run_')
+    other = tmp_path / "feedfacecafe0002.json.tmp"
+    other.write_text("")
+    guardian.sweep(RUN_ID, str(registry), give_up_s=0)
+    assert not registry.exists() and not temp.exists()
+    assert other.exists(), "another run's file was removed"
+
+
 def test_a_sweep_of_a_missing_registry_file_is_quiet(tmp_path):
     assert guardian.sweep(RUN_ID, str(tmp_path / "gone.json"), give_up_s=0) == set()
 

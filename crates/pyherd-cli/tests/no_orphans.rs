@@ -1,6 +1,7 @@
-//! No orphans: a `pyherd serve` killed with SIGKILL leaves no process of its run (not even
-//! a handler's own child); stale registry entries of dead runs are swept by `pyherd
-//! cleanup` and by the next pool start, PID-reuse safe; broken files never crash either.
+//! No orphans: a `pyherd serve` killed with SIGKILL while its workers run calls leaves no
+//! process of its run (not even a handler's own child); stale registry entries of dead
+//! runs (and the temporary files their hosts died writing) are swept by `pyherd cleanup`
+//! and by the next pool start, PID-reuse safe; broken files never crash either.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Server, execute, fixture, pyherd, running, wait_until};
+use common::{Server, execute, pyherd, running, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -142,18 +143,17 @@ async fn wait_dead(pids: &[u32], what: &str) {
 }
 
 #[tokio::test]
-async fn sigkill_of_serve_leaves_no_process_of_its_run_within_2_s() {
+async fn sigkill_of_serve_with_calls_running_leaves_no_process_of_its_run_within_2_s() {
     let state = tempfile::tempdir().unwrap();
-    let handlers = fixture("spawns_child.py");
     let server = Server::start(&[
         "--workers",
         "2",
         "--handlers",
-        &handlers,
+        "pyherd_worker.testing",
         "--state-dir",
         state.path().to_str().unwrap(),
     ]);
-    let (code, body) = execute(&server, json!({"command": "start_child"})).await;
+    let (code, body) = execute(&server, json!({"command": "spawn_child"})).await;
     assert_eq!(code, 200, "{body}");
     let grandchild = body["result"]["pid"].as_u64().unwrap() as u32;
     let files: Vec<PathBuf> = std::fs::read_dir(state.path().join("runs"))
@@ -168,6 +168,19 @@ async fn sigkill_of_serve_leaves_no_process_of_its_run_within_2_s() {
         children: Vec::new(),
     };
     assert!(server.stderr().contains(&format!("run_id={run_id}")));
+    // Every worker (the one with its own child among them) is in a call when the host dies.
+    let client = reqwest::Client::new();
+    let sleep = json!({"command": "sleep", "args": {"seconds": 600}, "timeout_ms": 600_000});
+    let calls: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(client.post(server.url("/v1/execute")).json(&sleep).send()))
+        .collect();
+    wait_until(LIMIT, "both workers to run a call", || async {
+        common::workers(&server)
+            .await
+            .iter()
+            .all(|(_, state)| state == "busy")
+    })
+    .await;
     let workers: Vec<u32> = common::workers(&server)
         .await
         .into_iter()
@@ -193,6 +206,10 @@ async fn sigkill_of_serve_leaves_no_process_of_its_run_within_2_s() {
         took.as_millis()
     );
     assert!(!running(grandchild));
+    for call in calls {
+        let answer = call.await.unwrap();
+        assert!(answer.is_err(), "a call outlived its host: {answer:?}");
+    }
     drop(server);
     wait_until(LIMIT, "the guardian to remove the run file", || async {
         !file.exists()
@@ -300,6 +317,100 @@ async fn cleanup_kills_a_dead_runs_processes_and_spares_reused_pids_and_live_run
     leftovers.children.iter_mut().for_each(|c| {
         let _ = c.kill();
     });
+}
+
+/// `<run file>.tmp`: the temporary file a host writes before renaming it over its run file.
+fn temp_of(file: &Path) -> PathBuf {
+    file.with_extension("json.tmp")
+}
+
+#[tokio::test]
+async fn cleanup_removes_the_temporary_files_dead_runs_left_and_keeps_those_of_live_runs() {
+    let state = tempfile::tempdir().unwrap();
+    let me = start_time(std::process::id());
+    // A host that died rewriting its run file: the file and a part of the next record.
+    let died_writing = stale_run(state.path(), &fake_run_id(5), 1, &[]);
+    std::fs::write(temp_of(&died_writing), r#"{"version": 1, "ru"#).unwrap();
+    // A whole record never renamed, its run file gone (removed by its guardian, say),
+    // with a worker still running: the temporary file is the run's record.
+    let orphaned = fake_run_id(6);
+    let leftovers = Leftovers {
+        run_ids: vec![orphaned.clone()],
+        children: Vec::new(),
+    };
+    let worker = detached_marked(&orphaned, "w1");
+    let file = stale_run(
+        state.path(),
+        &orphaned,
+        1,
+        &[("w1", worker, start_time(worker))],
+    );
+    let orphaned_temp = temp_of(&file);
+    std::fs::rename(&file, &orphaned_temp).unwrap();
+    // Live runs (their host is this process) in the middle of a write: a part beside the
+    // run file, and a first record not yet renamed.
+    let live = stale_run(state.path(), &fake_run_id(7), me, &[]);
+    std::fs::write(temp_of(&live), r#"{"vers"#).unwrap();
+    let first = stale_run(state.path(), &fake_run_id(8), me, &[]);
+    let first_temp = temp_of(&first);
+    std::fs::rename(&first, &first_temp).unwrap();
+    // The start of a first record: whose it is cannot be told.
+    let unknown = temp_of(
+        &state
+            .path()
+            .join("runs")
+            .join(format!("{}.json", fake_run_id(9))),
+    );
+    std::fs::write(&unknown, "").unwrap();
+
+    let (code, out, err) = cleanup(state.path(), true);
+    assert_eq!(code, Some(0), "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        report["removed"],
+        json!([died_writing, temp_of(&died_writing), orphaned_temp]),
+        "{report}"
+    );
+    assert_eq!(
+        report["killed"],
+        json!([{"pid": worker, "worker_id": "w1", "run_id": orphaned, "group": true}]),
+        "{report}"
+    );
+    let skipped: Vec<(Value, &str)> = report["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["file"].clone(), s["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        skipped,
+        [
+            (json!(live), "host_alive"),
+            (json!(first_temp), "host_alive"),
+            (json!(unknown), "unreadable"),
+        ],
+        "{report}"
+    );
+    for kept in [&live, &temp_of(&live), &first_temp, &unknown] {
+        assert!(kept.exists(), "{} was removed", kept.display());
+    }
+    wait_dead(&[worker], "the orphaned run's worker to die").await;
+    drop(leftovers);
+
+    // For a person: one more dead run's record never renamed, and what is left.
+    let file = stale_run(state.path(), &fake_run_id(10), 1, &[]);
+    std::fs::rename(&file, temp_of(&file)).unwrap();
+    let (code, out, err) = cleanup(state.path(), false);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("0 killed, 3 skipped, 1 run file(s) removed"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("removed {}", temp_of(&file).display())),
+        "{out}"
+    );
+    assert!(!temp_of(&file).exists());
 }
 
 #[tokio::test]

@@ -157,9 +157,17 @@ async fn a_running_stream_cancelled_or_dropped_is_closed_by_its_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_does_not_stop_within_the_grace_loses_its_worker() {
     let pool = testing_pool(1).build().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hanging = dir.path().join("hanging");
     let before = worker_pids(&pool);
-    let mut stream = pool.stream("stubborn_stream", json!({})).await.unwrap();
+    let args = json!({ "hanging": hanging });
+    let mut stream = pool.stream("stubborn_stream", args).await.unwrap();
     assert!(stream.next().await.unwrap().is_ok());
+    // A cancel sent before the worker looked for one after the chunk would be seen.
+    wait_until(Duration::from_secs(5), "the worker to hang", || {
+        hanging.exists()
+    })
+    .await;
     let t = Instant::now();
     assert!(pool.cancel(stream.request_id()));
     let e = stream.next().await.unwrap().unwrap_err();

@@ -1,11 +1,13 @@
 //! Workers that hang, crash, kill themselves, write garbage or are killed from outside:
-//! only the call in flight fails, the worker is replaced, and the pool keeps serving.
+//! only the call in flight fails, the worker is replaced, and the pool keeps serving. A
+//! failed call's worker is replaced exactly when the recovery table says so for its error.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::{exists, running, sigkill, spawn_call, testing_pool, wait_until, worker_pids};
+use futures::StreamExt;
 use pyherd::{CallOptions, Category, ErrorKind, Pool, WorkerState};
 use serde_json::json;
 
@@ -67,6 +69,84 @@ async fn the_default_execution_timeout_applies_without_options() {
         .unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::ExecutionTimeout);
     replaced(&pool, 1).await;
+    pool.shutdown().await;
+}
+
+/// One call that fails in the way `case` names; its error.
+async fn fail_a_call(pool: &Pool, case: &str) -> pyherd::Error {
+    match case {
+        "raises" => pool.execute("raise_error", json!({})).await.unwrap_err(),
+        "answers what JSON cannot hold" => pool.execute("not_json", json!({})).await.unwrap_err(),
+        "streams, then raises" => {
+            let chunks: Vec<_> = pool
+                .stream("count_then_fail", json!({"n": 2}))
+                .await
+                .unwrap()
+                .collect()
+                .await;
+            chunks.into_iter().find_map(Result::err).unwrap()
+        }
+        "exits" => pool.execute("crash", json!({})).await.unwrap_err(),
+        "runs past its timeout" => {
+            let short = CallOptions::new().timeout(Duration::from_millis(300));
+            let call = pool.execute_with("sleep", json!({"seconds": 600}), &short);
+            call.await.unwrap_err()
+        }
+        "is cancelled while running" => {
+            let caller = pool.clone();
+            let call = tokio::spawn(async move {
+                let options = CallOptions::new().request_id("to-cancel");
+                let call = caller.execute_with("sleep", json!({"seconds": 600}), &options);
+                call.await
+            });
+            wait_until(Duration::from_secs(5), "the call to run", || {
+                pool.stats().busy == 1
+            })
+            .await;
+            assert!(pool.cancel("to-cancel"));
+            call.await.unwrap().unwrap_err()
+        }
+        other => panic!("no case {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_calls_worker_is_replaced_exactly_when_the_recovery_table_says_so() {
+    let pool = testing_pool(1).build().await.unwrap();
+    let mut kinds = Vec::new();
+    for case in [
+        "raises",
+        "answers what JSON cannot hold",
+        "streams, then raises",
+        "exits",
+        "runs past its timeout",
+        "is cancelled while running",
+    ] {
+        let before = worker_pids(&pool);
+        let restarts = pool.stats().restarts;
+        let error = fail_a_call(&pool, case).await;
+        if pyherd::policy::action(error.kind()).replace_worker {
+            replaced(&pool, restarts + 1).await;
+            assert_ne!(worker_pids(&pool), before, "{case}: {error}");
+        } else {
+            assert_eq!(worker_pids(&pool), before, "{case}: {error}");
+            assert_eq!(pool.workers()[0].state, WorkerState::Ready, "{case}");
+            assert_eq!(pool.stats().restarts, restarts, "{case}: {error}");
+        }
+        kinds.push(error.kind().clone());
+    }
+    assert_eq!(
+        kinds,
+        [
+            ErrorKind::PythonException,
+            ErrorKind::ResultNotSerializable,
+            ErrorKind::PythonException,
+            ErrorKind::WorkerCrashed,
+            ErrorKind::ExecutionTimeout,
+            ErrorKind::Cancelled,
+        ]
+    );
+    assert_eq!(pool.stats().restarts, 3);
     pool.shutdown().await;
 }
 

@@ -1,7 +1,7 @@
-//! Fast respawn: with `preload`, a zygote imports the modules once and every worker (first
-//! start, replacement) is forked from it; the pool falls back to spawning workers while
-//! the zygote is down or when a preload module fails to import, and leaves no process
-//! behind.
+//! Fast respawn: with `preload`, a zygote imports the modules once, freezes its heap, and
+//! every worker (first start, replacement after a crash or a recycle) is forked from it;
+//! the pool falls back to spawning workers while the zygote is down or when a preload
+//! module fails to import, and leaves no process behind.
 
 mod common;
 
@@ -91,6 +91,21 @@ async fn workers_are_forked_from_a_zygote_that_imported_the_preload_modules() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forked_worker_runs_with_the_zygotes_heap_frozen() {
+    let pool = probe_pool(2)
+        .preload("preloaded_fixture")
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(started_by(&pool), [StartedBy::Fork, StartedBy::Fork]);
+    for answer in probe_each(&pool).await {
+        let frozen = answer["frozen"].as_u64().unwrap();
+        assert!(frozen > 0, "nothing frozen in a forked worker: {answer}");
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_preload_workers_are_spawned_and_import_modules_themselves() {
     let pool = probe_pool(1).build().await.unwrap();
     assert_eq!(pool.zygote_pid(), None);
@@ -98,6 +113,7 @@ async fn without_preload_workers_are_spawned_and_import_modules_themselves() {
     let answer = pool.execute("preload_probe", json!({})).await.unwrap();
     assert_eq!(answer["preloaded"], false, "{answer}");
     assert_eq!(answer["imported_by"], answer["pid"], "{answer}");
+    assert_eq!(answer["frozen"], 0, "{answer}");
     let json = serde_json::to_value(pool.workers()).unwrap();
     assert_eq!(json[0]["started_by"], "spawn", "{json}");
     pool.shutdown().await;
@@ -130,6 +146,42 @@ async fn a_killed_forked_worker_is_replaced_by_a_fork_and_reaped() {
     for answer in probe_each(&pool).await {
         assert_eq!(answer["imported_by"], zygote, "{answer}");
     }
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_recycled_by_max_requests_is_replaced_by_a_fork() {
+    let pool = probe_pool(1)
+        .preload("preloaded_fixture")
+        .max_requests(2)
+        .build()
+        .await
+        .unwrap();
+    let zygote = pool.zygote_pid().unwrap();
+    let old = worker_pids(&pool);
+    for _ in 0..2 {
+        let answer = pool.execute("preload_probe", json!({})).await.unwrap();
+        assert_eq!(answer["pid"], old[0], "{answer}");
+    }
+    wait_until(Duration::from_secs(10), "a replacement", || {
+        replaced(&pool, &old)
+    })
+    .await;
+    wait_until(Duration::from_secs(5), "the zygote to reap it", || {
+        !exists(old[0])
+    })
+    .await;
+    assert_eq!(started_by(&pool), [StartedBy::Fork]);
+    assert_eq!(pool.zygote_pid(), Some(zygote));
+    let new = worker_pids(&pool);
+    assert_eq!(ppid(new[0]), Some(zygote));
+    let metrics = pool.render_metrics();
+    let recycled = "pyherd_worker_restarts_total{reason=\"max_requests\"} 1\n";
+    assert!(metrics.contains(recycled), "{metrics}");
+    assert_eq!(pool.stats().restarts, 1);
+    let answer = pool.execute("preload_probe", json!({})).await.unwrap();
+    assert_eq!(answer["pid"], new[0], "{answer}");
+    assert_eq!(answer["imported_by"], zygote, "{answer}");
     pool.shutdown().await;
 }
 

@@ -1,6 +1,7 @@
 //! The one table from error kinds to recovery actions. The pool reads it to decide
-//! whether to retry an idempotent call and what a failure means to the command's
-//! circuit breaker; the README's table is generated from it (a test checks they agree).
+//! whether to retry an idempotent call, whether the worker a call failed on is replaced,
+//! and what a failure means to the command's circuit breaker; the README's table is
+//! generated from it (a test checks they agree).
 
 use crate::error::ErrorKind;
 
@@ -13,7 +14,10 @@ pub struct Recovery {
     /// gets the error. For the kinds the host makes this is the error's `retryable`; a
     /// kind sent by a worker is retried only when the worker marked it retryable.
     pub retry: bool,
-    /// The worker is killed (if it still runs) and a replacement started.
+    /// The worker the call failed on is killed (if it still runs) and a replacement
+    /// started. A worker that answered the call itself (its Python code raised, say)
+    /// sends only kinds this is `false` for, and serves on; so does the worker of a
+    /// cancelled stream that stops within a second of the cancel.
     pub replace_worker: bool,
     /// The failure counts toward opening the command's circuit breaker (when the command
     /// has one): the call harmed its worker.
@@ -57,6 +61,12 @@ pub fn action(kind: &ErrorKind) -> Recovery {
     match kind {
         ErrorKind::WorkerCrashed => Recovery::REPLACE_AND_RETRY,
         ErrorKind::ExecutionTimeout => Recovery::REPLACE,
+        // A running call cannot be interrupted: its worker is killed. The caller ended
+        // the call, which did not harm the worker: not counted by the breaker.
+        ErrorKind::Cancelled => Recovery {
+            replace_worker: true,
+            ..Recovery::GIVE_UP
+        },
         ErrorKind::QueueTimeout | ErrorKind::PoolSaturated | ErrorKind::WorkerBusy => {
             Recovery::RETRY
         }
@@ -86,7 +96,6 @@ pub fn action(kind: &ErrorKind) -> Recovery {
         | ErrorKind::LmError
         | ErrorKind::CircuitOpen
         | ErrorKind::InvalidRequestId
-        | ErrorKind::Cancelled
         | ErrorKind::CallNotFound
         | ErrorKind::TooManyStreams => Recovery::GIVE_UP,
     }
@@ -100,6 +109,7 @@ mod tests {
     const KINDS: [ErrorKind; 33] = [
         ErrorKind::WorkerCrashed,
         ErrorKind::ExecutionTimeout,
+        ErrorKind::Cancelled,
         ErrorKind::QueueTimeout,
         ErrorKind::PoolSaturated,
         ErrorKind::WorkerBusy,
@@ -117,7 +127,6 @@ mod tests {
         ErrorKind::SessionRequired,
         ErrorKind::InvalidSignature,
         ErrorKind::InvalidRequestId,
-        ErrorKind::Cancelled,
         ErrorKind::CallNotFound,
         ErrorKind::SessionNotFound,
         ErrorKind::SessionExists,
@@ -182,13 +191,14 @@ mod tests {
     }
 
     #[test]
-    fn only_failures_that_harm_a_worker_replace_it_and_trip_the_breaker() {
+    fn failures_that_cost_a_worker_replace_it_and_only_harm_trips_the_breaker() {
         for kind in &KINDS {
             let r = action(kind);
             let harms = matches!(kind, ErrorKind::WorkerCrashed | ErrorKind::ExecutionTimeout);
+            let costs_the_worker = harms || *kind == ErrorKind::Cancelled;
             assert_eq!(
                 (r.replace_worker, r.trips_breaker),
-                (harms, harms),
+                (costs_the_worker, harms),
                 "{kind}"
             );
         }

@@ -54,6 +54,17 @@ impl RestartReason {
         Self::Cancelled,
     ];
 
+    /// Why a worker is replaced after a call that failed with `kind`, one the recovery
+    /// table replaces the worker for: the call ran past its timeout, it was cancelled
+    /// while running, or (any other kind) the worker was lost.
+    pub(crate) fn after(kind: &ErrorKind) -> Self {
+        match kind {
+            ErrorKind::ExecutionTimeout => Self::Timeout,
+            ErrorKind::Cancelled => Self::Cancelled,
+            _ => Self::Crashed,
+        }
+    }
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Crashed => "crashed",

@@ -15,6 +15,7 @@ use super::reload::Swap;
 use super::stats::{SlotStatus, bump};
 use super::{Reply, Shared, shutting_down};
 use crate::error::{Error, ErrorKind};
+use crate::policy;
 use crate::protocol::{Call, CallMeta};
 use crate::telemetry;
 use crate::worker::{CallResult, WorkerProcess, WorkerState};
@@ -253,30 +254,52 @@ impl Slot {
         telemetry::executed(&job.span, ran, label);
         self.shared.metrics.executed(&job.command, label, ran);
         match outcome {
-            CallResult::Answered(answer) => {
-                let answer = answer.map(|result| Reply {
+            CallResult::Answered(Ok(result)) => {
+                let reply = Reply {
                     result,
                     worker_id: worker.id().clone(),
                     duration: ran,
                     request_id: job.flight.rid.clone(),
-                });
-                self.answered(worker, job, answer, request_limit).await
+                };
+                self.answered(worker, job, Ok(reply), request_limit).await
             }
-            CallResult::TimedOut => Some(self.timed_out(worker, job).await),
+            CallResult::Answered(Err(error)) => {
+                self.failed(worker, job, error, request_limit).await
+            }
+            CallResult::TimedOut => self.timed_out(worker, job, request_limit).await,
             CallResult::Aborted => Some(self.aborted(worker, job).await),
             CallResult::Cancelled => {
-                job.answer(Err(on_worker(super::cancelled(), worker)));
-                worker.kill().await;
-                self.go(WorkerState::Stopped, "cancelled");
-                Some(Ending::Replace(RestartReason::Cancelled))
+                let error = super::cancelled();
+                self.failed(worker, job, error, request_limit).await
             }
             CallResult::Failed(error) => {
                 tracing::warn!(worker = %worker.id(), error = %error, "worker lost during a call");
-                self.go(WorkerState::Stopped, "crashed");
-                job.answer(Err(error));
-                Some(Ending::Replace(RestartReason::Crashed))
+                self.failed(worker, job, error, request_limit).await
             }
         }
+    }
+
+    /// `job` failed with `error` on `worker`, and the recovery table
+    /// ([`policy::action`]) decides what becomes of the worker: one it replaces for this
+    /// kind (the worker died, ran past the timeout, or still runs a cancelled call) is
+    /// stopped, killed right after the caller hears back (if it still runs), then
+    /// replaced; one it keeps answered the call and serves on, as after a result. `Some`
+    /// when the worker cannot go on.
+    pub(super) async fn failed(
+        &self,
+        worker: &mut WorkerProcess,
+        job: Job,
+        error: Error,
+        request_limit: Option<u64>,
+    ) -> Option<Ending> {
+        if !policy::action(error.kind()).replace_worker {
+            return self.answered(worker, job, Err(error), request_limit).await;
+        }
+        let reason = RestartReason::after(error.kind());
+        self.go(WorkerState::Stopped, reason.as_str());
+        job.answer(Err(on_worker(error, worker)));
+        worker.kill().await;
+        Some(Ending::Replace(reason))
     }
 
     /// A worker answered `job` (a result or a Python-side error) and is fine: the caller
@@ -305,8 +328,13 @@ impl Slot {
         Some(Ending::Replace(reason))
     }
 
-    /// `job` ran past its execution timeout: the caller hears so, the worker is killed.
-    pub(super) async fn timed_out(&self, worker: &mut WorkerProcess, job: Job) -> Ending {
+    /// `job` ran past its execution timeout: a failed call (see [`Slot::failed`]).
+    pub(super) async fn timed_out(
+        &self,
+        worker: &mut WorkerProcess,
+        job: Job,
+        request_limit: Option<u64>,
+    ) -> Option<Ending> {
         let timeout_ms = u64::try_from(job.timeout.as_millis()).unwrap_or(u64::MAX);
         let error = Error::new(
             ErrorKind::ExecutionTimeout,
@@ -317,10 +345,7 @@ impl Slot {
             ),
         )
         .with_context(|c| c.timeout_ms = Some(timeout_ms));
-        job.answer(Err(on_worker(error, worker)));
-        worker.kill().await;
-        self.go(WorkerState::Stopped, "execution_timeout");
-        Ending::Replace(RestartReason::Timeout)
+        self.failed(worker, job, error, request_limit).await
     }
 
     /// The shutdown grace ended during `job`: the caller hears so, the worker is killed.

@@ -24,7 +24,6 @@ use tracing::Span;
 
 use super::calls::Entered;
 use super::job::Job;
-use super::lifecycle::RestartReason;
 use super::slot::{Ending, Slot, on_worker};
 use super::{CallOptions, Pool, Reply, Shared, Target, cancelled};
 use crate::error::{Error, ErrorKind};
@@ -334,12 +333,12 @@ impl Slot {
             }
             () = tokio::time::sleep_until(deadline) => {
                 self.ran(&job, started, "execution_timeout");
-                return Some(self.timed_out(worker, job).await);
+                return self.timed_out(worker, job, request_limit).await;
             }
             written = worker.send_frame(frame) => written,
         };
         if let Err(fault) = written {
-            return Some(self.lost(worker, job, fault, started).await);
+            return self.lost(worker, job, fault, started, request_limit).await;
         }
         let mut sent: u64 = 0;
         let mut pending: Option<Box<RawValue>> = None;
@@ -362,7 +361,7 @@ impl Slot {
                 Turn::Sent(false) | Turn::Cancel => {
                     drop(chunks);
                     self.ran(&job, started, "cancelled");
-                    return self.cancel_stream(worker, job).await;
+                    return self.cancel_stream(worker, job, request_limit).await;
                 }
                 Turn::Frame(Ok(Message::End { .. })) => {
                     drop(chunks);
@@ -378,21 +377,21 @@ impl Slot {
                 Turn::Frame(Ok(Message::Err { error, .. })) => {
                     drop(chunks);
                     self.ran(&job, started, error.kind().as_str());
-                    return self.answered(worker, job, Err(error), request_limit).await;
+                    return self.failed(worker, job, error, request_limit).await;
                 }
                 Turn::Frame(Ok(other)) => {
                     let fault = Fault::Protocol(format!(
                         "expected a frame of stream {}, got {other:?}",
                         job.id
                     ));
-                    return Some(self.lost(worker, job, fault, started).await);
+                    return self.lost(worker, job, fault, started, request_limit).await;
                 }
                 Turn::Frame(Err(fault)) => {
-                    return Some(self.lost(worker, job, fault, started).await);
+                    return self.lost(worker, job, fault, started, request_limit).await;
                 }
                 Turn::TimedOut => {
                     self.ran(&job, started, "execution_timeout");
-                    return Some(self.timed_out(worker, job).await);
+                    return self.timed_out(worker, job, request_limit).await;
                 }
                 Turn::Aborted => {
                     self.ran(&job, started, "shutting_down");
@@ -410,25 +409,31 @@ impl Slot {
         self.shared.metrics.executed(&job.command, outcome, ran);
     }
 
-    /// The worker died or broke the protocol during a stream.
+    /// The worker died or broke the protocol during a stream: a failed call (see
+    /// [`Slot::failed`]).
     async fn lost(
         &self,
         worker: &mut WorkerProcess,
         job: Job,
         fault: Fault,
         started: Instant,
-    ) -> Ending {
+        request_limit: Option<u64>,
+    ) -> Option<Ending> {
         let error = worker.crashed(fault).await;
         self.ran(&job, started, error.kind().as_str());
         tracing::warn!(worker = %worker.id(), error = %error, "worker lost during a stream");
-        self.go(WorkerState::Stopped, "crashed");
-        job.answer(Err(error));
-        Ending::Replace(RestartReason::Crashed)
+        self.failed(worker, job, error, request_limit).await
     }
 
-    /// Asks the worker to stop a cancelled stream, dropping what it still sends; kills it
-    /// if it has not answered within [`CANCEL_GRACE`].
-    async fn cancel_stream(&self, worker: &mut WorkerProcess, job: Job) -> Option<Ending> {
+    /// Asks the worker to stop a cancelled stream, dropping what it still sends. One that
+    /// stops within [`CANCEL_GRACE`] serves on; one that does not still runs a cancelled
+    /// call (see [`Slot::failed`]).
+    async fn cancel_stream(
+        &self,
+        worker: &mut WorkerProcess,
+        job: Job,
+        request_limit: Option<u64>,
+    ) -> Option<Ending> {
         let id = job.id;
         let stopped = tokio::time::timeout(CANCEL_GRACE, async {
             worker
@@ -442,15 +447,13 @@ impl Slot {
             }
         })
         .await;
-        job.answer(Err(on_worker(cancelled(), worker)));
         if matches!(stopped, Ok(Ok(()))) {
+            job.answer(Err(on_worker(cancelled(), worker)));
             self.go(WorkerState::Ready, "cancelled");
             return None;
         }
         tracing::info!(worker = %worker.id(), "a cancelled stream did not stop in time: worker killed");
-        worker.kill().await;
-        self.go(WorkerState::Stopped, "cancelled");
-        Some(Ending::Replace(RestartReason::Cancelled))
+        self.failed(worker, job, cancelled(), request_limit).await
     }
 }
 

@@ -14,10 +14,10 @@
 //! 2. a *guardian* per run (`python -m pyherd_worker.guardian`), detached from the host,
 //!    waits on a pipe only the host holds: when the host exits (even by SIGKILL) it kills
 //!    every process carrying the run id and the groups of the recorded workers, then
-//!    removes the file;
+//!    removes the file (and the temporary file of a rewrite the host died in);
 //! 3. at start, a pool [`sweep`]s the state directory: runs whose host is dead lose their
 //!    remaining processes, PID-reuse safe (start time and marker checked), and their
-//!    files. `pyherd cleanup` runs the same sweep by hand.
+//!    files, temporary ones included. `pyherd cleanup` runs the same sweep by hand.
 
 mod procfs;
 mod record;

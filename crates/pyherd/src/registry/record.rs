@@ -42,14 +42,29 @@ pub(crate) fn runs_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("runs")
 }
 
-/// Writes `record` to a temporary file beside `path` and renames it over `path`, so a
-/// reader sees the old or the new contents, never a part.
+/// A run file's name: `<run_id>.json`.
+pub(crate) fn is_run_file(path: &Path) -> bool {
+    path.extension().is_some_and(|x| x == "json")
+}
+
+/// The temporary file [`write_atomic`] writes before renaming it over the run file `path`:
+/// `<run_id>.json.tmp`. One is left behind only when its host dies mid-write.
+pub(crate) fn temp_path(path: &Path) -> PathBuf {
+    path.with_extension("json.tmp")
+}
+
+/// The run file whose temporary file `path` is, if it is one.
+pub(crate) fn run_file_of_temp(path: &Path) -> Option<PathBuf> {
+    let file = path.with_extension("");
+    (path.extension()? == "tmp" && is_run_file(&file)).then_some(file)
+}
+
+/// Writes `record` to a temporary file beside `path` ([`temp_path`]) and renames it over
+/// `path`, so a reader sees the old or the new contents, never a part.
 pub(crate) fn write_atomic(path: &Path, record: &RunRecord) -> io::Result<()> {
     let mut text = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
     text.push(b'\n');
-    let mut temp = path.as_os_str().to_owned();
-    temp.push(".tmp");
-    let temp = PathBuf::from(temp);
+    let temp = temp_path(path);
     let mut file = std::fs::File::create(&temp)?;
     file.write_all(&text)?;
     std::fs::rename(&temp, path)

@@ -1,6 +1,7 @@
 //! The sweep: ends the processes of runs whose host died, PID-reuse safe.
 
 use std::collections::HashSet;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{Signal, kill, killpg};
@@ -8,7 +9,7 @@ use nix::unistd::Pid;
 use serde::Serialize;
 
 use super::procfs::{self, Marked};
-use super::record::{self, RunRecord, WorkerRecord};
+use super::record::{self, ReadError, RunRecord, WorkerRecord};
 
 /// What a [`sweep`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -20,7 +21,8 @@ pub struct SweepReport {
     pub killed: Vec<Killed>,
     /// Runs, files and processes left alone, each with the reason.
     pub skipped: Vec<Skipped>,
-    /// Run files removed (their host is dead and their processes are dealt with).
+    /// Run files removed (their host is dead and their processes are dealt with), with the
+    /// temporary files such a host left beside them.
     pub removed: Vec<PathBuf>,
 }
 
@@ -100,14 +102,19 @@ impl std::fmt::Display for SkipReason {
 }
 
 /// Ends the processes of every run in `state_dir` whose host is dead (its pid is gone or
-/// now has another start time), then removes that run's file.
+/// now has another start time), then removes that run's file and the temporary file its
+/// host may have left beside it (`<run_id>.json.tmp`, from a write it died in).
 ///
 /// A recorded worker is killed (with its process group) only when `/proc` shows the same
 /// start time as recorded *and* the process carries the run id (environment
 /// `PYHERD_RUN_ID` or `--run-id` on its command line); any other process carrying a dead
 /// run's id in its environment and started after that run's host (a worker's child) is
-/// killed too. Runs whose host lives, and files that cannot be read, are left alone and
-/// reported. This never fails: every problem is a [`Skipped`] entry.
+/// killed too. A temporary file without its run file (the host died writing its first
+/// record, or its guardian removed the run file) is read as the run's record. Runs whose
+/// host lives (their temporary files included), and files that cannot be read, are left
+/// alone and reported; a file gone between the listing and its reading (its run ended, or
+/// a write renamed it) is passed over. This never fails: every problem is a [`Skipped`]
+/// entry.
 pub fn sweep(state_dir: &Path) -> SweepReport {
     let mut report = SweepReport {
         state_dir: state_dir.to_path_buf(),
@@ -116,36 +123,27 @@ pub fn sweep(state_dir: &Path) -> SweepReport {
     let dir = record::runs_dir(state_dir);
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return report,
+        Err(e) if e.kind() == ErrorKind::NotFound => return report,
         Err(e) => {
             report.skip(&dir, None, SkipReason::Unreadable, e.to_string());
             return report;
         }
     };
-    let mut files: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
-    let mut marked: Option<Vec<Marked>> = None;
-    for file in files {
-        let run = match record::read(&file) {
-            Ok(run) => run,
-            Err(e) => {
-                report.skip(&file, None, SkipReason::Unreadable, e.to_string());
-                continue;
-            }
-        };
-        if host_alive(&run) {
-            report.skipped.push(Skipped {
-                pid: Some(run.host.pid),
-                ..skipped(&file, Some(&run), SkipReason::HostAlive, String::new())
-            });
-            continue;
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    paths.sort();
+    let files: Vec<&PathBuf> = paths.iter().filter(|p| record::is_run_file(p)).collect();
+    // A temporary file beside its run file goes (or stays) with that file.
+    let temps = paths
+        .iter()
+        .filter(|p| record::run_file_of_temp(p).is_some_and(|file| !files.contains(&&file)));
+    let mut marked = None;
+    for file in &files {
+        if let Some(run) = report.sweep_file(file, &mut marked) {
+            report.remove(&record::temp_path(file), &run);
         }
-        let marked = marked.get_or_insert_with(procfs::marked_processes);
-        report.end_run(&file, &run, marked);
+    }
+    for temp in temps {
+        report.sweep_file(temp, &mut marked);
     }
     report
 }
@@ -155,6 +153,29 @@ fn host_alive(run: &RunRecord) -> bool {
 }
 
 impl SweepReport {
+    /// Reads one run's record from `file` and ends the run if its host is dead; the record
+    /// when it did.
+    fn sweep_file(&mut self, file: &Path, marked: &mut Option<Vec<Marked>>) -> Option<RunRecord> {
+        let run = match record::read(file) {
+            Ok(run) => run,
+            Err(ReadError::Unreadable(e)) if e.kind() == ErrorKind::NotFound => return None,
+            Err(e) => {
+                self.skip(file, None, SkipReason::Unreadable, e.to_string());
+                return None;
+            }
+        };
+        if host_alive(&run) {
+            self.skipped.push(Skipped {
+                pid: Some(run.host.pid),
+                ..skipped(file, Some(&run), SkipReason::HostAlive, String::new())
+            });
+            return None;
+        }
+        let marked = marked.get_or_insert_with(procfs::marked_processes);
+        self.end_run(file, &run, marked);
+        Some(run)
+    }
+
     fn end_run(&mut self, file: &Path, run: &RunRecord, marked: &[Marked]) {
         let mut done = HashSet::new();
         for worker in &run.workers {
@@ -177,8 +198,14 @@ impl SweepReport {
                 group: false,
             });
         }
+        self.remove(file, run);
+    }
+
+    /// Removes a file of the dead `run` (gone already: nothing to do).
+    fn remove(&mut self, file: &Path, run: &RunRecord) {
         match std::fs::remove_file(file) {
             Ok(()) => self.removed.push(file.to_path_buf()),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => self.skip(file, Some(run), SkipReason::RemoveFailed, e.to_string()),
         }
     }

@@ -114,3 +114,35 @@ fn set_child_fds(command: &mut Command, request_fd: RawFd, reply_fd: RawFd) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::Duration;
+
+    use nix::libc;
+    use nix::unistd::{Pid, getpgid};
+
+    use super::*;
+
+    /// The parent-death signal on its own (no guardian, no Python watchdog: the child is
+    /// `sleep`): the child leads its own process group and is SIGKILLed when the thread
+    /// that forked it ends, as it does when the host process dies.
+    #[tokio::test]
+    async fn a_child_dies_when_the_spawner_thread_ends() {
+        let spawner = Spawner::start(Handle::current()).unwrap();
+        let (requests, replies) = nix::unistd::pipe().unwrap();
+        let mut command = Command::new("sleep");
+        command.arg("60");
+        let mut child = spawner.spawn(command, requests, replies).await.unwrap();
+        let pid = Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+        assert_eq!(getpgid(Some(pid)).unwrap(), pid, "its own process group");
+        assert!(child.try_wait().unwrap().is_none(), "alive while the thread runs");
+        drop(spawner);
+        let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .expect("the child outlived the spawner thread")
+            .unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+}

@@ -118,6 +118,38 @@ async fn each_stream_has_a_request_span_like_a_call() {
 }
 
 #[tokio::test]
+async fn growing_on_queue_pressure_and_stopping_idle_workers_say_why() {
+    let (captured, _guard) = capture();
+    let pool = testing_pool(1)
+        .max_workers(2)
+        .idle_timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..4)
+        .map(|_| common::spawn_call(&pool, "sleep", json!({"seconds": 0.3})))
+        .collect();
+    wait_until(WAIT, "a second worker", || pool.stats().workers == 2).await;
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let grown = captured.with_message("starting another worker");
+    assert!(!grown.is_empty(), "no event for the growth");
+    assert_eq!(grown[0].get("reason"), Some("queue_pressure"));
+    number(&grown[0], "queued");
+    wait_until(WAIT, "the pool back to one worker", || {
+        pool.stats().workers == 1
+    })
+    .await;
+    let retired = captured
+        .with_message("worker state")
+        .into_iter()
+        .any(|e| e.get("reason") == Some("idle_timeout"));
+    assert!(retired, "no state change said idle_timeout");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
 async fn spawn_recycle_exit_and_state_changes_are_events_with_worker_and_pid() {
     let (captured, _guard) = capture();
     let pool = testing_pool(1).max_requests(1).build().await.unwrap();

@@ -137,7 +137,10 @@ mod tests {
         let mut child = spawner.spawn(command, requests, replies).await.unwrap();
         let pid = Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
         assert_eq!(getpgid(Some(pid)).unwrap(), pid, "its own process group");
-        assert!(child.try_wait().unwrap().is_none(), "alive while the thread runs");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "alive while the thread runs"
+        );
         drop(spawner);
         let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
             .await

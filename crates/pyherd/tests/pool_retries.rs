@@ -88,6 +88,39 @@ async fn an_idempotent_call_that_crashed_its_worker_succeeds_on_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backoff_retries_a_crashed_idempotent_call_to_success() {
+    for backoff in [
+        Backoff::Linear,
+        Backoff::Exponential,
+        Backoff::Fibonacci,
+        Backoff::DecorrelatedJitter,
+    ] {
+        let pool = flaky_pool(2)
+            .retry_backoff(backoff)
+            .retry_base(Duration::from_millis(40))
+            .build()
+            .await
+            .unwrap();
+        let files = Files::new();
+        let started = std::time::Instant::now();
+        let reply = pool
+            .execute_with("crash_first", files.args(), &idempotent())
+            .await
+            .unwrap_or_else(|e| panic!("{backoff:?}: {e}"));
+        let attempts = files.attempts();
+        assert_eq!(attempts.len(), 2, "{backoff:?}: {attempts:?}");
+        assert_eq!(reply.worker_id(), attempts[1], "{backoff:?}");
+        assert_eq!(pool.stats().retries, 1, "{backoff:?}");
+        // Every backoff waits at least its base before the first retry.
+        assert!(
+            started.elapsed() >= Duration::from_millis(40),
+            "{backoff:?}"
+        );
+        pool.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_not_marked_idempotent_that_crashed_its_worker_is_not_retried() {
     let pool = flaky_pool(2).build().await.unwrap();
     let files = Files::new();

@@ -2,7 +2,7 @@
 //! queue one at a time, and replaces the process when it dies or must be killed.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -251,8 +251,7 @@ impl Slot {
             CallResult::Aborted => "shutting_down",
             CallResult::Cancelled => "cancelled",
         };
-        telemetry::executed(&job.span, ran, label);
-        self.shared.metrics.executed(&job.command, label, ran);
+        self.executed(&job, ran, label);
         match outcome {
             CallResult::Answered(Ok(result)) => {
                 let reply = Reply {
@@ -277,6 +276,13 @@ impl Slot {
                 self.failed(worker, job, error, request_limit).await
             }
         }
+    }
+
+    /// `job`'s time on its worker and how it ended there (`ok` or an error kind), in its
+    /// span and the metrics.
+    pub(super) fn executed(&self, job: &Job, ran: Duration, outcome: &str) {
+        telemetry::executed(&job.span, ran, outcome);
+        self.shared.metrics.executed(&job.command, outcome, ran);
     }
 
     /// `job` failed with `error` on `worker`, and the recovery table

@@ -328,11 +328,11 @@ impl Slot {
         let written = tokio::select! {
             biased;
             () = abort.cancelled() => {
-                self.ran(&job, started, "shutting_down");
+                self.executed(&job, started.elapsed(), "shutting_down");
                 return Some(self.aborted(worker, job).await);
             }
             () = tokio::time::sleep_until(deadline) => {
-                self.ran(&job, started, "execution_timeout");
+                self.executed(&job, started.elapsed(), "execution_timeout");
                 return self.timed_out(worker, job, request_limit).await;
             }
             written = worker.send_frame(frame) => written,
@@ -360,12 +360,12 @@ impl Slot {
                 Turn::Sent(true) => sent += 1,
                 Turn::Sent(false) | Turn::Cancel => {
                     drop(chunks);
-                    self.ran(&job, started, "cancelled");
+                    self.executed(&job, started.elapsed(), "cancelled");
                     return self.cancel_stream(worker, job, request_limit).await;
                 }
                 Turn::Frame(Ok(Message::End { .. })) => {
                     drop(chunks);
-                    self.ran(&job, started, "ok");
+                    self.executed(&job, started.elapsed(), "ok");
                     let reply = Reply {
                         result: protocol_count(sent),
                         worker_id: worker.id().clone(),
@@ -376,7 +376,7 @@ impl Slot {
                 }
                 Turn::Frame(Ok(Message::Err { error, .. })) => {
                     drop(chunks);
-                    self.ran(&job, started, error.kind().as_str());
+                    self.executed(&job, started.elapsed(), error.kind().as_str());
                     return self.failed(worker, job, error, request_limit).await;
                 }
                 Turn::Frame(Ok(other)) => {
@@ -390,23 +390,15 @@ impl Slot {
                     return self.lost(worker, job, fault, started, request_limit).await;
                 }
                 Turn::TimedOut => {
-                    self.ran(&job, started, "execution_timeout");
+                    self.executed(&job, started.elapsed(), "execution_timeout");
                     return self.timed_out(worker, job, request_limit).await;
                 }
                 Turn::Aborted => {
-                    self.ran(&job, started, "shutting_down");
+                    self.executed(&job, started.elapsed(), "shutting_down");
                     return Some(self.aborted(worker, job).await);
                 }
             }
         }
-    }
-
-    /// A stream's time on its worker and how it ended there, in its span and the metrics
-    /// (as [`run_job`](Slot::run_job) records a plain call's).
-    fn ran(&self, job: &Job, started: Instant, outcome: &str) {
-        let ran = started.elapsed();
-        telemetry::executed(&job.span, ran, outcome);
-        self.shared.metrics.executed(&job.command, outcome, ran);
     }
 
     /// The worker died or broke the protocol during a stream: a failed call (see
@@ -420,7 +412,7 @@ impl Slot {
         request_limit: Option<u64>,
     ) -> Option<Ending> {
         let error = worker.crashed(fault).await;
-        self.ran(&job, started, error.kind().as_str());
+        self.executed(&job, started.elapsed(), error.kind().as_str());
         tracing::warn!(worker = %worker.id(), error = %error, "worker lost during a stream");
         self.failed(worker, job, error, request_limit).await
     }

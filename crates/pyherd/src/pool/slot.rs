@@ -243,7 +243,21 @@ impl Slot {
                 &job.flight.cancel,
             )
             .await;
-        let ran = started.elapsed();
+        self.conclude(worker, job, outcome, started.elapsed(), request_limit)
+            .await
+    }
+
+    /// `job` ended on `worker` after `ran` (plain call or stream): recorded in its span
+    /// and the metrics, then the caller hears back and the worker serves on, is recycled
+    /// or is replaced. `Some` when the worker cannot go on.
+    pub(super) async fn conclude(
+        &self,
+        worker: &mut WorkerProcess,
+        job: Job,
+        outcome: CallResult,
+        ran: Duration,
+        request_limit: Option<u64>,
+    ) -> Option<Ending> {
         let label = match &outcome {
             CallResult::Answered(Ok(_)) => "ok",
             CallResult::Answered(Err(e)) | CallResult::Failed(e) => e.kind().as_str(),

@@ -31,7 +31,7 @@ use crate::metrics::UNKNOWN_COMMAND;
 use crate::protocol::{self, Message};
 use crate::session::check_id;
 use crate::telemetry;
-use crate::worker::{Fault, WorkerProcess, WorkerState};
+use crate::worker::{CallResult, Fault, WorkerProcess, WorkerState};
 
 /// Chunks the host holds for a stream's reader before it stops reading the worker's pipe.
 pub const STREAM_BUFFER: usize = 16;
@@ -325,24 +325,23 @@ impl Slot {
         let abort = self.shared.abort.clone();
         let cancel = job.flight.cancel.clone();
         // The call frame is written whole (a cancel may only follow a whole frame).
-        let written = tokio::select! {
+        let refused = tokio::select! {
             biased;
-            () = abort.cancelled() => {
-                self.executed(&job, started.elapsed(), "shutting_down");
-                return Some(self.aborted(worker, job).await);
-            }
-            () = tokio::time::sleep_until(deadline) => {
-                self.executed(&job, started.elapsed(), "execution_timeout");
-                return self.timed_out(worker, job, request_limit).await;
-            }
-            written = worker.send_frame(frame) => written,
+            () = abort.cancelled() => Some(CallResult::Aborted),
+            () = tokio::time::sleep_until(deadline) => Some(CallResult::TimedOut),
+            written = worker.send_frame(frame) => match written {
+                Ok(()) => None,
+                Err(fault) => Some(CallResult::Failed(worker.crashed(fault).await)),
+            },
         };
-        if let Err(fault) = written {
-            return self.lost(worker, job, fault, started, request_limit).await;
+        if let Some(outcome) = refused {
+            return self
+                .conclude(worker, job, outcome, started.elapsed(), request_limit)
+                .await;
         }
         let mut sent: u64 = 0;
         let mut pending: Option<Box<RawValue>> = None;
-        loop {
+        let outcome = loop {
             let turn = tokio::select! {
                 biased;
                 () = abort.cancelled() => Turn::Aborted,
@@ -355,66 +354,39 @@ impl Slot {
                     }
                 } => turn,
             };
-            match turn {
-                Turn::Frame(Ok(Message::Chunk { data, .. })) => pending = Some(data),
-                Turn::Sent(true) => sent += 1,
+            break match turn {
+                Turn::Frame(Ok(Message::Chunk { data, .. })) => {
+                    pending = Some(data);
+                    continue;
+                }
+                Turn::Sent(true) => {
+                    sent += 1;
+                    continue;
+                }
                 Turn::Sent(false) | Turn::Cancel => {
                     drop(chunks);
                     self.executed(&job, started.elapsed(), "cancelled");
                     return self.cancel_stream(worker, job, request_limit).await;
                 }
                 Turn::Frame(Ok(Message::End { .. })) => {
-                    drop(chunks);
-                    self.executed(&job, started.elapsed(), "ok");
-                    let reply = Reply {
-                        result: protocol_count(sent),
-                        worker_id: worker.id().clone(),
-                        duration: started.elapsed(),
-                        request_id: job.flight.rid.clone(),
-                    };
-                    return self.answered(worker, job, Ok(reply), request_limit).await;
+                    CallResult::Answered(Ok(protocol_count(sent)))
                 }
-                Turn::Frame(Ok(Message::Err { error, .. })) => {
-                    drop(chunks);
-                    self.executed(&job, started.elapsed(), error.kind().as_str());
-                    return self.failed(worker, job, error, request_limit).await;
-                }
+                Turn::Frame(Ok(Message::Err { error, .. })) => CallResult::Answered(Err(error)),
                 Turn::Frame(Ok(other)) => {
                     let fault = Fault::Protocol(format!(
                         "expected a frame of stream {}, got {other:?}",
                         job.id
                     ));
-                    return self.lost(worker, job, fault, started, request_limit).await;
+                    CallResult::Failed(worker.crashed(fault).await)
                 }
-                Turn::Frame(Err(fault)) => {
-                    return self.lost(worker, job, fault, started, request_limit).await;
-                }
-                Turn::TimedOut => {
-                    self.executed(&job, started.elapsed(), "execution_timeout");
-                    return self.timed_out(worker, job, request_limit).await;
-                }
-                Turn::Aborted => {
-                    self.executed(&job, started.elapsed(), "shutting_down");
-                    return Some(self.aborted(worker, job).await);
-                }
-            }
-        }
-    }
-
-    /// The worker died or broke the protocol during a stream: a failed call (see
-    /// [`Slot::failed`]).
-    async fn lost(
-        &self,
-        worker: &mut WorkerProcess,
-        job: Job,
-        fault: Fault,
-        started: Instant,
-        request_limit: Option<u64>,
-    ) -> Option<Ending> {
-        let error = worker.crashed(fault).await;
-        self.executed(&job, started.elapsed(), error.kind().as_str());
-        tracing::warn!(worker = %worker.id(), error = %error, "worker lost during a stream");
-        self.failed(worker, job, error, request_limit).await
+                Turn::Frame(Err(fault)) => CallResult::Failed(worker.crashed(fault).await),
+                Turn::TimedOut => CallResult::TimedOut,
+                Turn::Aborted => CallResult::Aborted,
+            };
+        };
+        drop(chunks);
+        self.conclude(worker, job, outcome, started.elapsed(), request_limit)
+            .await
     }
 
     /// Asks the worker to stop a cancelled stream, dropping what it still sends. One that

@@ -207,7 +207,6 @@ async fn metrics_text(server: &Server) -> String {
     response.text().await.unwrap()
 }
 
-/// The metric names of the README's Observability table (first column).
 /// The rows of the README's metrics table (in its Observability section).
 fn readme_rows() -> Vec<String> {
     let readme =

@@ -236,6 +236,11 @@ pub(crate) struct Shared {
     reloading: tokio::sync::Mutex<()>,
 }
 
+/// The next worker id (`w<n>`) from the counter `next`.
+fn take_worker_id(next: &AtomicU64) -> Arc<str> {
+    format!("w{}", next.fetch_add(1, Ordering::Relaxed)).into()
+}
+
 impl Shared {
     /// Counts one call in the stats and metrics: `label` is its command's metric label.
     pub(crate) fn count(&self, label: &str, error: Option<&Error>, started: Instant) {
@@ -255,7 +260,7 @@ impl Shared {
     }
 
     fn next_worker_id(&self) -> Arc<str> {
-        format!("w{}", self.next_worker.fetch_add(1, Ordering::Relaxed)).into()
+        take_worker_id(&self.next_worker)
     }
 
     /// A worker took a call out of a queue.

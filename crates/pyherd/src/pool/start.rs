@@ -2,7 +2,7 @@
 //! for a reason that may pass is started again with the backoff replacements use.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use tokio_util::sync::CancellationToken;
 
@@ -78,7 +78,7 @@ async fn start_one(
             () = give_up.cancelled() => return Err(None),
         }
         delay = (delay * 2).min(SPAWN_BACKOFF_MAX);
-        id = format!("w{}", next_id.fetch_add(1, Ordering::Relaxed)).into();
+        id = super::take_worker_id(next_id);
     }
 }
 

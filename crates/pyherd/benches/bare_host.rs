@@ -62,7 +62,10 @@ impl Worker {
             replies,
             _process: process,
         };
-        let hello: Value = serde_json::from_slice(&worker.read()?)?;
+        let hello = worker.read().context(
+            "the worker ended before its hello (run this from the repository's root, with dspy installed)",
+        )?;
+        let hello: Value = serde_json::from_slice(&hello)?;
         ensure!(
             hello["t"] == "hello",
             "the worker did not say hello: {hello}"

@@ -10,7 +10,8 @@
 //! instead of a task on the runtime; the callers stay tasks on the runtime.
 //!
 //! Usage: `bare_host [--threads] CALLS CALLERS` (run from the repository's root, with
-//! `python3` on the PATH and dspy installed). Prints `{"throughput_rps": …}`.
+//! dspy installed). The workers run `$PYHERD_PYTHON`, as the pool's do, else `python3`.
+//! Prints `{"throughput_rps": …}`.
 
 use std::io::{Read, Write};
 use std::process::Stdio;
@@ -48,13 +49,14 @@ struct Worker {
 
 impl Worker {
     fn start() -> anyhow::Result<Self> {
-        let mut process = std::process::Command::new("python3")
+        let python = std::env::var_os("PYHERD_PYTHON").unwrap_or_else(|| "python3".into());
+        let mut process = std::process::Command::new(python)
             .args(["-c", TRAMPOLINE])
             .env("PYTHONPATH", "python")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .context("starting python3")?;
+            .context("starting the workers' Python")?;
         let requests = process.stdin.take().context("stdin")?;
         let replies = std::io::BufReader::new(process.stdout.take().context("stdout")?);
         let mut worker = Self {

@@ -9,10 +9,15 @@
 //! `--threads` runs each worker's I/O on its own OS thread with blocking reads and writes
 //! instead of a task on the runtime; the callers stay tasks on the runtime.
 //!
-//! Usage: `bare_host [--threads] CALLS CALLERS` (run from the repository's root, with
-//! dspy installed). The workers run `$PYHERD_PYTHON`, as the pool's do, else `python3`.
+//! `--in-flight N` lets each worker's task keep up to N calls written to the worker's pipe
+//! and not yet answered (default 1, as in the pool): with more than one, a busy worker
+//! finds its next call already in its pipe instead of sleeping until the host sends it.
+//!
+//! Usage: `bare_host [--threads | --in-flight N] CALLS CALLERS` (run from the
+//! repository's root, with dspy installed). The workers run `$PYHERD_PYTHON`, as the pool's do, else `python3`.
 //! Prints `{"throughput_rps": …}`.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -121,8 +126,13 @@ fn check(reply: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves calls from `queue` on `worker` in a task of the runtime, over async pipes.
-async fn serve_async(worker: Worker, queue: async_channel::Receiver<Job>) -> anyhow::Result<()> {
+/// Serves calls from `queue` on `worker` in a task of the runtime, over async pipes, with
+/// up to `in_flight` calls written to the worker and not yet answered.
+async fn serve_async(
+    worker: Worker,
+    queue: async_channel::Receiver<Job>,
+    in_flight: usize,
+) -> anyhow::Result<()> {
     let Worker {
         requests,
         replies,
@@ -131,27 +141,49 @@ async fn serve_async(worker: Worker, queue: async_channel::Receiver<Job>) -> any
     let mut requests = tokio::process::ChildStdin::from_std(requests)?;
     let mut replies =
         tokio::io::BufReader::new(tokio::process::ChildStdout::from_std(replies.into_inner())?);
-    while let Ok((frame, answer)) = queue.recv().await {
-        requests.write_all(&frame).await?;
+    let mut waiting = VecDeque::with_capacity(in_flight);
+    loop {
+        if waiting.is_empty() {
+            let Ok((frame, answer)) = queue.recv().await else {
+                break;
+            };
+            requests.write_all(&frame).await?;
+            waiting.push_back(answer);
+        }
+        while waiting.len() < in_flight {
+            let Ok((frame, answer)) = queue.try_recv() else {
+                break;
+            };
+            requests.write_all(&frame).await?;
+            waiting.push_back(answer);
+        }
         let mut header = [0; 4];
         replies.read_exact(&mut header).await?;
         let mut body = vec![0; usize::try_from(u32::from_be_bytes(header))?];
         replies.read_exact(&mut body).await?;
-        let _ = answer.send(body);
+        if let Some(answer) = waiting.pop_front() {
+            let _ = answer.send(body);
+        }
     }
     drop(process);
     Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let threads = args.first().is_some_and(|a| a == "--threads");
-    if threads {
-        args.remove(0);
-    }
-    let [calls, callers] = args.as_slice() else {
-        bail!("usage: bare_host [--threads] CALLS CALLERS");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (threads, in_flight, counts) = match args.as_slice() {
+        [flag, counts @ ..] if flag == "--threads" => (true, 1, counts),
+        [flag, n, counts @ ..] if flag == "--in-flight" => (
+            false,
+            n.parse().context("--in-flight takes a number")?,
+            counts,
+        ),
+        counts => (false, 1, counts),
     };
+    let [calls, callers] = counts else {
+        bail!("usage: bare_host [--threads | --in-flight N] CALLS CALLERS");
+    };
+    ensure!(in_flight >= 1, "--in-flight is at least 1");
     let (calls, callers): (u64, u64) = (calls.parse()?, callers.parse()?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -172,7 +204,7 @@ fn main() -> anyhow::Result<()> {
                 }
             });
         } else {
-            runtime.spawn(serve_async(worker, queue));
+            runtime.spawn(serve_async(worker, queue, in_flight));
         }
     }
     let frame = frame.context("no worker")?;

@@ -14,8 +14,8 @@
 //! finds its next call already in its pipe instead of sleeping until the host sends it.
 //!
 //! Usage: `bare_host [--threads | --in-flight N] CALLS CALLERS` (run from the
-//! repository's root, with dspy installed). The workers run `$PYHERD_PYTHON`, as the pool's do, else `python3`.
-//! Prints `{"throughput_rps": …}`.
+//! repository's root, with dspy installed). The workers run `$PYHERD_PYTHON`, as the
+//! pool's do, else `python3`. Prints `{"throughput_rps": …}`.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -141,7 +141,7 @@ async fn serve_async(
     let mut requests = tokio::process::ChildStdin::from_std(requests)?;
     let mut replies =
         tokio::io::BufReader::new(tokio::process::ChildStdout::from_std(replies.into_inner())?);
-    let mut waiting = VecDeque::with_capacity(in_flight);
+    let mut waiting = VecDeque::new();
     loop {
         if waiting.is_empty() {
             let Ok((frame, answer)) = queue.recv().await else {
@@ -175,7 +175,8 @@ fn main() -> anyhow::Result<()> {
         [flag, counts @ ..] if flag == "--threads" => (true, 1, counts),
         [flag, n, counts @ ..] if flag == "--in-flight" => (
             false,
-            n.parse().context("--in-flight takes a number")?,
+            n.parse()
+                .context("--in-flight takes a whole number of at least 1")?,
             counts,
         ),
         counts => (false, 1, counts),
@@ -183,7 +184,7 @@ fn main() -> anyhow::Result<()> {
     let [calls, callers] = counts else {
         bail!("usage: bare_host [--threads | --in-flight N] CALLS CALLERS");
     };
-    ensure!(in_flight >= 1, "--in-flight is at least 1");
+    ensure!(in_flight >= 1, "--in-flight must be at least 1");
     let (calls, callers): (u64, u64) = (calls.parse()?, callers.parse()?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

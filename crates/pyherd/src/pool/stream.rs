@@ -354,35 +354,31 @@ impl Slot {
                     }
                 } => turn,
             };
-            break match turn {
-                Turn::Frame(Ok(Message::Chunk { data, .. })) => {
-                    pending = Some(data);
-                    continue;
-                }
-                Turn::Sent(true) => {
-                    sent += 1;
-                    continue;
-                }
+            match turn {
+                Turn::Frame(Ok(Message::Chunk { data, .. })) => pending = Some(data),
+                Turn::Sent(true) => sent += 1,
                 Turn::Sent(false) | Turn::Cancel => {
                     drop(chunks);
                     self.executed(&job, started.elapsed(), "cancelled");
                     return self.cancel_stream(worker, job, request_limit).await;
                 }
                 Turn::Frame(Ok(Message::End { .. })) => {
-                    CallResult::Answered(Ok(protocol_count(sent)))
+                    break CallResult::Answered(Ok(protocol_count(sent)));
                 }
-                Turn::Frame(Ok(Message::Err { error, .. })) => CallResult::Answered(Err(error)),
+                Turn::Frame(Ok(Message::Err { error, .. })) => {
+                    break CallResult::Answered(Err(error));
+                }
                 Turn::Frame(Ok(other)) => {
                     let fault = Fault::Protocol(format!(
                         "expected a frame of stream {}, got {other:?}",
                         job.id
                     ));
-                    CallResult::Failed(worker.crashed(fault).await)
+                    break CallResult::Failed(worker.crashed(fault).await);
                 }
-                Turn::Frame(Err(fault)) => CallResult::Failed(worker.crashed(fault).await),
-                Turn::TimedOut => CallResult::TimedOut,
-                Turn::Aborted => CallResult::Aborted,
-            };
+                Turn::Frame(Err(fault)) => break CallResult::Failed(worker.crashed(fault).await),
+                Turn::TimedOut => break CallResult::TimedOut,
+                Turn::Aborted => break CallResult::Aborted,
+            }
         };
         drop(chunks);
         self.conclude(worker, job, outcome, started.elapsed(), request_limit)

@@ -63,29 +63,32 @@ class LMFailure(Exception):
 try:
     import orjson
 
-    def _canonical(value: Any) -> bytes:
+    def _canonical(value: Any, sort_keys: bool) -> bytes:
         try:
-            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else 0)
         except orjson.JSONEncodeError:  # an integer beyond 64 bits, from the stdlib codec
-            return b"j" + json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+            return b"j" + json.dumps(value, sort_keys=sort_keys, separators=(",", ":")).encode()
 
 except ImportError:  # pragma: no cover - dspy depends on orjson
 
-    def _canonical(value: Any) -> bytes:
-        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    def _canonical(value: Any, sort_keys: bool) -> bytes:
+        return json.dumps(value, sort_keys=sort_keys, separators=(",", ":")).encode()
 
 
 class _Cache:
     """A small LRU map from a JSON value's canonical form to what was built from it
-    (a call carries its program and LM settings every time: this keeps them built once)."""
+    (a call carries its program and LM settings every time: this keeps them built once).
+    With ``sort_keys`` two objects that differ only in the order of their keys are one
+    entry; without it they are two, for values whose order means something."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, sort_keys: bool) -> None:
         self.size = size
+        self.sort_keys = sort_keys
         self.items: "OrderedDict[bytes, Any]" = OrderedDict()
         self.builds = 0
 
     def get(self, value: Any, build: Any) -> Any:
-        key = _canonical(value)
+        key = _canonical(value, self.sort_keys)
         found = self.items.get(key)
         if found is not None:
             self.items.move_to_end(key)
@@ -98,8 +101,10 @@ class _Cache:
         return built
 
 
-_lms = _Cache(MAX_LMS)
-_modules = _Cache(MAX_MODULES)
+# The dummy LM tries its answers in their order (the first key found in the prompt
+# answers), so LM settings whose keys come in another order are another LM.
+_lms = _Cache(MAX_LMS, sort_keys=False)
+_modules = _Cache(MAX_MODULES, sort_keys=True)
 
 
 def _invalid(kind: str, message: str) -> HandlerError:

@@ -66,6 +66,18 @@ def test_different_lm_configurations_never_share_answers():
         assert execute(definition, {"question": f"q{i}"}, lm)["outputs"] == {"answer": name}
 
 
+def test_the_same_answers_in_another_order_are_another_lm():
+    # The dummy LM answers with the first key found in the prompt, and "" is in every
+    # prompt: one order answers "Paris", the other "unknown", whichever ran first.
+    definition = create()["definition"]
+    france_first = dummy({"France": {"answer": "Paris"}, "": {"answer": "unknown"}})
+    catch_all_first = dummy({"": {"answer": "unknown"}, "France": {"answer": "Paris"}})
+    question = {"question": "What is the capital of France?"}
+    for _ in range(2):
+        assert execute(definition, question, france_first)["outputs"] == {"answer": "Paris"}
+        assert execute(definition, question, catch_all_first)["outputs"] == {"answer": "unknown"}
+
+
 def test_modules_and_lms_are_built_once_per_definition_and_configuration():
     definition = create(program_id="cached", signature="text -> summary")["definition"]
     lm = dummy({"": {"summary": "short"}})
@@ -79,11 +91,19 @@ def test_modules_and_lms_are_built_once_per_definition_and_configuration():
 
 
 def test_the_cache_forgets_the_oldest_entry_beyond_its_size():
-    cache = dspy_adapter._Cache(2)
+    cache = dspy_adapter._Cache(2, sort_keys=True)
     for value in (1, 2, 3):
         cache.get(value, lambda v: v * 10)
     assert cache.get(1, lambda v: -1) == -1  # 1 was dropped and built again
     assert cache.get(3, lambda v: -1) == 30
+
+
+@pytest.mark.parametrize("sort_keys, builds", [(True, 1), (False, 2)])
+def test_the_cache_tells_key_orders_apart_only_when_asked(sort_keys, builds):
+    cache = dspy_adapter._Cache(4, sort_keys=sort_keys)
+    for value in ({"a": 1, "b": {"c": 2, "d": 3}}, {"b": {"d": 3, "c": 2}, "a": 1}):
+        cache.get(value, dict)
+    assert cache.builds == builds
 
 
 def test_signatures_become_canonical_definitions():

@@ -43,12 +43,17 @@ struct State {
 }
 
 impl State {
-    /// The live session `id`, touched; an expired one is removed on the way.
-    fn live(&mut self, id: &str, now: Instant) -> Result<&mut Session, Error> {
+    /// Removes the session `id` if it expired, and counts it.
+    fn expire(&mut self, id: &str, now: Instant) {
         if self.sessions.get(id).is_some_and(|e| e.expires <= now) {
             self.sessions.remove(id);
             self.expired += 1;
         }
+    }
+
+    /// The live session `id`, touched; an expired one is removed on the way.
+    fn live(&mut self, id: &str, now: Instant) -> Result<&mut Session, Error> {
+        self.expire(id, now);
         let entry = self
             .sessions
             .get_mut(id)
@@ -122,7 +127,8 @@ impl MemoryStore {
             }
         };
         let ttl = check_ttl(spec.ttl.unwrap_or(self.default_ttl))?;
-        if state.sessions.get(&id).is_some_and(|e| e.expires > now) {
+        state.expire(&id, now);
+        if state.sessions.contains_key(&id) {
             return Err(Error::new(
                 ErrorKind::SessionExists,
                 format!("a session {id:?} already exists"),
@@ -429,6 +435,25 @@ mod tests {
             assert_eq!(e.kind(), &ErrorKind::MalformedRequest, "{ttl:?}");
         }
         assert_eq!(store.stats().live, 0);
+        store.create(SessionSpec::new().id("s")).await.unwrap();
+        let update = SessionUpdate {
+            ttl: Some(Duration::ZERO),
+            metadata: Some(json!({"lost": false})),
+            ..SessionUpdate::default()
+        };
+        let e = store.update("s", update).await.unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::MalformedRequest);
+        let kept = get(&store, "s").await.unwrap();
+        assert_eq!((kept.ttl, &kept.metadata), (HOUR, &json!({})));
+        let bad = Program::new(
+            "a b",
+            "q -> a",
+            "predict",
+            crate::session::raw_json(&json!({})),
+        );
+        let e = store.put_program("s", bad).await.unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::InvalidId);
+        assert!(get(&store, "s").await.unwrap().programs.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -468,6 +493,20 @@ mod tests {
         // get_or_create makes a fresh one under the old id.
         let fresh = store.get_or_create("short").await.unwrap();
         assert_eq!(fresh.ttl, HOUR);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_created_over_an_expired_one_counts_the_old_one_as_expired() {
+        let store = MemoryStore::new(Duration::from_secs(10), 100);
+        for id in ["a", "b"] {
+            store.create(SessionSpec::new().id(id)).await.unwrap();
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        store.create(SessionSpec::new().id("a")).await.unwrap();
+        store.get_or_create("b").await.unwrap();
+        let stats = store.stats();
+        assert_eq!((stats.live, stats.created, stats.expired), (2, 4, 2));
+        assert_eq!(store.sweep().await.unwrap(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -556,6 +595,16 @@ mod tests {
         assert_eq!(store.stats().global_programs, 1);
         let e = store.record_execution("t", "nope").await.unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::ProgramNotFound);
+        for e in [
+            store
+                .record_execution("nobody", "shared")
+                .await
+                .unwrap_err(),
+            store.delete_program("nobody", "qa").await.unwrap_err(),
+            store.get_program("nobody", "qa").await.unwrap_err(),
+        ] {
+            assert_eq!(e.kind(), &ErrorKind::SessionNotFound, "{e}");
+        }
 
         assert_eq!(store.delete_program("s", "qa").await.unwrap().id, "qa");
         let e = store.delete_program("s", "qa").await.unwrap_err();

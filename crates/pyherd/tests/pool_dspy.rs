@@ -269,6 +269,14 @@ async fn programs_are_listed_described_deleted_and_shared_globally() {
     let cleaned = ok(&pool, "s", "cleanup_session", json!({})).await;
     assert_eq!(cleaned["deleted"], true);
     assert!(!pool.sessions().exists("s").await.unwrap());
+    // Cleaning up a session that does not exist does not create it.
+    let created = pool.sessions().stats().created;
+    let e = call(&pool, "s", "cleanup_session", json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::SessionNotFound);
+    assert_eq!(e.context().session_id.as_deref(), Some("s"));
+    assert_eq!(pool.sessions().stats().created, created);
     pool.shutdown().await;
 }
 

@@ -112,11 +112,24 @@ impl Pool {
     ) -> Result<Reply, Error> {
         check_id("session", session_id)?;
         let store = self.sessions();
+        let started = Instant::now();
+        let dspy = self.inner.shared.dspy;
+        if dspy && command == "cleanup_session" {
+            // It ends a session: one that does not exist is not created to be deleted.
+            let removed = store.delete(session_id).await?;
+            return host_reply(
+                &json!({
+                    "session_id": removed.id,
+                    "deleted": true,
+                    "programs_removed": removed.programs.len(),
+                }),
+                started,
+            );
+        }
         let session = store.get_or_create(session_id).await?;
-        if !self.inner.shared.dspy {
+        if !dspy {
             return self.run_in(&session, command, args, options).await;
         }
-        let started = Instant::now();
         match command {
             "configure_lm" => {
                 let lm: Arc<RawValue> = Arc::from(args.clone());
@@ -173,17 +186,6 @@ impl Pool {
                 let wanted: ProgramRef = parse_args(command, &args)?;
                 let removed = store.delete_program(session_id, &wanted.program_id).await?;
                 host_reply(&json!({"program_id": removed.id, "deleted": true}), started)
-            }
-            "cleanup_session" => {
-                let removed = store.delete(session_id).await?;
-                host_reply(
-                    &json!({
-                        "session_id": removed.id,
-                        "deleted": true,
-                        "programs_removed": removed.programs.len(),
-                    }),
-                    started,
-                )
             }
             _ => self.run_in(&session, command, args, options).await,
         }

@@ -71,13 +71,17 @@ async fn programs_run_in_sessions_over_http() {
     assert_eq!(session["lm"]["provider"], "dummy");
 
     // Errors of the adapter keep their status.
-    let (status, body) = request(
-        Method::PUT,
-        &url("/v1/sessions/ana/programs/bad"),
-        Some(json!({"signature": "question answer"})),
-    )
-    .await;
-    assert_error(status, &body, 400, "invalid_request", "invalid_signature");
+    for path in ["/v1/sessions/ana/programs/bad", "/v1/programs/bad"] {
+        let (status, body) = request(
+            Method::PUT,
+            &url(path),
+            Some(json!({"signature": "question answer"})),
+        )
+        .await;
+        assert_error(status, &body, 400, "invalid_request", "invalid_signature");
+    }
+    let (status, body) = request(Method::GET, &url("/v1/programs/bad"), None).await;
+    assert_error(status, &body, 404, "session", "program_not_found");
     let (status, body) = request(
         Method::PUT,
         &url("/v1/sessions/nobody/programs/qa"),
@@ -129,7 +133,7 @@ async fn programs_run_in_sessions_over_http() {
     // Programs stored by PUT are validated on a worker and counted like the command.
     for line in [
         "pyherd_requests_total{command=\"create_program\",outcome=\"ok\"} 2",
-        "pyherd_requests_total{command=\"create_program\",outcome=\"invalid_signature\"} 1",
+        "pyherd_requests_total{command=\"create_program\",outcome=\"invalid_signature\"} 2",
         "pyherd_requests_total{command=\"create_program\",outcome=\"session_not_found\"} 1",
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");

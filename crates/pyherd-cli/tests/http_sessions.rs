@@ -45,6 +45,17 @@ async fn sessions_are_created_read_changed_listed_and_deleted() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["metadata"], json!({"plan": "free"}));
     assert_eq!(body["ttl_s"], 600);
+    let (status, body) = request(
+        Method::PATCH,
+        &url("/v1/sessions/alice"),
+        Some(json!({"ttl_s": 900})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["ttl_s"], &body["metadata"]),
+        (&json!(900), &json!({"plan": "free"}))
+    );
 
     // A call in the session: the handler sees it, the session remembers the worker.
     let (status, body) = request(
@@ -144,8 +155,40 @@ async fn session_errors_have_their_status_and_the_server_keeps_serving() {
     assert_error(status, &body, 404, "session", "session_not_found");
     let (status, body) = request(Method::GET, &url("/v1/sessions/b%2F..%2Fx"), None).await;
     assert_error(status, &body, 400, "invalid_request", "invalid_id");
-    let (status, body) = request(Method::GET, &url("/v1/sessions?limit=0"), None).await;
+    for query in ["limit=0", "limit=1001", "limit=abc", "surprise=1"] {
+        let (status, body) =
+            request(Method::GET, &url(&format!("/v1/sessions?{query}")), None).await;
+        assert_error(status, &body, 400, "invalid_request", "malformed_request");
+    }
+    for path in ["/v1/programs/bad%20id", "/v1/sessions/a/programs/bad%20id"] {
+        for method in [Method::GET, Method::DELETE] {
+            let (status, body) = request(method, &url(path), None).await;
+            assert_error(status, &body, 400, "invalid_request", "invalid_id");
+        }
+    }
+    let (status, body) = request(
+        Method::PATCH,
+        &url("/v1/sessions/a"),
+        Some(json!({"ttl_s": 0, "metadata": {"lost": false}})),
+    )
+    .await;
     assert_error(status, &body, 400, "invalid_request", "malformed_request");
+    let kept = get_json(&url("/v1/sessions/a")).await;
+    assert_eq!(
+        (&kept["ttl_s"], &kept["metadata"]),
+        (&json!(3600), &json!({}))
+    );
+    let (status, body) =
+        request(Method::DELETE, &url("/v1/sessions/nobody/programs/p"), None).await;
+    assert_error(status, &body, 404, "session", "session_not_found");
+    for path in ["/v1/sessions/a/programs/p", "/v1/programs/p"] {
+        let (status, body) = request(Method::DELETE, &url(path), None).await;
+        assert_error(status, &body, 404, "session", "program_not_found");
+    }
+    for path in ["/v1/programs/qa", "/v1/sessions/a/programs/qa"] {
+        let (status, body) = request(Method::PUT, &url(path), Some(json!(["q -> a"]))).await;
+        assert_error(status, &body, 400, "invalid_request", "malformed_request");
+    }
     let (status, body) = request(
         Method::POST,
         &url("/v1/sessions/a/execute"),

@@ -322,10 +322,38 @@ async fn every_adapter_error_has_its_kind_and_the_pool_keeps_serving() {
         .await
         .unwrap_err();
     expect(e, Category::InvalidRequest, "malformed_request");
-    let e = call(&pool, "s", "create_program", json!({"signature": "q -> a"}))
+    for (command, args) in [
+        ("create_program", json!({"signature": "q -> a"})),
+        ("create_program", json!(["qa", "q -> a"])),
+        ("get_program_info", json!({})),
+        (
+            "get_program_info",
+            json!({"program_id": "qa", "surprise": 1}),
+        ),
+        ("delete_program", json!({"program_id": 7})),
+    ] {
+        let e = call(&pool, "s", command, args).await.unwrap_err();
+        expect(e, Category::InvalidRequest, "malformed_request");
+    }
+    // Bad program ids, in a session and from the library.
+    let spec = json!({"id": "no/slash", "signature": "q -> a"});
+    let e = call(&pool, "s", "create_program", spec).await.unwrap_err();
+    expect(e, Category::InvalidRequest, "invalid_id");
+    let mut spec = Map::new();
+    spec.insert("signature".into(), json!("q -> a"));
+    for session in [Some("s"), None] {
+        let e = pool
+            .put_program(session, "a b", spec.clone())
+            .await
+            .unwrap_err();
+        expect(e, Category::InvalidRequest, "invalid_id");
+    }
+    let e = pool
+        .put_program(Some("nobody"), "qa", spec)
         .await
         .unwrap_err();
-    expect(e, Category::InvalidRequest, "malformed_request");
+    expect(e, Category::Session, "session_not_found");
+    assert!(pool.sessions().get("s").await.unwrap().programs.is_empty());
     // No LM yet.
     ok(
         &pool,

@@ -36,7 +36,7 @@ try:
     import dspy
     from dspy.utils import DummyLM
     from dspy.utils.exceptions import AdapterParseError
-except ImportError as exc:  # pragma: no cover - exercised by the host's start-up error path
+except ImportError as exc:
     raise ImportError(
         f"the DSPy adapter needs dspy in this interpreter ({exc}); "
         "install it with `pyherd setup` or `pip install dspy==3.4.1`"

@@ -3,7 +3,11 @@ shared between LM configurations, caches, and every error kind."""
 
 import io
 import json
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import dspy
 import pytest
@@ -226,6 +230,30 @@ def test_configure_lm_validates_and_never_answers_the_key():
 def test_bad_lm_configurations_are_invalid_lm_config(config):
     e = error_of(dspy_adapter.configure_lm, config)
     assert (e.category, e.kind) == ("invalid_request", "invalid_lm_config"), str(e)
+
+
+def test_a_configuration_dspy_lm_refuses_is_invalid_lm_config():
+    # Every key passes the adapter's own checks; dspy.LM refuses the temperature of a reasoning model.
+    e = error_of(dspy_adapter.configure_lm, {"model": "openai/o1", "temperature": 0.5})
+    assert (e.category, e.kind) == ("invalid_request", "invalid_lm_config"), str(e)
+    assert "dspy.LM refused the configuration" in str(e) and "temperature" in str(e)
+
+
+def test_a_signature_dspy_refuses_says_why():
+    # A valid identifier, but pydantic (under dspy.Signature) keeps leading underscores.
+    e = error_of(dspy_adapter.create_program, {"id": "p", "signature": "_draft -> answer"})
+    assert (e.category, e.kind) == ("invalid_request", "invalid_signature"), str(e)
+    assert "dspy refused the signature: " in str(e) and "underscore" in str(e)
+    assert "clashing" not in str(e)
+
+
+def test_without_dspy_the_adapter_says_how_to_install_it():
+    hide_dspy = "import sys; sys.modules['dspy'] = None; import pyherd_worker.dspy_adapter"
+    env = dict(os.environ, PYTHONPATH=str(Path(dspy_adapter.__file__).parent.parent))
+    out = subprocess.run([sys.executable, "-c", hide_dspy], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode != 0
+    assert "ImportError: the DSPy adapter needs dspy in this interpreter" in out.stderr, out.stderr
+    assert "`pyherd setup`" in out.stderr
 
 
 def test_an_integer_beyond_64_bits_is_still_a_cache_key():

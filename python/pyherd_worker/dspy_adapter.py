@@ -14,8 +14,9 @@ Commands (the host adds ``list_programs``, ``get_program_info``, ``delete_progra
   "num_retries"?, "cache"?}`` (``dspy.LM``): validated and built; answers
   ``{"provider", "model"}``, never the key.
 - ``create_program`` ``{"id", "signature", "program_type"?, "instructions"?}``: the
-  signature is ``"question -> answer"`` or ``{"inputs": [{"name", "description"?}],
-  "outputs": [...]}``; answers the canonical ``definition`` the host stores.
+  signature is ``"question, n: int -> answer"`` or ``{"inputs": [{"name",
+  "description"?, "type"?}], "outputs": [...]}`` (types: ``FIELD_TYPES``, default
+  ``str``); answers the canonical ``definition`` the host stores.
 - ``execute_program`` ``{"program_id", "inputs", "program", "lm"}`` (``program`` and
   ``lm`` attached by the host): runs the module under ``dspy.context(lm=...)``, never a
   process-wide ``dspy.configure``, so sessions cannot leak into each other.
@@ -47,6 +48,18 @@ from .handlers import HandlerError, declare_adapter, handler
 declare_adapter("dspy")
 
 PROGRAM_TYPES = ("predict", "chain_of_thought")
+#: The types a field may have (``name: type`` in a string signature): values that JSON
+#: carries both ways, so inputs arrive as they were sent and outputs leave as dspy parsed them.
+FIELD_TYPES: Dict[str, Any] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "list[str]": List[str],
+    "list[int]": List[int],
+    "list[float]": List[float],
+    "list[bool]": List[bool],
+}
 #: Keyword arguments dspy.Predict takes for itself: an input field so named would never
 #: reach the prompt (``demos`` would even be taken as demonstrations).
 RESERVED_INPUTS = frozenset({"lm", "config", "demos", "signature", "new_signature", "self"})
@@ -181,21 +194,42 @@ def _build_lm(config: Dict[str, Any]) -> Any:
         raise _invalid("invalid_lm_config", f"dspy.LM refused the configuration: {exc}") from exc
 
 
+def _field_text(text: str) -> Dict[str, str]:
+    """A field of a string signature: ``name`` or ``name: type``."""
+    name, colon, type_name = text.partition(":")
+    field = {"name": name.strip()}
+    if colon:
+        field["type"] = type_name.strip()
+    return field
+
+
 def _fields(spec: Any, side: str) -> List[Dict[str, Optional[str]]]:
+    """The canonical fields of one side: ``{name, description}``, plus ``type`` when it
+    is not ``str`` (so an untyped field and a ``str`` one are the same definition)."""
     if not isinstance(spec, list) or not spec:
         raise _invalid("invalid_signature", f"the signature needs at least one {side} field")
     fields = []
     for item in spec:
         if isinstance(item, str):
-            item = {"name": item}
-        if not isinstance(item, dict) or set(item) - {"name", "description"}:
-            raise _invalid("invalid_signature", f"a {side} field is {{\"name\", \"description\"?}}, not {item!r}")
-        name, description = item.get("name"), item.get("description")
+            item = _field_text(item)
+        if not isinstance(item, dict) or set(item) - {"name", "description", "type"}:
+            raise _invalid(
+                "invalid_signature", f"a {side} field is {{\"name\", \"description\"?, \"type\"?}}, not {item!r}"
+            )
+        name, description, type_name = item.get("name"), item.get("description"), item.get("type", "str")
         if not isinstance(name, str) or not name.isidentifier():
             raise _invalid("invalid_signature", f"{side} field name {name!r} is not a Python identifier")
         if description is not None and not isinstance(description, str):
             raise _invalid("invalid_signature", f"the description of {name!r} must be a string")
-        fields.append({"name": name, "description": description})
+        if not isinstance(type_name, str) or "".join(type_name.split()) not in FIELD_TYPES:
+            raise _invalid(
+                "invalid_signature", f"the type of {name!r} is one of {', '.join(FIELD_TYPES)}, not {type_name!r}"
+            )
+        field: Dict[str, Optional[str]] = {"name": name, "description": description}
+        type_name = "".join(type_name.split())
+        if type_name != "str":
+            field["type"] = type_name
+        fields.append(field)
     return fields
 
 
@@ -259,7 +293,8 @@ def _build_program(definition: Any) -> Tuple[Any, Tuple[str, ...], frozenset]:
     fields: Dict[str, Any] = {}
     for side, make in (("inputs", dspy.InputField), ("outputs", dspy.OutputField)):
         for f in definition[side]:
-            fields[f["name"]] = make(desc=f["description"]) if f.get("description") else make()
+            field = make(desc=f["description"]) if f.get("description") else make()
+            fields[f["name"]] = (FIELD_TYPES[f.get("type", "str")], field)
     try:
         signature = dspy.Signature(fields, definition["instructions"])
     except Exception as exc:
@@ -272,7 +307,7 @@ def _build_program(definition: Any) -> Tuple[Any, Tuple[str, ...], frozenset]:
 
 
 def _text(fields: List[Dict[str, Optional[str]]]) -> str:
-    return ", ".join(str(f["name"]) for f in fields)
+    return ", ".join(f"{f['name']}: {f['type']}" if "type" in f else str(f["name"]) for f in fields)
 
 
 @handler
@@ -350,7 +385,8 @@ def execute_program(args: Any) -> Dict[str, Any]:
         raise HandlerError("python", "lm_error", f"the language model's answer cannot be parsed: {exc}") from exc
     return {
         "program_id": args.get("program_id"),
-        # Output fields are text: a plain dict (toDict's deep conversion costs ~10% of a call).
+        # Output values are JSON's (FIELD_TYPES): a plain dict (toDict's deep conversion
+        # costs ~10% of a call).
         "outputs": dict(prediction.items()),
         "duration_ms": round((time.perf_counter() - started) * 1000, 3),
     }

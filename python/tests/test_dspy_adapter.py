@@ -131,6 +131,29 @@ def test_signatures_become_canonical_definitions():
     assert structured["program_type"] == "predict"
 
 
+def test_typed_fields_shape_the_prompt_and_the_outputs_as_dspy_run_directly():
+    signature = "question, n: int -> answers: list[str], score: float, sure: bool"
+    answers = {"": {"answers": '["a", "b"]', "score": "0.5", "sure": "true"}}
+    created = create(signature=signature)
+    assert created["signature"] == signature
+    inputs = created["definition"]["inputs"]
+    assert inputs == [{"name": "question", "description": None}, {"name": "n", "description": None, "type": "int"}]
+    with dspy.context(lm=DummyLM(answers)):
+        expected = dspy.Predict(signature)(question="q", n=3).toDict()
+    result = execute(created["definition"], {"question": "q", "n": 3}, dummy(answers))
+    assert result["outputs"] == expected == {"answers": ["a", "b"], "score": 0.5, "sure": True}
+    # str is every field's default type: saying it makes the same definition.
+    assert create(signature="question: str -> answer")["definition"] == create()["definition"]
+    spaced = create(signature={"inputs": ["question"], "outputs": [{"name": "ids", "type": "list[ int ]"}]})
+    assert spaced["signature"] == "question -> ids: list[int]"
+
+
+def test_an_answer_that_does_not_parse_as_its_type_is_an_lm_error():
+    definition = create(signature="question -> n: int")["definition"]
+    e = error_of(lambda a: execute(definition, {"question": "q"}, a), dummy({"": {"n": "many"}}))
+    assert (e.category, e.kind) == ("python", "lm_error"), str(e)
+
+
 @pytest.mark.parametrize(
     "signature",
     [
@@ -138,7 +161,10 @@ def test_signatures_become_canonical_definitions():
         "question -> ",
         " -> answer",
         "a -> b -> c",
-        "question: str -> answer",
+        "question: Foo -> answer",
+        "question -> answer: dict[str, int]",
+        "question: -> answer",
+        ": str -> answer",
         "question, question -> answer",
         "q -> q",
         "1st -> answer",
@@ -146,6 +172,8 @@ def test_signatures_become_canonical_definitions():
         {"inputs": [{"name": "q"}], "outputs": []},
         {"inputs": [{"name": "q", "kind": "x"}], "outputs": [{"name": "a"}]},
         {"inputs": [{"name": "q", "description": 5}], "outputs": [{"name": "a"}]},
+        {"inputs": [{"name": "q", "type": 5}], "outputs": [{"name": "a"}]},
+        {"inputs": [{"name": "q"}], "outputs": [{"name": "a", "type": "object"}]},
         {"inputs": [{"name": "q"}], "outputs": [{"name": "a"}], "extra": 1},
         42,
         None,

@@ -217,6 +217,37 @@ async fn sessions_whose_answers_differ_only_in_order_get_their_own_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_fields_give_json_outputs_of_their_type() {
+    let pool = dspy_pool(1).await;
+    let lm = dummy(json!({"": {"answer": "4", "steps": "[\"add\", \"check\"]"}}));
+    ok(&pool, "s", "configure_lm", lm).await;
+    let signature = "question, count: int -> answer: int, steps: list[str]";
+    let spec = json!({"id": "math", "signature": signature});
+    let created = ok(&pool, "s", "create_program", spec).await;
+    assert_eq!(created["signature"], signature);
+    let inputs = json!({"question": QUESTIONS[1], "count": 2});
+    let args = json!({"program_id": "math", "inputs": inputs});
+    let result = ok(&pool, "s", "execute_program", args).await;
+    assert_eq!(
+        result["outputs"],
+        json!({"answer": 4, "steps": ["add", "check"]})
+    );
+    let info = ok(
+        &pool,
+        "s",
+        "get_program_info",
+        json!({"program_id": "math"}),
+    )
+    .await;
+    assert_eq!(info["signature"], signature);
+    let spec = json!({"id": "bad", "signature": "question -> answer: dict"});
+    let e = call(&pool, "s", "create_program", spec).await.unwrap_err();
+    assert_eq!(e.kind().as_str(), "invalid_signature", "{e}");
+    assert!(e.message().contains("list[str]"), "{e}");
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn programs_are_listed_described_deleted_and_shared_globally() {
     let pool = dspy_pool(1).await;
     ok(&pool, "s", "configure_lm", dummy(answers())).await;

@@ -149,6 +149,44 @@ async fn a_session_whose_worker_died_moves_with_nothing_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_for_a_worker_that_dies_is_served_by_another() {
+    let pool = testing_pool(2)
+        .affinity(Affinity::StrictQueue)
+        .build()
+        .await
+        .unwrap();
+    let bound = in_session(&pool, "s", "info", json!({})).await;
+    let pid = u32::try_from(bound.value().unwrap()["pid"].as_u64().unwrap()).unwrap();
+    let spawn_call = |command: &'static str, args: Value| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            pool.execute_in_session("s", command, args, &CallOptions::new())
+                .await
+        })
+    };
+    let sleeping = spawn_call("sleep", json!({"seconds": 30}));
+    wait_until(WAIT, "the sleep call to start", || pool.stats().busy == 1).await;
+    let waiting = spawn_call("ctx_info", json!({}));
+    wait_until(WAIT, "the second call to wait for its worker", || {
+        pool.stats().queued == 1
+    })
+    .await;
+    sigkill(pid);
+    let e = sleeping.await.unwrap().unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
+    let served = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the waiting call was answered")
+        .unwrap()
+        .unwrap();
+    assert_ne!(served.worker_id(), bound.worker_id());
+    assert_eq!(served.value().unwrap()["session_id"], "s");
+    let session = pool.sessions().get("s").await.unwrap();
+    assert_eq!(session.last_worker.as_deref(), Some(served.worker_id()));
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_ids_and_the_quota_are_checked_before_any_work() {
     let pool = testing_pool(1).max_sessions(2).build().await.unwrap();
     for bad in ["", "a/b", "../../etc/passwd", "sp ace"] {

@@ -389,6 +389,10 @@ mod tests {
         assert_eq!(c.queue_timeout, Duration::from_secs(5));
         assert_eq!(c.request_timeout, Duration::from_secs(30));
         assert_eq!(c.max_frame_bytes, 64 << 20);
+        assert_eq!(c.session_ttl, Duration::from_secs(3600));
+        assert_eq!(c.session_sweep_interval, Duration::from_secs(60));
+        assert_eq!(c.max_sessions, 10_000);
+        assert_eq!(c.affinity, Affinity::Hint);
     }
 
     #[test]

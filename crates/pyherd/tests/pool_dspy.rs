@@ -439,6 +439,32 @@ async fn every_adapter_error_has_its_kind_and_the_pool_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_program_answer_of_the_wrong_shape_stores_nothing() {
+    let pool = Pool::builder()
+        .workers(1)
+        .handlers(common::fixture("wrong_adapter.py"))
+        .build()
+        .await
+        .unwrap();
+    let spec = json!({"id": "qa", "signature": "question -> answer"});
+    let e = call(&pool, "s", "create_program", spec).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::ResultTypeMismatch, "{e}");
+    assert!(pool.sessions().get("s").await.unwrap().programs.is_empty());
+    let mut global = Map::new();
+    global.insert("signature".into(), json!("question -> answer"));
+    let e = pool.put_program(None, "qa", global).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::ResultTypeMismatch, "{e}");
+    assert!(
+        pool.sessions()
+            .list_global_programs()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_adapters_session_commands_cannot_be_streamed() {
     let pool = dspy_pool(1).await;
     let options = CallOptions::new().session_id("streamer");

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// `pyherd <args>` in `dir` with the extra environment; exit code, stdout, stderr.
 fn pyherd(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String, String) {
@@ -105,6 +105,10 @@ fn each_value_is_reported_with_the_source_that_won() {
     check("queue_timeout_ms", 250.into(), "file", Some("pyherd.toml"));
     check("kill_timeout_ms", 900.into(), "file", Some("pyherd.toml"));
     check("max_sessions", 10_000.into(), "default", None);
+    check("session_ttl_ms", 3_600_000.into(), "default", None);
+    check("session_sweep_interval_ms", 60_000.into(), "default", None);
+    check("affinity", "hint".into(), "default", None);
+    check("requirements", json!(["dspy==3.4.1"]), "default", None);
     check("max_requests", Value::Null, "default", None);
     // The server's settings, resolved like the pool's; the token never shown.
     check(

@@ -75,6 +75,27 @@ fn setup_makes_an_environment_that_exec_then_uses() {
 }
 
 #[test]
+fn setup_installs_the_requirements_of_the_configuration_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("from-file");
+    let wheel = probe_wheel(dir.path());
+    let config = dir.path().join("pyherd.toml");
+    let text = format!(
+        "state_dir = {:?}\nrequirements = [{wheel:?}]\n",
+        state.to_str().unwrap()
+    );
+    std::fs::write(&config, text).unwrap();
+    let (code, _, stderr) = run(&["setup", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains(&format!("installing {wheel}")), "{stderr}");
+    let probe = Command::new(state.join("venv/bin/python"))
+        .args(["-c", "import pyherd_probe; print(pyherd_probe.VALUE)"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&probe.stdout).trim(), "42");
+}
+
+#[test]
 fn setup_failures_say_what_failed() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{Server, get_json, request};
+use std::time::Duration;
+
+use common::{Server, get_json, post_execute, request, wait_until};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -106,6 +108,44 @@ async fn sessions_are_created_read_changed_listed_and_deleted() {
     assert_eq!((status, &body["deleted"]), (200, &json!(true)));
     let (status, body) = request(Method::GET, &url("/v1/sessions/alice"), None).await;
     assert_error(status, &body, 404, "session", "session_not_found");
+}
+
+#[tokio::test]
+async fn strict_fail_fast_answers_503_while_the_sessions_worker_is_busy() {
+    let server = Server::start(&["--workers", "2", "--handlers", "pyherd_worker.testing"]);
+    let execute = server.url("/v1/sessions/s/execute");
+    let (status, _) = post_execute(execute.clone(), json!({"command": "echo"})).await;
+    assert_eq!(status, 200);
+    let sleeping = tokio::spawn(post_execute(
+        execute.clone(),
+        json!({"command": "sleep", "args": {"seconds": 1}}),
+    ));
+    let stats = server.url("/v1/stats");
+    wait_until(
+        Duration::from_secs(5),
+        "the sleep call to start",
+        || async { get_json(&stats).await["busy"] == 1 },
+    )
+    .await;
+    let response = reqwest::Client::new()
+        .post(&execute)
+        .json(&json!({"command": "echo", "affinity": "strict_fail_fast"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = response.json().await.unwrap();
+    assert_error(503, &body, 503, "resource", "worker_busy");
+    assert_eq!(body["error"]["retryable"], true);
+    assert_eq!(body["error"]["context"]["session_id"], "s");
+    assert_eq!(sleeping.await.unwrap().0, 200);
+    let (status, _) = post_execute(
+        execute,
+        json!({"command": "echo", "affinity": "strict_fail_fast"}),
+    )
+    .await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]

@@ -1312,3 +1312,32 @@ pub(crate) fn cancelled() -> Error {
 pub(crate) fn shutting_down() -> Error {
     Error::new(ErrorKind::ShuttingDown, "the pool is shutting down")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::SessionSpec;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_runs_on_its_interval_until_the_pool_closes() {
+        let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::new(Duration::from_secs(10), 100));
+        store.create(SessionSpec::new().id("a")).await.unwrap();
+        let closing = CancellationToken::new();
+        let sweeping = tokio::spawn(sweep(
+            store.clone(),
+            Duration::from_secs(60),
+            closing.clone(),
+        ));
+        // Expired at 10 s, invisible from then on, and removed by the first sweep at 60 s.
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        let stats = store.stats();
+        assert_eq!((stats.live, stats.expired), (0, 0));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(store.stats().expired, 1);
+        store.create(SessionSpec::new().id("b")).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(store.stats().expired, 2);
+        closing.cancel();
+        sweeping.await.unwrap();
+    }
+}

@@ -465,6 +465,60 @@ async fn a_create_program_answer_of_the_wrong_shape_stores_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_deleted_while_its_call_runs_keeps_nothing_of_the_call() {
+    let pool = Pool::builder()
+        .workers(1)
+        .handlers(common::fixture("gated_adapter.py"))
+        .build()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open");
+    std::fs::write(&open, "").unwrap();
+    let open = open.to_str().unwrap();
+    // Runs `command` in `session` held at a closed gate, deletes the session meanwhile,
+    // then opens the gate: the call's outcome.
+    let deleted_meanwhile = |session: &'static str, command: &'static str, args: Value| {
+        let pool = pool.clone();
+        let gate = dir.path().join(session);
+        async move {
+            let call = tokio::spawn({
+                let pool = pool.clone();
+                async move { call(&pool, session, command, args).await }
+            });
+            wait_until(WAIT, "the call to run", || pool.stats().busy == 1).await;
+            pool.sessions().delete(session).await.unwrap();
+            std::fs::write(gate, "").unwrap();
+            call.await.unwrap()
+        }
+    };
+    let gate = |session: &str| dir.path().join(session).to_str().unwrap().to_owned();
+
+    let e = deleted_meanwhile("lm", "configure_lm", json!({"gate": gate("lm")}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::SessionNotFound, "{e}");
+    let spec = json!({"id": "p", "signature": "q -> a", "gate": gate("program")});
+    let e = deleted_meanwhile("program", "create_program", spec)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::SessionNotFound, "{e}");
+    // An execution's answer stands: there is only nothing left to count it in.
+    let spec = json!({"id": "p", "signature": "q -> a", "gate": open});
+    ok(&pool, "run", "create_program", spec).await;
+    let args = json!({"program_id": "p", "inputs": {"gate": gate("run")}});
+    let reply = deleted_meanwhile("run", "execute_program", args)
+        .await
+        .unwrap();
+    assert_eq!(reply.value().unwrap()["outputs"]["a"], "done");
+    // None of them was brought back.
+    for session in ["lm", "program", "run"] {
+        assert!(!pool.sessions().exists(session).await.unwrap(), "{session}");
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_adapters_session_commands_cannot_be_streamed() {
     let pool = dspy_pool(1).await;
     let options = CallOptions::new().session_id("streamer");

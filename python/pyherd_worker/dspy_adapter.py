@@ -29,7 +29,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network at import
 
@@ -48,8 +48,32 @@ from .handlers import HandlerError, declare_adapter, handler
 declare_adapter("dspy")
 
 PROGRAM_TYPES = ("predict", "chain_of_thought")
-#: The types a field may have (``name: type`` in a string signature): values that JSON
-#: carries both ways, so inputs arrive as they were sent and outputs leave as dspy parsed them.
+#: Integers the worker's JSON encoder writes (orjson: 64 bits, signed or not).
+INT_RANGE = range(-(2**63), 2**64)
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int and value in INT_RANGE
+
+
+def _is_float(value: Any) -> bool:
+    return (type(value) is float and math.isfinite(value)) or _is_int(value)
+
+
+def _list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: type(value) is list and all(check(v) for v in value)
+
+
+def _is_bool(value: Any) -> bool:
+    return type(value) is bool
+
+
+def _is_str(value: Any) -> bool:
+    return type(value) is str
+
+
+#: The types a field may have (``name: type`` in a string signature) and what dspy is
+#: given for each: values JSON carries both ways.
 FIELD_TYPES: Dict[str, Any] = {
     "str": str,
     "int": int,
@@ -59,6 +83,17 @@ FIELD_TYPES: Dict[str, Any] = {
     "list[int]": List[int],
     "list[float]": List[float],
     "list[bool]": List[bool],
+}
+#: The check of a value of each type but ``str``: a ``str`` input takes any JSON value, as
+#: dspy formats it into the prompt, and a ``str`` output is what dspy parsed.
+TYPE_CHECKS: Dict[str, Callable[[Any], bool]] = {
+    "int": _is_int,
+    "float": _is_float,
+    "bool": _is_bool,
+    "list[str]": _list_of(_is_str),
+    "list[int]": _list_of(_is_int),
+    "list[float]": _list_of(_is_float),
+    "list[bool]": _list_of(_is_bool),
 }
 #: Keyword arguments dspy.Predict takes for itself: an input field so named would never
 #: reach the prompt (``demos`` would even be taken as demonstrations).
@@ -194,6 +229,21 @@ def _build_lm(config: Dict[str, Any]) -> Any:
         raise _invalid("invalid_lm_config", f"dspy.LM refused the configuration: {exc}") from exc
 
 
+def _split_fields(text: str) -> List[str]:
+    """The fields of one side of a string signature: split at the commas outside brackets
+    (``a, b: list[int]``), so a type with a comma is one field and refused by its name."""
+    if not text.strip():
+        return []
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
 def _field_text(text: str) -> Dict[str, str]:
     """A field of a string signature: ``name`` or ``name: type``."""
     name, colon, type_name = text.partition(":")
@@ -216,17 +266,17 @@ def _fields(spec: Any, side: str) -> List[Dict[str, Optional[str]]]:
             raise _invalid(
                 "invalid_signature", f"a {side} field is {{\"name\", \"description\"?, \"type\"?}}, not {item!r}"
             )
-        name, description, type_name = item.get("name"), item.get("description"), item.get("type", "str")
+        name, description, given = item.get("name"), item.get("description"), item.get("type")
         if not isinstance(name, str) or not name.isidentifier():
             raise _invalid("invalid_signature", f"{side} field name {name!r} is not a Python identifier")
         if description is not None and not isinstance(description, str):
             raise _invalid("invalid_signature", f"the description of {name!r} must be a string")
-        if not isinstance(type_name, str) or "".join(type_name.split()) not in FIELD_TYPES:
+        type_name = "str" if given is None else "".join(given.split()) if isinstance(given, str) else None
+        if type_name not in FIELD_TYPES:
             raise _invalid(
-                "invalid_signature", f"the type of {name!r} is one of {', '.join(FIELD_TYPES)}, not {type_name!r}"
+                "invalid_signature", f"the type of {name!r} is one of {', '.join(FIELD_TYPES)}, not {given!r}"
             )
         field: Dict[str, Optional[str]] = {"name": name, "description": description}
-        type_name = "".join(type_name.split())
         if type_name != "str":
             field["type"] = type_name
         fields.append(field)
@@ -238,8 +288,7 @@ def _parse_signature(signature: Any) -> Tuple[List[Dict[str, Optional[str]]], Li
         if signature.count("->") != 1:
             raise _invalid("invalid_signature", f"a signature has exactly one '->', like 'question -> answer': {signature!r}")
         left, right = signature.split("->")
-        split = lambda text: [n.strip() for n in text.split(",")] if text.strip() else []  # noqa: E731
-        inputs, outputs = _fields(split(left), "input"), _fields(split(right), "output")
+        inputs, outputs = _fields(_split_fields(left), "input"), _fields(_split_fields(right), "output")
     elif isinstance(signature, dict):
         unknown = set(signature) - {"inputs", "outputs"}
         if unknown:
@@ -286,15 +335,35 @@ def _check_definition(definition: Any) -> Dict[str, Any]:
     return {"inputs": inputs, "outputs": outputs, "program_type": program_type, "instructions": instructions}
 
 
-def _build_program(definition: Any) -> Tuple[Any, Tuple[str, ...], frozenset]:
-    """Check a definition and build its module; returns (module, input names in order,
-    the same as a set). Runs once per definition: the result is cached."""
+#: The fields of one side whose values are checked: (name, type, check), for every field
+#: of a type other than ``str``.
+Checks = Tuple[Tuple[str, str, Callable[[Any], bool]], ...]
+
+
+class Built(NamedTuple):
+    """A definition's module, its input names (in order, and as a set), and the checks of
+    its typed inputs and outputs."""
+
+    module: Any
+    inputs: Tuple[str, ...]
+    input_set: frozenset
+    input_checks: Checks
+    output_checks: Checks
+
+
+def _checks(fields: List[Dict[str, Optional[str]]]) -> Checks:
+    return tuple((str(f["name"]), str(f["type"]), TYPE_CHECKS[str(f["type"])]) for f in fields if "type" in f)
+
+
+def _build_program(definition: Any) -> Built:
+    """Check a definition and build its module. Runs once per definition: the result is
+    cached."""
     definition = _check_definition(definition)
     fields: Dict[str, Any] = {}
     for side, make in (("inputs", dspy.InputField), ("outputs", dspy.OutputField)):
         for f in definition[side]:
             field = make(desc=f["description"]) if f.get("description") else make()
-            fields[f["name"]] = (FIELD_TYPES[f.get("type", "str")], field)
+            fields[f["name"]] = (FIELD_TYPES[f.get("type") or "str"], field)
     try:
         signature = dspy.Signature(fields, definition["instructions"])
     except Exception as exc:
@@ -303,7 +372,7 @@ def _build_program(definition: Any) -> Tuple[Any, Tuple[str, ...], frozenset]:
         raise _invalid("invalid_signature", f"dspy refused the signature{hint}: {exc}") from exc
     module = dspy.ChainOfThought(signature) if definition["program_type"] == "chain_of_thought" else dspy.Predict(signature)
     names = tuple(str(f["name"]) for f in definition["inputs"])
-    return module, names, frozenset(names)
+    return Built(module, names, frozenset(names), _checks(definition["inputs"]), _checks(definition["outputs"]))
 
 
 def _text(fields: List[Dict[str, Optional[str]]]) -> str:
@@ -353,7 +422,7 @@ def execute_program(args: Any) -> Dict[str, Any]:
     """Run a stored program (definition and LM attached by the host) on some inputs."""
     if not isinstance(args, dict) or not isinstance(args.get("program"), dict):
         raise _invalid("malformed_request", "execute_program needs the program definition (call it through the pool)")
-    module, expected, expected_set = _modules.get(args["program"], _build_program)
+    module, expected, expected_set, input_checks, output_checks = _modules.get(args["program"], _build_program)
     inputs = args.get("inputs")
     if not isinstance(inputs, dict):
         raise _invalid("invalid_inputs", f"inputs must be an object of input fields, not {type(inputs).__name__}")
@@ -369,6 +438,9 @@ def execute_program(args: Any) -> Dict[str, Any]:
             if part
         )
         raise _invalid("invalid_inputs", f"the program takes {', '.join(expected)} ({detail})")
+    for name, type_name, check in input_checks:
+        if not check(inputs[name]):
+            raise _invalid("invalid_inputs", f"input {name!r} must be of type {type_name}, not {inputs[name]!r:.100}")
     config = args.get("lm")
     if config is None:
         raise _invalid("lm_not_configured", "this session has no LM: call configure_lm first")
@@ -383,10 +455,15 @@ def execute_program(args: Any) -> Dict[str, Any]:
         raise HandlerError("python", "lm_error", f"the language model failed: {exc}") from exc
     except AdapterParseError as exc:
         raise HandlerError("python", "lm_error", f"the language model's answer cannot be parsed: {exc}") from exc
+    # A plain dict: toDict's deep conversion costs ~10% of a call.
+    outputs = dict(prediction.items())
+    for name, type_name, check in output_checks:
+        if not check(outputs.get(name)):
+            # dspy reads "nan" as a float and any digits as an int: JSON carries neither.
+            message = f"the language model's answer for {name!r} is not a JSON value of type {type_name}"
+            raise HandlerError("python", "lm_error", f"{message}: {outputs.get(name)!r:.100}")
     return {
         "program_id": args.get("program_id"),
-        # Output values are JSON's (FIELD_TYPES): a plain dict (toDict's deep conversion
-        # costs ~10% of a call).
-        "outputs": dict(prediction.items()),
+        "outputs": outputs,
         "duration_ms": round((time.perf_counter() - started) * 1000, 3),
     }

@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import dspy
 import pytest
@@ -131,27 +132,76 @@ def test_signatures_become_canonical_definitions():
     assert structured["program_type"] == "predict"
 
 
-def test_typed_fields_shape_the_prompt_and_the_outputs_as_dspy_run_directly():
+def test_typed_fields_reach_dspy_and_give_the_outputs_of_dspy_run_directly():
     signature = "question, n: int -> answers: list[str], score: float, sure: bool"
     answers = {"": {"answers": '["a", "b"]', "score": "0.5", "sure": "true"}}
     created = create(signature=signature)
     assert created["signature"] == signature
     inputs = created["definition"]["inputs"]
     assert inputs == [{"name": "question", "description": None}, {"name": "n", "description": None, "type": "int"}]
+    fields = dspy_adapter._modules.get(created["definition"], dspy_adapter._build_program).module.signature.fields
+    annotations = {name: field.annotation for name, field in fields.items()}
+    assert annotations == {"question": str, "n": int, "answers": List[str], "score": float, "sure": bool}
     with dspy.context(lm=DummyLM(answers)):
         expected = dspy.Predict(signature)(question="q", n=3).toDict()
     result = execute(created["definition"], {"question": "q", "n": 3}, dummy(answers))
     assert result["outputs"] == expected == {"answers": ["a", "b"], "score": 0.5, "sure": True}
-    # str is every field's default type: saying it makes the same definition.
+    # str is every field's default type: saying it, or null, makes the same definition.
     assert create(signature="question: str -> answer")["definition"] == create()["definition"]
+    untyped = create(signature={"inputs": [{"name": "question", "type": None}], "outputs": ["answer"]})
+    assert untyped["definition"] == create()["definition"]
     spaced = create(signature={"inputs": ["question"], "outputs": [{"name": "ids", "type": "list[ int ]"}]})
     assert spaced["signature"] == "question -> ids: list[int]"
 
 
-def test_an_answer_that_does_not_parse_as_its_type_is_an_lm_error():
-    definition = create(signature="question -> n: int")["definition"]
-    e = error_of(lambda a: execute(definition, {"question": "q"}, a), dummy({"": {"n": "many"}}))
+@pytest.mark.parametrize(
+    "signature, inputs",
+    [
+        ("n: int -> answer", {"n": "three"}),
+        ("n: int -> answer", {"n": True}),
+        ("n: int -> answer", {"n": 1.5}),
+        ("n: int -> answer", {"n": 2**64}),
+        ("x: float -> answer", {"x": "0.5"}),
+        ("flag: bool -> answer", {"flag": 1}),
+        ("tags: list[str] -> answer", {"tags": "a, b"}),
+        ("tags: list[str] -> answer", {"tags": ["a", 2]}),
+        ("xs: list[float] -> answer", {"xs": [1, None]}),
+    ],
+)
+def test_an_input_not_of_its_type_is_invalid_inputs(signature, inputs):
+    definition = create(signature=signature)["definition"]
+    e = error_of(lambda a: execute(definition, a, dummy({"": {"answer": "x"}})), inputs)
+    assert (e.category, e.kind) == ("invalid_request", "invalid_inputs"), str(e)
+    assert next(iter(inputs)) in str(e)
+
+
+def test_inputs_of_their_type_run_and_str_inputs_take_any_value():
+    lm = dummy({"": {"answer": "ok"}})
+    typed = create(signature="n: int, x: float, flags: list[bool] -> answer")["definition"]
+    assert execute(typed, {"n": -3, "x": 2, "flags": []}, lm)["outputs"] == {"answer": "ok"}
+    untyped = create()["definition"]
+    assert execute(untyped, {"question": {"any": ["json"]}}, lm)["outputs"] == {"answer": "ok"}
+
+
+@pytest.mark.parametrize(
+    "signature, answer",
+    [("question -> n: int", "many"), ("question -> x: float", "nan"), ("question -> n: int", "9" * 25)],
+)
+def test_an_answer_that_is_not_a_json_value_of_its_type_is_an_lm_error(signature, answer):
+    definition = create(signature=signature)["definition"]
+    field = signature.split("-> ")[1].split(":")[0]
+    e = error_of(lambda a: execute(definition, {"question": "q"}, a), dummy({"": {field: answer}}))
     assert (e.category, e.kind) == ("python", "lm_error"), str(e)
+
+
+def test_every_type_but_str_has_a_check():
+    assert set(dspy_adapter.TYPE_CHECKS) == set(dspy_adapter.FIELD_TYPES) - {"str"}
+
+
+def test_a_type_with_a_comma_is_refused_by_its_name():
+    e = error_of(dspy_adapter.create_program, {"id": "p", "signature": "question -> answer: dict[str, int]"})
+    assert (e.category, e.kind) == ("invalid_request", "invalid_signature"), str(e)
+    assert "not 'dict[str, int]'" in str(e)
 
 
 @pytest.mark.parametrize(

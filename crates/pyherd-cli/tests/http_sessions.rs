@@ -116,10 +116,13 @@ async fn strict_fail_fast_answers_503_while_the_sessions_worker_is_busy() {
     let execute = server.url("/v1/sessions/s/execute");
     let (status, _) = post_execute(execute.clone(), json!({"command": "echo"})).await;
     assert_eq!(status, 200);
-    let sleeping = tokio::spawn(post_execute(
-        execute.clone(),
-        json!({"command": "sleep", "args": {"seconds": 1}}),
-    ));
+    // The session's worker is held by a call that only ends when it is cancelled.
+    let held = reqwest::Client::new()
+        .post(&execute)
+        .header("X-Request-Id", "held")
+        .json(&json!({"command": "sleep", "args": {"seconds": 60}}))
+        .send();
+    let held = tokio::spawn(held);
     let stats = server.url("/v1/stats");
     wait_until(
         Duration::from_secs(5),
@@ -133,19 +136,22 @@ async fn strict_fail_fast_answers_503_while_the_sessions_worker_is_busy() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status().as_u16(), 503);
+    let status = response.status().as_u16();
     assert_eq!(response.headers()["retry-after"], "1");
     let body: Value = response.json().await.unwrap();
-    assert_error(503, &body, 503, "resource", "worker_busy");
+    assert_error(status, &body, 503, "resource", "worker_busy");
     assert_eq!(body["error"]["retryable"], true);
     assert_eq!(body["error"]["context"]["session_id"], "s");
-    assert_eq!(sleeping.await.unwrap().0, 200);
-    let (status, _) = post_execute(
+    let (status, _) = request(Method::DELETE, &server.url("/v1/calls/held"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(held.await.unwrap().unwrap().status().as_u16(), 409);
+    // Its worker was replaced: the session moves to a free one.
+    let (status, body) = post_execute(
         execute,
         json!({"command": "echo", "affinity": "strict_fail_fast"}),
     )
     .await;
-    assert_eq!(status, 200);
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test]

@@ -240,6 +240,11 @@ async fn typed_fields_give_json_outputs_of_their_type() {
     )
     .await;
     assert_eq!(info["signature"], signature);
+    let inputs = json!({"question": QUESTIONS[1], "count": "two"});
+    let args = json!({"program_id": "math", "inputs": inputs});
+    let e = call(&pool, "s", "execute_program", args).await.unwrap_err();
+    assert_eq!(e.kind().as_str(), "invalid_inputs", "{e}");
+    assert!(e.message().contains("count"), "{e}");
     let spec = json!({"id": "bad", "signature": "question -> answer: dict"});
     let e = call(&pool, "s", "create_program", spec).await.unwrap_err();
     assert_eq!(e.kind().as_str(), "invalid_signature", "{e}");
@@ -476,11 +481,13 @@ async fn a_session_deleted_while_its_call_runs_keeps_nothing_of_the_call() {
     let open = dir.path().join("open");
     std::fs::write(&open, "").unwrap();
     let open = open.to_str().unwrap();
-    // Runs `command` in `session` held at a closed gate, deletes the session meanwhile,
+    // The gate of the call in `session`: a file that does not exist until it is opened.
+    let gate = |session: &str| dir.path().join(session);
+    // Runs `command` in `session` held at its closed gate, deletes the session meanwhile,
     // then opens the gate: the call's outcome.
     let deleted_meanwhile = |session: &'static str, command: &'static str, args: Value| {
         let pool = pool.clone();
-        let gate = dir.path().join(session);
+        let gate = gate(session);
         async move {
             let call = tokio::spawn({
                 let pool = pool.clone();
@@ -492,7 +499,6 @@ async fn a_session_deleted_while_its_call_runs_keeps_nothing_of_the_call() {
             call.await.unwrap()
         }
     };
-    let gate = |session: &str| dir.path().join(session).to_str().unwrap().to_owned();
 
     let e = deleted_meanwhile("lm", "configure_lm", json!({"gate": gate("lm")}))
         .await

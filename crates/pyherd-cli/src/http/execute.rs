@@ -29,7 +29,8 @@ pub(crate) struct ExecuteRequest {
     #[serde(default = "empty_object")]
     #[schema(value_type = Value)]
     pub(crate) args: Box<RawValue>,
-    /// Run in this session (created on first use).
+    /// Run in this session (created on first use, except by the DSPy adapter's
+    /// `cleanup_session`).
     pub(crate) session_id: Option<String>,
     /// Longest execution, 1..=86400000 ms [default: the server's `request_timeout_ms`].
     timeout_ms: Option<u64>,

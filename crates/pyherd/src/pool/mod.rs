@@ -60,7 +60,8 @@ pub struct CallOptions {
     pub timeout: Option<Duration>,
     /// Queue timeout (default: [`PoolConfig::queue_timeout`]).
     pub queue_timeout: Option<Duration>,
-    /// The session the call belongs to: created on first use, passed to the handler as
+    /// The session the call belongs to: created on first use (except by the DSPy
+    /// adapter's `cleanup_session`, which ends it), passed to the handler as
     /// `ctx.session_id`, and served preferably by the session's last worker.
     pub session_id: Option<String>,
     /// Session affinity for this call (default: [`PoolConfig::affinity`]).
@@ -816,14 +817,16 @@ impl Pool {
         })
     }
 
-    /// Calls `command` in the session `session_id` (created on first use); see
-    /// [`CallOptions::session_id`]. With the DSPy adapter loaded, its commands
+    /// Calls `command` in the session `session_id` (created on first use, except by
+    /// `cleanup_session`); see [`CallOptions::session_id`]. With the DSPy adapter loaded, its commands
     /// (`configure_lm`, `create_program`, `execute_program`, `list_programs`,
     /// `get_program_info`, `delete_program`, `cleanup_session`) keep their state here.
     ///
     /// # Errors
     /// As [`execute_with`](Self::execute_with), plus `invalid_request/invalid_id`,
     /// `session/quota_exceeded`, `session/program_not_found`,
+    /// `session/session_not_found` (`cleanup_session` of a session that does not exist,
+    /// or a session deleted while its `configure_lm` or `create_program` ran),
     /// `invalid_request/invalid_signature`, `python/lm_error` and, with
     /// [`Affinity::StrictFailFast`], `resource/worker_busy`.
     pub async fn execute_in_session(
@@ -1338,6 +1341,9 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(store.stats().expired, 2);
         closing.cancel();
-        sweeping.await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), sweeping)
+            .await
+            .expect("the sweep ends when the pool closes")
+            .unwrap();
     }
 }

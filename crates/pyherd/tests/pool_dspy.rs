@@ -14,14 +14,18 @@ use serde_json::{Map, Value, json};
 const ADAPTER: &str = "pyherd_worker.dspy_adapter";
 const WAIT: Duration = Duration::from_secs(10);
 
-async fn dspy_pool(workers: usize) -> Pool {
+async fn pool_of(handlers: &str, workers: usize) -> Pool {
     Pool::builder()
         .workers(workers)
-        .handlers(ADAPTER)
+        .handlers(handlers)
         .startup_timeout(Duration::from_secs(60))
         .build()
         .await
         .unwrap()
+}
+
+async fn dspy_pool(workers: usize) -> Pool {
+    pool_of(ADAPTER, workers).await
 }
 
 async fn call(pool: &Pool, session: &str, command: &str, args: Value) -> Result<Reply, Error> {
@@ -445,12 +449,7 @@ async fn every_adapter_error_has_its_kind_and_the_pool_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_program_answer_of_the_wrong_shape_stores_nothing() {
-    let pool = Pool::builder()
-        .workers(1)
-        .handlers(common::fixture("wrong_adapter.py"))
-        .build()
-        .await
-        .unwrap();
+    let pool = pool_of(&common::fixture("wrong_adapter.py"), 1).await;
     let spec = json!({"id": "qa", "signature": "question -> answer"});
     let e = call(&pool, "s", "create_program", spec).await.unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::ResultTypeMismatch, "{e}");
@@ -471,12 +470,7 @@ async fn a_create_program_answer_of_the_wrong_shape_stores_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_deleted_while_its_call_runs_keeps_nothing_of_the_call() {
-    let pool = Pool::builder()
-        .workers(1)
-        .handlers(common::fixture("gated_adapter.py"))
-        .build()
-        .await
-        .unwrap();
+    let pool = pool_of(&common::fixture("gated_adapter.py"), 1).await;
     let dir = tempfile::tempdir().unwrap();
     let open = dir.path().join("open");
     std::fs::write(&open, "").unwrap();

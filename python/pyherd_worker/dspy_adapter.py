@@ -459,7 +459,8 @@ def execute_program(args: Any) -> Dict[str, Any]:
     outputs = dict(prediction.items())
     for name, type_name, check in output_checks:
         if not check(outputs.get(name)):
-            # dspy reads "nan" as a float and any digits as an int: JSON carries neither.
+            # dspy reads "nan" as a float, and an int of any size: the worker's JSON
+            # carries neither.
             message = f"the language model's answer for {name!r} is not a JSON value of type {type_name}"
             raise HandlerError("python", "lm_error", f"{message}: {outputs.get(name)!r:.100}")
     return {

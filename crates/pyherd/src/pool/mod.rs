@@ -818,9 +818,10 @@ impl Pool {
     }
 
     /// Calls `command` in the session `session_id` (created on first use, except by
-    /// `cleanup_session`); see [`CallOptions::session_id`]. With the DSPy adapter loaded, its commands
-    /// (`configure_lm`, `create_program`, `execute_program`, `list_programs`,
-    /// `get_program_info`, `delete_program`, `cleanup_session`) keep their state here.
+    /// `cleanup_session`); see [`CallOptions::session_id`]. With the DSPy adapter
+    /// loaded, its commands (`configure_lm`, `create_program`, `execute_program`,
+    /// `list_programs`, `get_program_info`, `delete_program`, `cleanup_session`) keep
+    /// their state here.
     ///
     /// # Errors
     /// As [`execute_with`](Self::execute_with), plus `invalid_request/invalid_id`,

@@ -1,8 +1,9 @@
 //! Calls in a session (DESIGN §5): the session comes from the store (created on first
-//! use, except by `cleanup_session`, which ends it), the call goes preferably to the session's last worker, and the worker that
-//! answered is remembered. With the DSPy adapter loaded the host keeps the adapter's
-//! state: LM settings and programs live in the session, and `execute_program` carries
-//! them to whichever worker runs it, so a worker that never saw a program still runs it.
+//! use, except by `cleanup_session`, which ends it), the call goes preferably to the
+//! session's last worker, and the worker that answered is remembered. With the DSPy
+//! adapter loaded the host keeps the adapter's state: LM settings and programs live in
+//! the session, and `execute_program` carries them to whichever worker runs it, so a
+//! worker that never saw a program still runs it.
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -41,6 +41,17 @@ async fn ok(pool: &Pool, session: &str, command: &str, args: Value) -> Value {
         .unwrap()
 }
 
+/// `get_program_info` of `program` in the session `s`.
+async fn program_info(pool: &Pool, program: &str) -> Value {
+    ok(
+        pool,
+        "s",
+        "get_program_info",
+        json!({"program_id": program}),
+    )
+    .await
+}
+
 fn dummy(answers: Value) -> Value {
     json!({"provider": "dummy", "answers": answers})
 }
@@ -154,7 +165,7 @@ async fn a_sessions_program_keeps_working_after_its_worker_is_killed() {
         after.value().unwrap()["outputs"],
         before.value().unwrap()["outputs"]
     );
-    let info = ok(&pool, "s", "get_program_info", json!({"program_id": "qa"})).await;
+    let info = program_info(&pool, "qa").await;
     assert_eq!(info["execution_count"], 2);
     pool.shutdown().await;
 }
@@ -236,13 +247,7 @@ async fn typed_fields_give_json_outputs_of_their_type() {
         result["outputs"],
         json!({"answer": 4, "steps": ["add", "check"]})
     );
-    let info = ok(
-        &pool,
-        "s",
-        "get_program_info",
-        json!({"program_id": "math"}),
-    )
-    .await;
+    let info = program_info(&pool, "math").await;
     assert_eq!(info["signature"], signature);
     let inputs = json!({"question": QUESTIONS[1], "count": "two"});
     let args = json!({"program_id": "math", "inputs": inputs});
@@ -279,19 +284,13 @@ async fn programs_are_listed_described_deleted_and_shared_globally() {
     let listed = ok(&pool, "s", "list_programs", json!({})).await;
     assert_eq!(listed["programs"][0]["program_id"], "qa");
     assert_eq!(listed["global_programs"][0]["program_id"], "shared");
-    let info = ok(&pool, "s", "get_program_info", json!({"program_id": "qa"})).await;
+    let info = program_info(&pool, "qa").await;
     assert_eq!(info["signature"], "question -> answer");
     assert_eq!(info["scope"], "session");
     assert_eq!(info["execution_count"], 1);
     assert!(info["created_at"].is_string() && info["last_executed"].is_string());
     assert_eq!(info["definition"]["instructions"], "Answer briefly.");
-    let info = ok(
-        &pool,
-        "s",
-        "get_program_info",
-        json!({"program_id": "shared"}),
-    )
-    .await;
+    let info = program_info(&pool, "shared").await;
     assert_eq!(
         (&info["scope"], &info["execution_count"]),
         (&json!("global"), &json!(1))

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{sigkill, testing_pool, wait_until, worker_pids};
 use pyherd::session::SessionSpec;
-use pyherd::{Affinity, CallOptions, Category, ErrorKind, Pool, Reply};
+use pyherd::{Affinity, CallOptions, Category, Error, ErrorKind, Pool, Reply};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
@@ -19,14 +19,21 @@ async fn in_session(pool: &Pool, session: &str, command: &str, args: Value) -> R
         .unwrap()
 }
 
+/// The pid of the worker that answered an `info` call.
+fn pid_of(info: &Reply) -> u32 {
+    u32::try_from(info.value().unwrap()["pid"].as_u64().unwrap()).unwrap()
+}
+
 /// Starts a `sleep` call in `session` and returns once a worker is running it.
-async fn occupy(pool: &Pool, session: &str, seconds: f64) -> JoinHandle<Reply> {
+async fn occupy(pool: &Pool, session: &str, seconds: f64) -> JoinHandle<Result<Reply, Error>> {
     let busy_before = pool.stats().busy;
     let task = {
         let pool = pool.clone();
         let session = session.to_owned();
         tokio::spawn(async move {
-            in_session(&pool, &session, "sleep", json!({"seconds": seconds})).await
+            let args = json!({"seconds": seconds});
+            pool.execute_in_session(&session, "sleep", args, &CallOptions::new())
+                .await
         })
     };
     wait_until(WAIT, "the sleep call to start", || {
@@ -77,7 +84,8 @@ async fn hint_affinity_keeps_a_session_on_its_worker_while_it_is_free() {
     let moved = in_session(&pool, "s", "echo", json!("moved")).await;
     assert_ne!(moved.worker_id(), first.worker_id());
     assert_eq!(pool.stats().affinity_misses, 1);
-    assert_eq!(sleeping.await.unwrap().worker_id(), first.worker_id());
+    let slept = sleeping.await.unwrap().unwrap();
+    assert_eq!(slept.worker_id(), first.worker_id());
     pool.shutdown().await;
 }
 
@@ -114,7 +122,7 @@ async fn strict_fail_fast_refuses_when_the_sessions_worker_is_busy() {
     assert_eq!(e.context().session_id.as_deref(), Some("s"));
     // Another session is not affected.
     in_session(&pool, "other", "echo", json!(2)).await;
-    sleeping.await.unwrap();
+    sleeping.await.unwrap().unwrap();
     pool.execute_in_session("s", "echo", json!(3), &opts)
         .await
         .unwrap();
@@ -132,8 +140,7 @@ async fn a_session_whose_worker_died_moves_with_nothing_lost() {
         let spec = SessionSpec::new().id("s").metadata(json!({"user": 42}));
         pool.sessions().create(spec).await.unwrap();
         let bound = in_session(&pool, "s", "info", json!({})).await;
-        let pid = bound.value().unwrap()["pid"].as_u64().unwrap();
-        let pid = u32::try_from(pid).unwrap();
+        let pid = pid_of(&bound);
         sigkill(pid);
         wait_until(WAIT, "the pool to notice the death", || {
             !worker_pids(&pool).contains(&pid)
@@ -156,28 +163,21 @@ async fn a_call_waiting_for_a_worker_that_dies_is_served_by_another() {
         .await
         .unwrap();
     let bound = in_session(&pool, "s", "info", json!({})).await;
-    let pid = u32::try_from(bound.value().unwrap()["pid"].as_u64().unwrap()).unwrap();
-    let spawn_call = |command: &'static str, args: Value| {
+    let sleeping = occupy(&pool, "s", 30.0).await;
+    let waiting = {
         let pool = pool.clone();
-        tokio::spawn(async move {
-            pool.execute_in_session("s", command, args, &CallOptions::new())
-                .await
-        })
+        tokio::spawn(async move { in_session(&pool, "s", "ctx_info", json!({})).await })
     };
-    let sleeping = spawn_call("sleep", json!({"seconds": 30}));
-    wait_until(WAIT, "the sleep call to start", || pool.stats().busy == 1).await;
-    let waiting = spawn_call("ctx_info", json!({}));
     wait_until(WAIT, "the second call to wait for its worker", || {
         pool.stats().queued == 1
     })
     .await;
-    sigkill(pid);
+    sigkill(pid_of(&bound));
     let e = sleeping.await.unwrap().unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
     let served = tokio::time::timeout(WAIT, waiting)
         .await
         .expect("the waiting call was answered")
-        .unwrap()
         .unwrap();
     assert_ne!(served.worker_id(), bound.worker_id());
     assert_eq!(served.value().unwrap()["session_id"], "s");

@@ -372,6 +372,16 @@ mod tests {
         store.get(id).await
     }
 
+    /// A `q -> a` Predict program named `id`.
+    fn plain(id: &str) -> Program {
+        Program::new(
+            id,
+            "q -> a",
+            "predict",
+            crate::session::raw_json(&json!({})),
+        )
+    }
+
     #[tokio::test]
     async fn sessions_are_created_read_changed_listed_and_deleted() {
         let store = MemoryStore::new(HOUR, 100);
@@ -445,12 +455,7 @@ mod tests {
         assert_eq!(e.kind(), &ErrorKind::MalformedRequest);
         let kept = get(&store, "s").await.unwrap();
         assert_eq!((kept.ttl, &kept.metadata), (HOUR, &json!({})));
-        let bad = Program::new(
-            "a b",
-            "q -> a",
-            "predict",
-            crate::session::raw_json(&json!({})),
-        );
+        let bad = plain("a b");
         let e = store.put_program("s", bad).await.unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::InvalidId);
         assert!(get(&store, "s").await.unwrap().programs.is_empty());
@@ -481,12 +486,7 @@ mod tests {
             get(&store, "short").await.unwrap_err().kind(),
             &ErrorKind::SessionNotFound
         );
-        let program = Program::new(
-            "p",
-            "q -> a",
-            "predict",
-            crate::session::raw_json(&json!({})),
-        );
+        let program = plain("p");
         let e = store.put_program("short", program).await.unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::SessionNotFound);
         assert_eq!(store.stats().expired, 1);
@@ -612,12 +612,7 @@ mod tests {
         store.delete_global_program("shared").await.unwrap();
         let e = store.get_global_program("shared").await.unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::ProgramNotFound);
-        let bad = Program::new(
-            "a b",
-            "q -> a",
-            "predict",
-            crate::session::raw_json(&json!({})),
-        );
+        let bad = plain("a b");
         let e = store.put_global_program(bad).await.unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::InvalidId);
     }

@@ -236,8 +236,11 @@ def _split_fields(text: str) -> List[str]:
         return []
     parts, depth, start = [], 0, 0
     for i, char in enumerate(text):
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == "," and depth == 0:
             parts.append(text[start:i].strip())
             start = i + 1
     parts.append(text[start:].strip())
@@ -351,8 +354,8 @@ class Built(NamedTuple):
     output_checks: Checks
 
 
-def _checks(fields: List[Dict[str, Optional[str]]]) -> Checks:
-    return tuple((str(f["name"]), str(f["type"]), TYPE_CHECKS[str(f["type"])]) for f in fields if "type" in f)
+def _checks(fields: List[Dict[str, Any]]) -> Checks:
+    return tuple((f["name"], f["type"], TYPE_CHECKS[f["type"]]) for f in fields if "type" in f)
 
 
 def _build_program(definition: Any) -> Built:

@@ -183,13 +183,9 @@ def test_inputs_of_their_type_run_and_str_inputs_take_any_value():
     assert execute(untyped, {"question": {"any": ["json"]}}, lm)["outputs"] == {"answer": "ok"}
 
 
-@pytest.mark.parametrize(
-    "signature, answer",
-    [("question -> n: int", "many"), ("question -> x: float", "nan"), ("question -> n: int", "9" * 25)],
-)
-def test_an_answer_that_is_not_a_json_value_of_its_type_is_an_lm_error(signature, answer):
-    definition = create(signature=signature)["definition"]
-    field = signature.split("-> ")[1].split(":")[0]
+@pytest.mark.parametrize("field, type_name, answer", [("n", "int", "many"), ("x", "float", "nan"), ("n", "int", "9" * 25)])
+def test_an_answer_that_is_not_a_json_value_of_its_type_is_an_lm_error(field, type_name, answer):
+    definition = create(signature=f"question -> {field}: {type_name}")["definition"]
     e = error_of(lambda a: execute(definition, {"question": "q"}, a), dummy({"": {field: answer}}))
     assert (e.category, e.kind) == ("python", "lm_error"), str(e)
 

@@ -113,10 +113,10 @@ impl Pool {
     ) -> Result<Reply, Error> {
         check_id("session", session_id)?;
         let store = self.sessions();
-        let started = Instant::now();
         let dspy = self.inner.shared.dspy;
         if dspy && command == "cleanup_session" {
             // It ends a session: one that does not exist is not created to be deleted.
+            let started = Instant::now();
             let removed = store.delete(session_id).await?;
             return host_reply(
                 &json!({
@@ -131,6 +131,7 @@ impl Pool {
         if !dspy {
             return self.run_in(&session, command, args, options).await;
         }
+        let started = Instant::now();
         match command {
             "configure_lm" => {
                 let lm: Arc<RawValue> = Arc::from(args.clone());

@@ -16,6 +16,7 @@ from .options import flag_pairs
 REQUEST_FD = 3
 REPLY_FD = 4
 TRACEBACK_LIMIT = 16 * 1024
+MESSAGE_LIMIT = 16 * 1024
 PARENT_CHECK_INTERVAL_S = 0.25
 
 _codec_name = "json"
@@ -48,9 +49,12 @@ def _text(value: str) -> str:
 def _message(exc: BaseException) -> str:
     try:
         text = str(exc)
-    except Exception:  # an exception class whose __str__ itself fails
+    except BaseException:  # an exception class whose __str__ itself fails
         text = ""
-    return _text(text) or type(exc).__name__
+    text = _text(text)
+    if len(text) > MESSAGE_LIMIT:
+        text = f"{text[:MESSAGE_LIMIT]}… ({len(text) - MESSAGE_LIMIT} more characters)"
+    return text or type(exc).__name__
 
 
 def exception_frame(
@@ -97,6 +101,24 @@ class Worker:
     def send(self, frame: Dict[str, Any]) -> None:
         protocol.write_frame(self.replies, self.dumps(frame))
 
+    def error_body(self, frame: Dict[str, Any]) -> bytes:
+        """Error `frame` encoded within the frame limit: without its traceback, then with
+        its message cut, if it would not fit whole (the host refuses a larger frame)."""
+        body = self.dumps(frame)
+        if len(body) <= self.max_frame_bytes:
+            return body
+        frame = {key: value for key, value in frame.items() if key != "traceback"}
+        message = frame["message"]
+        while True:
+            body = self.dumps(frame)
+            if len(body) <= self.max_frame_bytes or not message:
+                return body
+            message = message[: len(message) // 2]
+            frame["message"] = f"{message}… (cut to fit the frame limit)"
+
+    def send_error(self, frame: Dict[str, Any]) -> None:
+        protocol.write_frame(self.replies, self.error_body(frame))
+
     def hello(self) -> None:
         self.send(
             {
@@ -133,7 +155,7 @@ class Worker:
             return "ok", handlers.invoke(h, msg.get("args"), ctx)
         except handlers.HandlerError as exc:
             return "err", exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable)
-        except Exception as exc:  # a handler's failure is the caller's answer, not the worker's end
+        except BaseException as exc:  # SystemExit too: a handler's failure is the caller's answer, not the worker's end
             return "err", exception_frame(request_id, exc)
 
     def _encode(self, frame: Dict[str, Any], what: str, name: Any) -> Tuple[bool, bytes]:
@@ -170,14 +192,14 @@ class Worker:
         request_id = msg.get("id", 0)
         status, result = self._start(msg)
         if status == "err":
-            return self.dumps(result)
+            return self.error_body(result)
         if type(result) in handlers.STREAM_TYPES:
             try:
                 result = list(handlers.chunks(result))
             except handlers.HandlerError as exc:
-                return self.dumps(exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable))
-            except Exception as exc:
-                return self.dumps(exception_frame(request_id, exc))
+                return self.error_body(exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable))
+            except BaseException as exc:
+                return self.error_body(exception_frame(request_id, exc))
         return self._encode({"t": "ok", "id": request_id, "result": result}, "returned a value", msg.get("cmd"))[1]
 
     def cancel_pending(self, request_id: int) -> bool:
@@ -207,7 +229,7 @@ class Worker:
         name = msg.get("cmd")
         status, result = self._start(msg)
         if status == "err":
-            self.send(result)
+            self.send_error(result)
             return
         items = handlers.chunks(result) if handlers.is_stream(result) else (x for x in (result,))
         try:
@@ -221,10 +243,10 @@ class Worker:
                     self.send(error_frame(request_id, "invalid_request", "cancelled", "the call was cancelled"))
                     return
         except handlers.HandlerError as exc:
-            self.send(exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable))
+            self.send_error(exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable))
             return
-        except Exception as exc:
-            self.send(exception_frame(request_id, exc))
+        except BaseException as exc:
+            self.send_error(exception_frame(request_id, exc))
             return
         finally:
             items.close()
@@ -310,6 +332,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:
         print(f"pyherd_worker: fds 3 and 4 must be the host's pipes: {exc}", file=sys.stderr)
         return 2
+    # Processes a handler starts do not get the pipes: the host sees the worker's end
+    # as the pipes' end, and only the worker may write a frame.
+    os.set_inheritable(REQUEST_FD, False)
+    os.set_inheritable(REPLY_FD, False)
     worker = Worker(requests, replies, opts["worker_id"], opts["max_frame_bytes"])
     for spec in opts["handlers"]:
         try:
@@ -319,7 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             frame = exception_frame(0, exc, "initialization", "handler_import_failed")
             frame["message"] = f"loading handlers {spec!r} failed: {type(exc).__name__}: {frame['message']}"
             try:
-                worker.send(frame)
+                worker.send_error(frame)
             except OSError:
                 pass
             return 3

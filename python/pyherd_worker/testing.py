@@ -120,10 +120,17 @@ def ctx_info(args: Any, ctx: Context) -> Dict[str, Any]:
 
 @handler
 def spawn_child(args: Dict[str, Any]) -> Dict[str, int]:
-    """Start a long ``sleep`` child process (a grandchild of the host) and return its pid."""
+    """Start a long ``sleep`` child process (a grandchild of the host) and return its pid.
+
+    ``close_fds: false`` lets it inherit every inheritable fd (as ``os.system`` does);
+    ``hold_pipes: true`` hands it the worker's protocol pipes on purpose."""
     import subprocess
 
-    child = subprocess.Popen(["sleep", str(args.get("seconds", 600))])
+    child = subprocess.Popen(
+        ["sleep", str(args.get("seconds", 600))],
+        close_fds=bool(args.get("close_fds", True)),
+        pass_fds=(3, 4) if args.get("hold_pipes") else (),
+    )
     return {"pid": child.pid}
 
 

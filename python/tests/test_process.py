@@ -278,6 +278,20 @@ def test_a_crashing_handler_ends_the_process_with_its_code(worker):
     assert b"exiting on purpose" in worker.proc.stderr.read()
 
 
+def test_processes_a_handler_starts_do_not_hold_the_pipes(worker):
+    assert worker.read()["t"] == "hello"
+    child = worker.call("spawn_child", {"close_fds": False})["result"]["pid"]
+    try:
+        assert running(child)
+        write_frame(worker.req_w, {"t": "call", "id": 2, "cmd": "crash", "args": {"code": 5}})
+        # The reply pipe ends with the worker, though its child lives on.
+        assert worker.read(timeout=5.0) is None
+        assert worker.wait() == 5
+        assert running(child)
+    finally:
+        kill_if_running(child)
+
+
 @pytest.mark.parametrize(
     "source, python_type, words",
     [

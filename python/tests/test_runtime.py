@@ -57,6 +57,33 @@ def _unprintable_fail(args):
     raise UnprintableError()
 
 
+class Halt(BaseException):
+    pass
+
+
+class ExitingStrError(Exception):
+    def __str__(self):
+        raise SystemExit(3)
+
+
+BASE_EXCEPTIONS = {
+    "system_exit": SystemExit(0),
+    "keyboard_interrupt": KeyboardInterrupt(),
+    "generator_exit": GeneratorExit(),
+    "custom": Halt("halted"),
+}
+
+
+@handler("rt_base_fail")
+def _base_fail(args):
+    raise BASE_EXCEPTIONS[args["which"]]
+
+
+@handler("rt_exiting_str_fail")
+def _exiting_str_fail(args):
+    raise ExitingStrError()
+
+
 @handler("rt_retryable_fail")
 def _retryable_fail(args):
     raise HandlerError("connection", "upstream_away", "the upstream is restarting", retryable=True)
@@ -271,11 +298,52 @@ def test_an_exception_without_a_message_is_named_by_its_type(worker):
     assert (reply["kind"], reply["message"], reply["python_type"]) == ("python_exception", "ValueError", "ValueError")
 
 
-def test_a_long_traceback_is_cut_to_its_end(worker):
+def test_a_long_message_and_traceback_are_cut(codec):
+    worker = runtime.Worker(io.BytesIO(), io.BytesIO(), "w1", 1 << 20, codec)
     reply = call(worker, "rt_long_fail")
     tb = reply["traceback"]
     assert len(tb) <= runtime.TRACEBACK_LIMIT + 1
     assert tb.startswith("…") and tb.rstrip().endswith("end-of-message")
+    message = reply["message"]
+    assert message.startswith("start mmm")
+    assert message.endswith(f"… ({50_000 + 21 - runtime.MESSAGE_LIMIT} more characters)")
+    assert len(message) < runtime.MESSAGE_LIMIT + 40
+    assert_alive(worker)
+
+
+def test_an_error_too_large_for_a_frame_is_cut_to_fit_and_the_worker_goes_on(worker):
+    # LIMIT is 4 KiB: the 16 KiB message and its traceback cannot both fit.
+    body = worker.reply_body({"t": "call", "id": 7, "cmd": "rt_long_fail", "args": {}})
+    assert len(body) <= LIMIT
+    reply = json.loads(body)
+    assert (reply["t"], reply["kind"], reply["python_type"]) == ("err", "python_exception", "ValueError")
+    assert "traceback" not in reply
+    assert reply["message"].startswith("start mmm")
+    assert reply["message"].endswith("… (cut to fit the frame limit)")
+    assert_alive(worker)
+
+
+@pytest.mark.parametrize("limit", [1024, 1500, 4096])
+def test_an_error_frame_always_fits_the_smallest_frame_limit(codec, limit):
+    worker = runtime.Worker(io.BytesIO(), io.BytesIO(), "w1", limit, codec)
+    body = worker.error_body(runtime.error_frame(7, "python", "python_exception", "ü" * 100_000, traceback="t" * 10))
+    assert len(body) <= limit
+    assert json.loads(body)["message"].endswith("… (cut to fit the frame limit)")
+
+
+@pytest.mark.parametrize("which", sorted(BASE_EXCEPTIONS))
+def test_a_base_exception_from_a_handler_fails_only_the_call(worker, which):
+    reply = call(worker, "rt_base_fail", {"which": which})
+    exc = BASE_EXCEPTIONS[which]
+    assert (reply["t"], reply["category"], reply["kind"]) == ("err", "python", "python_exception")
+    assert reply["python_type"] == runtime._python_type(exc)
+    assert reply["message"] == (str(exc) or type(exc).__name__)
+    assert_alive(worker)
+
+
+def test_an_exception_whose_str_exits_is_still_reported(worker):
+    reply = call(worker, "rt_exiting_str_fail")
+    assert (reply["kind"], reply["message"]) == ("python_exception", "ExitingStrError")
     assert_alive(worker)
 
 

@@ -42,6 +42,18 @@ def _fail(args):
     raise KeyError("gone")
 
 
+@handler("st_exit")
+def _exit(args):
+    yield 1
+    raise SystemExit(2)
+
+
+@handler("st_long_fail")
+def _long_fail(args):
+    yield 1
+    raise ValueError("m" * (4 * LIMIT))
+
+
 @handler("st_typed_fail")
 def _typed_fail(args):
     yield 1
@@ -152,6 +164,26 @@ def test_an_exception_mid_stream_is_an_err_after_the_chunks_sent(pipe):
     err = frames[1]
     assert (err["category"], err["kind"], err["python_type"]) == ("python", "python_exception", "KeyError")
     assert "gone" in err["message"] and "Traceback" in err["traceback"]
+
+
+def test_a_system_exit_mid_stream_is_an_err_and_the_worker_goes_on(pipe):
+    frames = stream(pipe, "st_exit")
+    assert [f["t"] for f in frames] == ["chunk", "err"]
+    assert (frames[1]["kind"], frames[1]["python_type"]) == ("python_exception", "SystemExit")
+    assert stream(pipe, "st_plain", 1)[-1] == {"t": "end", "id": 5}
+    reply = json.loads(pipe.worker.reply_body({"t": "call", "id": 8, "cmd": "st_exit", "args": {}}))
+    assert (reply["t"], reply["python_type"]) == ("err", "SystemExit")
+
+
+def test_an_error_mid_stream_too_large_for_a_frame_is_cut_to_fit(pipe):
+    pipe.worker.stream({"t": "call", "id": 5, "cmd": "st_long_fail", "args": {}, "stream": True})
+    pipe.replies.seek(0)
+    protocol.read_frame(pipe.replies)
+    body = protocol.read_frame(pipe.replies)
+    assert len(body) <= LIMIT
+    err = json.loads(body)
+    assert (err["t"], err["kind"]) == ("err", "python_exception")
+    assert err["message"].endswith("… (cut to fit the frame limit)")
 
 
 def test_a_handler_error_mid_stream_keeps_its_kind(pipe):

@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -38,6 +38,9 @@ const DYING_PATIENCE: Duration = Duration::from_secs(1);
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for the last stderr lines of a worker that ended.
 const STDERR_FLUSH: Duration = Duration::from_millis(500);
+/// How long the reply pipe of a worker that exited is still read: what it wrote before
+/// its end is already there, and a process it started may hold the pipe open for good.
+const EXITED_READ: Duration = Duration::from_millis(20);
 
 /// Everything needed to start a worker, fixed when the pool is built.
 pub(crate) struct LaunchSpec {
@@ -161,8 +164,9 @@ pub(crate) struct WorkerProcess {
     hello: Hello,
     started: Instant,
     started_by: StartedBy,
-    /// Whether its exit was logged (a worker is ended once, `end` may run again).
-    exit_told: bool,
+    /// Whether it was ended: its group signalled and its exit logged (a worker is ended
+    /// once, `end` may run again).
+    ended: bool,
     /// Its line in the run registry, removed when the worker is dropped (after its end).
     _registered: RunEntry,
 }
@@ -250,11 +254,11 @@ impl WorkerProcess {
             },
             started: began,
             started_by,
-            exit_told: false,
+            ended: false,
             _registered: registered,
         };
-        match tokio::time::timeout(spec.startup_timeout, worker.replies.next()).await {
-            Ok(Some(Ok(frame))) => match protocol::decode(&frame) {
+        match tokio::time::timeout(spec.startup_timeout, worker.next_reply()).await {
+            Ok(Ok(frame)) => match protocol::decode(&frame) {
                 Ok(Message::Hello(hello)) => {
                     worker.hello = hello;
                     let ms =
@@ -274,13 +278,13 @@ impl WorkerProcess {
                     .fail_start(Error::new(ErrorKind::HandshakeFailed, why))
                     .await),
             },
-            Ok(Some(Err(e))) => Err(worker
+            Ok(Err(Fault::Protocol(why))) => Err(worker
                 .fail_start(Error::new(
                     ErrorKind::HandshakeFailed,
-                    format!("worker's first frame is unreadable: {e}"),
+                    format!("worker's first frame: {why}"),
                 ))
                 .await),
-            Ok(None) => Err(worker
+            Ok(Err(Fault::Gone(_))) => Err(worker
                 .fail_start(Error::new(
                     ErrorKind::StartupFailed,
                     "python exited before it was ready",
@@ -383,17 +387,13 @@ impl WorkerProcess {
     /// Cancel safe: nothing is consumed unless a whole frame arrived, so a caller may
     /// stop waiting and wait again later for the same answer.
     pub(crate) async fn answer(&mut self, id: u64) -> Result<Result<Box<RawValue>, Error>, Fault> {
-        match self.replies.next().await {
-            Some(Ok(body)) => match protocol::decode(&body) {
-                Ok(Message::Ok { id: got, result }) if got == id => Ok(Ok(result)),
-                Ok(Message::Err { id: got, error }) if got == id => Ok(Err(error)),
-                Ok(other) => Err(Fault::Protocol(format!(
-                    "expected the answer to call {id}, got {other:?}"
-                ))),
-                Err(why) => Err(Fault::Protocol(why)),
-            },
-            Some(Err(e)) => Err(Fault::Protocol(format!("unreadable frame: {e}"))),
-            None => Err(Fault::Gone("reply pipe closed".into())),
+        match protocol::decode(&self.next_reply().await?) {
+            Ok(Message::Ok { id: got, result }) if got == id => Ok(Ok(result)),
+            Ok(Message::Err { id: got, error }) if got == id => Ok(Err(error)),
+            Ok(other) => Err(Fault::Protocol(format!(
+                "expected the answer to call {id}, got {other:?}"
+            ))),
+            Err(why) => Err(Fault::Protocol(why)),
         }
     }
 
@@ -403,20 +403,16 @@ impl WorkerProcess {
     /// # Cancel safety
     /// Cancel safe: nothing is consumed unless a whole frame arrived.
     pub(crate) async fn stream_frame(&mut self, id: u64) -> Result<Message, Fault> {
-        match self.replies.next().await {
-            Some(Ok(body)) => match protocol::decode(&body) {
-                Ok(
-                    message @ (Message::Chunk { id: got, .. }
-                    | Message::End { id: got }
-                    | Message::Err { id: got, .. }),
-                ) if got == id => Ok(message),
-                Ok(other) => Err(Fault::Protocol(format!(
-                    "expected a frame of stream {id}, got {other:?}"
-                ))),
-                Err(why) => Err(Fault::Protocol(why)),
-            },
-            Some(Err(e)) => Err(Fault::Protocol(format!("unreadable frame: {e}"))),
-            None => Err(Fault::Gone("reply pipe closed".into())),
+        match protocol::decode(&self.next_reply().await?) {
+            Ok(
+                message @ (Message::Chunk { id: got, .. }
+                | Message::End { id: got }
+                | Message::Err { id: got, .. }),
+            ) if got == id => Ok(message),
+            Ok(other) => Err(Fault::Protocol(format!(
+                "expected a frame of stream {id}, got {other:?}"
+            ))),
+            Err(why) => Err(Fault::Protocol(why)),
         }
     }
 
@@ -426,12 +422,39 @@ impl WorkerProcess {
     /// # Cancel safety
     /// Cancel safe: nothing is read unless a whole frame arrived.
     pub(crate) async fn idle_fault(&mut self) -> Error {
-        let fault = match self.replies.next().await {
-            None => Fault::Gone("exited while idle".into()),
-            Some(Ok(_)) => Fault::Protocol("sent a frame while idle".into()),
-            Some(Err(e)) => Fault::Protocol(format!("unreadable frame while idle: {e}")),
+        let fault = match self.next_reply().await {
+            Ok(_) => Fault::Protocol("sent a frame while idle".into()),
+            Err(Fault::Gone(why)) => Fault::Gone(format!("{why} while idle")),
+            Err(Fault::Protocol(why)) => Fault::Protocol(format!("{why} while idle")),
         };
         self.crashed(fault).await
+    }
+
+    /// Reads the next frame on the reply pipe, or learns that the worker is gone: its
+    /// pipe closed, or its process ended. The end is watched as well as the pipe because
+    /// a process the worker started (a fork, a subprocess given its fds) keeps the pipe
+    /// open after the worker's death, and the pipe alone would then never close.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is read unless a whole frame arrived, and an end learned is
+    /// kept.
+    async fn next_reply(&mut self) -> Result<BytesMut, Fault> {
+        if self.exit.is_none() {
+            let ended = tokio::select! {
+                biased;
+                frame = self.replies.next() => return frame_or_fault(frame),
+                ended = self.process.wait() => ended,
+            };
+            match ended {
+                Some(ended) => self.exit = Some(ended),
+                // Its end cannot be known (waiting failed): the pipe alone tells.
+                None => return frame_or_fault(self.replies.next().await),
+            }
+        }
+        match tokio::time::timeout(EXITED_READ, self.replies.next()).await {
+            Ok(Some(frame)) => frame_or_fault(Some(frame)),
+            Ok(None) | Err(_) => Err(Fault::Gone("its process exited".into())),
+        }
     }
 
     /// Ends a worker that died or broke the protocol and describes it for the caller.
@@ -466,8 +489,8 @@ impl WorkerProcess {
     /// `term_timeout`, then SIGKILL; reaps it; signals what is left of its group; flushes
     /// its stderr. Returns how it exited.
     async fn end(&mut self, patience: Duration, term_timeout: Option<Duration>) -> Option<String> {
-        if self.exit.is_none() {
-            if !self.wait_exit(patience).await {
+        if !self.ended {
+            if self.exit.is_none() && !self.wait_exit(patience).await {
                 let mut exited = false;
                 if let Some(term_timeout) = term_timeout {
                     self.signal(Signal::SIGTERM);
@@ -485,7 +508,7 @@ impl WorkerProcess {
         }
         stderr::finish(&mut self.stderr_task, STDERR_FLUSH).await;
         let status = self.exit.as_ref().map(ToString::to_string);
-        if !std::mem::replace(&mut self.exit_told, true) {
+        if !std::mem::replace(&mut self.ended, true) {
             telemetry::worker_exited(&self.id, self.pid, status.as_deref().unwrap_or("unknown"));
         }
         status
@@ -511,11 +534,20 @@ impl WorkerProcess {
 
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
-        if self.exit.is_none() {
+        if !self.ended {
             // Dropped without being ended (pool dropped, task aborted): take the group
             // down; tokio's orphan reaper (or the zygote) collects the leader.
             self.signal(Signal::SIGKILL);
         }
+    }
+}
+
+/// A frame read on the reply pipe, or the fault its absence means.
+fn frame_or_fault(frame: Option<std::io::Result<BytesMut>>) -> Result<BytesMut, Fault> {
+    match frame {
+        Some(Ok(body)) => Ok(body),
+        Some(Err(e)) => Err(Fault::Protocol(format!("unreadable frame: {e}"))),
+        None => Err(Fault::Gone("reply pipe closed".into())),
     }
 }
 

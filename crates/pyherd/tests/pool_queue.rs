@@ -71,6 +71,72 @@ async fn a_call_waiting_past_the_queue_timeout_gets_queue_timeout_and_never_runs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_given_up_while_queued_frees_its_place_in_the_queue_at_once() {
+    let pool = testing_pool(1).max_queue(1).build().await.unwrap();
+    let busy = spawn_call(&pool, "sleep", json!({"seconds": 3.0}));
+    wait_until(Duration::from_secs(5), "the worker to be busy", || {
+        pool.stats().busy == 1
+    })
+    .await;
+    let queue_is_empty = || pool.stats().queued == 0;
+    // Past its queue timeout.
+    let opts = CallOptions::new().queue_timeout(Duration::from_millis(50));
+    let e = pool
+        .execute_with("echo", json!(1), &opts)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::QueueTimeout);
+    assert_eq!(pool.stats().queued, 0);
+    // Cancelled by its request id.
+    let opts = CallOptions::new().request_id("waiting-1");
+    let cancelled = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.execute_with("echo", json!(2), &opts).await })
+    };
+    wait_until(Duration::from_secs(5), "the call to be queued", || {
+        pool.stats().queued == 1
+    })
+    .await;
+    assert!(pool.cancel("waiting-1"));
+    assert_eq!(
+        cancelled.await.unwrap().unwrap_err().kind(),
+        &ErrorKind::Cancelled
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the cancelled call out of the queue",
+        queue_is_empty,
+    )
+    .await;
+    // Its caller gone (the future dropped, as when an HTTP client disconnects).
+    let dropped = spawn_call(&pool, "echo", json!(3));
+    wait_until(Duration::from_secs(5), "the call to be queued", || {
+        pool.stats().queued == 1
+    })
+    .await;
+    dropped.abort();
+    wait_until(
+        Duration::from_secs(5),
+        "the dropped call out of the queue",
+        queue_is_empty,
+    )
+    .await;
+    // The queue of one has room again while the worker is still busy.
+    assert_eq!(pool.stats().busy, 1);
+    let admitted = spawn_call(&pool, "echo", json!("admitted"));
+    wait_until(Duration::from_secs(5), "the new call to be queued", || {
+        pool.stats().queued == 1
+    })
+    .await;
+    assert!(busy.await.unwrap().is_ok());
+    assert_eq!(admitted.await.unwrap().unwrap(), json!("admitted"));
+    // The worker served the sleep and the admitted call, none of the calls given up.
+    assert_eq!(pool.workers()[0].requests, 2);
+    assert_eq!(pool.stats().queued, 0);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_are_served_in_the_order_they_arrived() {
     let pool = testing_pool(1).build().await.unwrap();
     let blocker = spawn_call(&pool, "sleep", json!({"seconds": 0.3}));

@@ -1,7 +1,7 @@
 //! A call on its way through the queue, and the caller's claim on it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
@@ -41,26 +41,57 @@ pub(crate) struct Job {
     pub(crate) span: Span,
     /// When the call was admitted: its queue wait runs from here.
     pub(crate) admitted: Instant,
-    state: Arc<AtomicU8>,
+    place: Arc<Place>,
     reply: oneshot::Sender<Result<Reply, Error>>,
 }
 
-/// The caller's side: it may give the job up while it is still queued.
+/// The caller's side: it may give the job up while it is still queued. Dropped (its
+/// caller gone), it gives the job up.
 pub(crate) struct Ticket {
-    state: Arc<AtomicU8>,
+    place: Arc<Place>,
+}
+
+/// A job's place among the calls waiting, shared by the job and its ticket. The job
+/// leaves it once, by whichever comes first: a worker taking it, or its caller giving it
+/// up (a cancel, the queue timeout) or going (the ticket dropped: the caller's future
+/// dropped, or its wait over because the job was refused or dropped unserved). Leaving
+/// takes the job out of the pool's count of calls waiting, so that count is of live
+/// calls only.
+struct Place {
+    state: AtomicU8,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Place {
+    /// Moves the job from `QUEUED` to `to`; false if it had already left.
+    fn leave(&self, to: u8) -> bool {
+        let left = self
+            .state
+            .compare_exchange(QUEUED, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if left {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        left
+    }
 }
 
 impl Job {
+    /// A job counted in `waiting` (its caller has added it there) until it leaves, in the
+    /// current span (the call's `request` span).
     pub(crate) fn new(
+        waiting: Arc<AtomicUsize>,
         id: u64,
         flight: Flight,
         command: &str,
         args: Box<RawValue>,
         session_id: Option<&str>,
         timeout: Duration,
-        span: Span,
     ) -> (Self, Ticket, oneshot::Receiver<Result<Reply, Error>>) {
-        let state = Arc::new(AtomicU8::new(QUEUED));
+        let place = Arc::new(Place {
+            state: AtomicU8::new(QUEUED),
+            waiting,
+        });
         let (reply, answer) = oneshot::channel();
         let job = Self {
             id,
@@ -71,21 +102,21 @@ impl Job {
             session_id: session_id.map(Into::into),
             timeout,
             preferred: None,
-            span,
+            span: Span::current(),
             admitted: Instant::now(),
-            state: state.clone(),
+            place: place.clone(),
             reply,
         };
-        (job, Ticket { state }, answer)
+        (job, Ticket { place }, answer)
     }
 
     /// A worker claims the job; false if its caller has gone or gave up waiting.
     pub(crate) fn take(&self) -> bool {
-        !self.reply.is_closed()
-            && self
-                .state
-                .compare_exchange(QUEUED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+        if self.reply.is_closed() {
+            self.place.leave(ABANDONED);
+            return false;
+        }
+        self.place.leave(TAKEN)
     }
 
     /// Hands the outcome to the caller (ignored if the caller has gone).
@@ -97,9 +128,13 @@ impl Job {
 impl Ticket {
     /// Gives the job up if no worker has taken it yet; true if it was given up.
     pub(crate) fn abandon(&self) -> bool {
-        self.state
-            .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.place.leave(ABANDONED)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.place.leave(ABANDONED);
     }
 }
 
@@ -107,20 +142,27 @@ impl Ticket {
 mod tests {
     use super::*;
 
-    fn job() -> (Job, Ticket, oneshot::Receiver<Result<Reply, Error>>) {
+    fn job_in(
+        waiting: &Arc<AtomicUsize>,
+    ) -> (Job, Ticket, oneshot::Receiver<Result<Reply, Error>>) {
+        waiting.fetch_add(1, Ordering::Relaxed);
         let flight = Flight {
             rid: "r1".into(),
             cancel: CancellationToken::new(),
         };
         Job::new(
+            waiting.clone(),
             1,
             flight,
             "echo",
             RawValue::NULL.to_owned(),
             None,
             Duration::from_secs(1),
-            Span::none(),
         )
+    }
+
+    fn job() -> (Job, Ticket, oneshot::Receiver<Result<Reply, Error>>) {
+        job_in(&Arc::new(AtomicUsize::new(0)))
     }
 
     #[test]
@@ -138,5 +180,36 @@ mod tests {
         let (job, _ticket, answer) = job();
         drop(answer);
         assert!(!job.take());
+    }
+
+    #[test]
+    fn a_job_leaves_the_count_of_waiting_calls_once_whichever_way_it_goes() {
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let count = || waiting.load(Ordering::Relaxed);
+        // Taken by a worker, then its ticket dropped and the job answered.
+        let (taken, ticket, _answer) = job_in(&waiting);
+        assert!(taken.take());
+        assert_eq!(count(), 0);
+        drop(ticket);
+        taken.answer(Err(Error::new(crate::ErrorKind::Cancelled, "x")));
+        assert_eq!(count(), 0);
+        // Given up by its caller while queued: out of the count before a worker sees it.
+        let (given_up, ticket, _answer) = job_in(&waiting);
+        assert!(ticket.abandon());
+        assert_eq!(count(), 0);
+        assert!(!given_up.take());
+        drop((given_up, ticket));
+        assert_eq!(count(), 0);
+        // Its caller gone (the future dropped): out of the count at once.
+        let (orphaned, ticket, answer) = job_in(&waiting);
+        drop((ticket, answer));
+        assert_eq!(count(), 0);
+        assert!(!orphaned.take());
+        // Dropped unserved, as at a shutdown: out of the count once its caller's wait ends.
+        let (refused, ticket, answer) = job_in(&waiting);
+        drop(refused);
+        assert_eq!(count(), 1);
+        drop((ticket, answer));
+        assert_eq!(count(), 0);
     }
 }

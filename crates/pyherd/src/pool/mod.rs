@@ -30,7 +30,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, Span};
+use tracing::Instrument;
 
 use self::calls::Calls;
 pub use self::calls::{MAX_REQUEST_ID_LEN, check_request_id};
@@ -213,8 +213,9 @@ pub(crate) struct Shared {
     /// The workers loaded the DSPy adapter: its session commands are served here.
     dspy: bool,
     slots: Vec<SlotHandle>,
-    /// Calls admitted and not yet taken by a worker (in the queue or an affinity channel).
-    queued: AtomicUsize,
+    /// Calls admitted and not yet taken by a worker (in the queue or an affinity
+    /// channel), nor given up by their callers.
+    queued: Arc<AtomicUsize>,
     store: Arc<dyn SessionStore>,
     counters: Counters,
     /// Transition and restart counts, the spawn breaker, the slots in service.
@@ -262,11 +263,6 @@ impl Shared {
 
     fn next_worker_id(&self) -> Arc<str> {
         take_worker_id(&self.next_worker)
-    }
-
-    /// A worker took a call out of a queue.
-    pub(crate) fn dequeued(&self) {
-        self.queued.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The slot running worker `id`, if that worker is still in service.
@@ -574,7 +570,7 @@ impl PoolBuilder {
             dspy: hello.adapters.iter().any(|a| a == sessions::DSPY_ADAPTER),
             handlers: hello.handlers.into_iter().collect(),
             slots,
-            queued: AtomicUsize::new(0),
+            queued: Arc::new(AtomicUsize::new(0)),
             store,
             counters: Counters::default(),
             life: Lifecycle::new(workers.len(), min_workers, max_workers),
@@ -923,20 +919,8 @@ impl Pool {
         }
         let timeout = options.timeout.unwrap_or(shared.config.request_timeout);
         let queue_timeout = options.queue_timeout.unwrap_or(shared.config.queue_timeout);
-        let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
-        let cancel = flight.cancel.clone();
-        let (mut job, ticket, answer) = Job::new(
-            id,
-            flight,
-            command,
-            args,
-            session_id,
-            timeout,
-            Span::current(),
-        );
-        job.chunks = chunks;
         if shared.queued.fetch_add(1, Ordering::Relaxed) >= shared.config.max_queue {
-            shared.dequeued();
+            shared.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(Error::new(
                 ErrorKind::PoolSaturated,
                 format!(
@@ -945,6 +929,19 @@ impl Pool {
                 ),
             ));
         }
+        let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let cancel = flight.cancel.clone();
+        // From here the job holds its place in `queued`, and gives it back however it ends.
+        let (mut job, ticket, answer) = Job::new(
+            shared.queued.clone(),
+            id,
+            flight,
+            command,
+            args,
+            session_id,
+            timeout,
+        );
+        job.chunks = chunks;
         let affinity = options.affinity.unwrap_or(shared.config.affinity);
         // A retry leaves the worker that failed it, whatever the session's affinity.
         let elsewhere = avoid.and_then(|w| shared.elsewhere(w));
@@ -956,7 +953,6 @@ impl Pool {
                     Affinity::StrictQueue => Some(slot),
                     _ if idle => Some(slot),
                     Affinity::StrictFailFast => {
-                        shared.dequeued();
                         return Err(Error::new(
                             ErrorKind::WorkerBusy,
                             format!(
@@ -977,7 +973,6 @@ impl Pool {
             None => queue.try_send(job).is_ok(),
         };
         if !sent {
-            shared.dequeued();
             return Err(shutting_down());
         }
         shared.relieve_pressure();

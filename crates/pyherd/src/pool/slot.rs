@@ -72,7 +72,6 @@ impl Slot {
         self.refuse_swaps();
         self.direct.close();
         while let Ok(job) = self.direct.try_recv() {
-            self.shared.dequeued();
             job.answer(Err(shutting_down()));
         }
         self.go(WorkerState::Stopped, "shutdown");
@@ -98,7 +97,6 @@ impl Slot {
     pub(super) fn hand_back(&self) {
         while let Ok(job) = self.direct.try_recv() {
             if let Err(refused) = self.requeue.try_send(job) {
-                self.shared.dequeued();
                 refused.into_inner().answer(Err(shutting_down()));
             }
         }
@@ -155,7 +153,6 @@ impl Slot {
                     }
                 }
             };
-            shared.dequeued();
             if !job.take() {
                 continue;
             }
@@ -447,7 +444,6 @@ impl Slot {
             return;
         };
         while let Ok(job) = self.queue.try_recv() {
-            self.shared.dequeued();
             if job.take() {
                 job.answer(Err(error.clone()));
             }

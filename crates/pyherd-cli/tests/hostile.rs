@@ -244,6 +244,58 @@ async fn deeply_nested_json_is_a_400_and_costs_no_worker() {
 }
 
 #[tokio::test]
+async fn json_a_worker_cannot_read_as_meant_is_a_400_and_costs_no_worker() {
+    let server = Server::start(&["--workers", "1"]);
+    let before = common::workers(&server).await;
+    let cases = [
+        (
+            "/v1/execute",
+            r#""\ud800""#,
+            "lone surrogate escape (\\ud800)",
+        ),
+        ("/v1/execute", "[1e400]", "range of a double (1e400)"),
+        (
+            "/v1/execute",
+            r#"{"n": 123456789012345678901234567890}"#,
+            "beyond 64 bits (123456789012345678901234567890)",
+        ),
+        (
+            "/v1/sessions/s1/execute",
+            r#"{"q": "\udc00"}"#,
+            "lone surrogate",
+        ),
+        ("/v1/stream", "[-1e999]", "range of a double"),
+    ];
+    for (path, args, words) in cases {
+        let body = format!(r#"{{"command": "echo", "args": {args}, "idempotent": true}}"#);
+        let answer = exchange(&server, &post(path, "", body.as_bytes()));
+        assert_eq!(answer.status, 400, "{path} {args}: {}", answer.head);
+        assert_eq!(answer.kind(), "malformed_request", "{path} {args}");
+        let message = answer.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            message.starts_with("args: ") && message.contains(words),
+            "{message}"
+        );
+    }
+    // What the workers read exactly still passes: a surrogate pair, 64-bit integers.
+    let (code, body) = execute(
+        &server,
+        json!({"command": "echo", "args": ["\u{1F600}", 18_446_744_073_709_551_615_u64, i64::MIN]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body["result"],
+        json!(["\u{1F600}", 18_446_744_073_709_551_615_u64, i64::MIN])
+    );
+    assert_eq!(common::workers(&server).await, before, "a worker was lost");
+    still_serving(&server).await;
+}
+
+#[tokio::test]
 async fn invalid_utf8_is_refused_in_the_body_and_in_the_path() {
     let server = Server::start(&["--workers", "1"]);
     let answer = exchange(

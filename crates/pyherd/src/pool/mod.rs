@@ -46,7 +46,7 @@ pub use self::timeline::{RecentError, Timeline, TimelineSample};
 use crate::config::{Affinity, PoolConfig};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::{self, Metrics, UNKNOWN_COMMAND};
-use crate::protocol::CALL_ENVELOPE_BYTES;
+use crate::protocol::{self, CALL_ENVELOPE_BYTES};
 use crate::registry::Run;
 use crate::session::{MemoryStore, SessionStore};
 use crate::telemetry;
@@ -785,13 +785,16 @@ impl Pool {
             ..options.clone()
         };
         let known = self.knows(command);
-        let outcome = match options.session_id.as_deref() {
-            Some(session) if known => self.in_session(session, command, args, options).await,
-            None if known && self.needs_session(command) => Err(Error::new(
-                ErrorKind::SessionRequired,
-                format!("{command:?} keeps its state in a session: call it with a session id"),
-            )),
-            _ => self.submit(command, known, args, options, None).await,
+        let outcome = match protocol::unreadable(args.get()) {
+            Some(why) => Err(unreadable_args(&why)),
+            None => match options.session_id.as_deref() {
+                Some(session) if known => self.in_session(session, command, args, options).await,
+                None if known && self.needs_session(command) => Err(Error::new(
+                    ErrorKind::SessionRequired,
+                    format!("{command:?} keeps its state in a session: call it with a session id"),
+                )),
+                _ => self.submit(command, known, args, options, None).await,
+            },
         };
         let outcome = outcome.map_err(|e| {
             e.with_context(|c| {
@@ -1301,6 +1304,11 @@ impl Admitted {
         };
         answer.unwrap_or_else(|_| Err(shutting_down()))
     }
+}
+
+/// Arguments a worker could not read as they were meant (see [`protocol::unreadable`]).
+pub(crate) fn unreadable_args(why: &str) -> Error {
+    Error::new(ErrorKind::MalformedRequest, format!("args: {why}"))
 }
 
 /// What the caller of a cancelled call gets.

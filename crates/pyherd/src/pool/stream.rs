@@ -25,7 +25,7 @@ use tracing::Span;
 use super::calls::Entered;
 use super::job::Job;
 use super::slot::{Ending, Slot, on_worker};
-use super::{CallOptions, Pool, Reply, Shared, Target, cancelled};
+use super::{CallOptions, Pool, Reply, Shared, Target, cancelled, unreadable_args};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::UNKNOWN_COMMAND;
 use crate::protocol::{self, Message};
@@ -252,6 +252,9 @@ impl Pool {
             tally.record(Some(&e));
             e
         };
+        if let Some(why) = protocol::unreadable(args.get()) {
+            return Err(context(unreadable_args(&why)));
+        }
         if self.needs_session(command) {
             return Err(context(Error::new(
                 ErrorKind::MalformedRequest,

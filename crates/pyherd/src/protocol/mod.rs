@@ -10,6 +10,9 @@ use tokio_util::codec::LengthDelimitedCodec;
 
 use crate::error::Error;
 
+mod readable;
+pub(crate) use readable::unreadable;
+
 /// The protocol version this host speaks; a worker announcing another is refused.
 pub(crate) const PROTOCOL_VERSION: u32 = 1;
 

@@ -5,7 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, execute, get_json, wait_until};
+use common::{Server, execute, get_json, request, wait_until};
+use reqwest::Method;
 use serde_json::{Value, json};
 
 const TESTING: [&str; 2] = ["--handlers", "pyherd_worker.testing"];
@@ -58,6 +59,7 @@ async fn malformed_requests_are_400_and_unknown_commands_404() {
         "{}",
         r#"{"command": 5}"#,
         r#"{"command": "echo", "extra": 1}"#,
+        r#"["echo", {"x": 1}, null, 5000, null, null]"#,
     ] {
         let r = client
             .post(server.url("/v1/execute"))
@@ -84,6 +86,18 @@ async fn malformed_requests_are_400_and_unknown_commands_404() {
     assert_eq!(status, 404);
     assert_error(&body, "invalid_request", "unknown_command");
     assert_eq!(body["error"]["context"]["command"], "nope");
+    // A struct's fields in an array, which serde alone would take, are refused by name.
+    let (status, body) = request(
+        Method::POST,
+        &server.url("/v1/sessions"),
+        Some(json!(["arr-sess", 10, {"k": 1}])),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["error"]["message"],
+        "the request body must be a JSON object"
+    );
     // The server kept serving.
     assert_eq!(execute(&server, json!({"command": "ping"})).await.0, 200);
 }

@@ -241,6 +241,45 @@ async fn execute_takes_and_answers_the_request_id() {
 }
 
 #[tokio::test]
+async fn errors_before_the_call_is_admitted_still_carry_its_request_id() {
+    let server = Server::start(&TESTING);
+    let cases = [
+        (
+            "/v1/execute",
+            json!({"command": "echo", "timeout_ms": 0}),
+            400,
+        ),
+        ("/v1/execute", json!(["echo"]), 400),
+        (
+            "/v1/sessions/s1/execute",
+            json!({"command": "echo", "session_id": "s2"}),
+            400,
+        ),
+        ("/v1/stream", json!({"command": "count", "bogus": 1}), 400),
+        (
+            "/v1/sessions/s1/stream",
+            json!({"command": "count", "timeout_ms": -1}),
+            400,
+        ),
+        (
+            "/v1/execute",
+            json!({"command": "echo", "args": [1e300, "x"]}),
+            200,
+        ),
+    ];
+    for (i, (path, body, status)) in cases.into_iter().enumerate() {
+        let rid = format!("early-{i}");
+        let response = post(server.url(path), body, Some(&rid)).await;
+        assert_eq!(response.status(), status, "{path}");
+        assert_eq!(header(&response).as_deref(), Some(rid.as_str()), "{path}");
+        if status == 400 {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["context"]["request_id"], rid, "{path}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn delete_cancels_a_call_in_flight() {
     let server = Server::start(&TESTING);
     let url = server.url("/v1/execute");

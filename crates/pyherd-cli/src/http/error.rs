@@ -38,6 +38,22 @@ impl ApiError {
     pub(crate) fn malformed(message: impl Into<String>) -> Self {
         Self::from(Error::new(ErrorKind::MalformedRequest, message))
     }
+
+    /// This error as the answer to the call with request id `id`: the id goes into its
+    /// context, and so into its `X-Request-Id` header, unless it has one already (an
+    /// error of the pool carries the call's own).
+    pub(crate) fn for_request(mut self, id: Option<&str>) -> Self {
+        let context = self
+            .body
+            .get_mut("context")
+            .and_then(serde_json::Value::as_object_mut);
+        if let (Some(id), Some(context)) = (id, context) {
+            context
+                .entry("request_id")
+                .or_insert_with(|| id.to_owned().into());
+        }
+        self
+    }
 }
 
 /// The status code for a pool error.

@@ -1,5 +1,6 @@
 //! `POST /v1/execute`: one call through the pool.
 
+use std::future::Future;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -77,6 +78,25 @@ pub(crate) fn request_id(headers: &HeaderMap) -> Result<Option<String>, ApiError
     Ok(Some(id.to_owned()))
 }
 
+/// Answers a call route: the `X-Request-Id` header is checked first, then `run` gets its
+/// id, and an error `run` ends with carries that id (in its context and its header) even
+/// when it came before the pool saw the call (a malformed body, a bad `timeout_ms`).
+pub(crate) async fn answer_call<F, Fut>(headers: &HeaderMap, run: F) -> Response
+where
+    F: FnOnce(Option<String>) -> Fut,
+    Fut: Future<Output = Result<Response, ApiError>>,
+{
+    let request_id = match request_id(headers) {
+        Ok(id) => id,
+        Err(error) => return error.into_response(),
+    };
+    let id = request_id.clone();
+    match run(request_id).await {
+        Ok(response) => response,
+        Err(error) => error.for_request(id.as_deref()).into_response(),
+    }
+}
+
 /// `response` with the `X-Request-Id` header.
 pub(crate) fn with_request_id(mut response: Response, id: &str) -> Response {
     if let Ok(value) = HeaderValue::from_str(id) {
@@ -113,7 +133,8 @@ impl ExecuteRequest {
     }
 }
 
-/// Parses the body, refusing what is malformed (400) or over the body limit (413).
+/// Parses the body, a JSON object, refusing what is malformed (400) or over the body
+/// limit (413). (serde would also fill a struct from an array of its fields in order.)
 pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
@@ -127,6 +148,11 @@ pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(
             ApiError::malformed(format!("cannot read the request body: {rejection}"))
         }
     })?;
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::malformed(
+            "the request body must be a JSON object",
+        ));
+    }
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::malformed(format!("the request body is not valid: {e}")))
 }
@@ -141,20 +167,10 @@ pub(crate) async fn execute(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match run(&state, &headers, body).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
-    }
-}
-
-async fn run(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let request_id = request_id(headers)?;
-    let request: ExecuteRequest = parse_body(body)?;
-    call(state, request, request_id).await
+    answer_call(&headers, |request_id| async move {
+        call(&state, parse_body(body)?, request_id).await
+    })
+    .await
 }
 
 /// Runs a parsed request (of `/v1/execute` or `/v1/sessions/{id}/execute`).

@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::ApiError;
-use super::execute::{ExecuteRequest, ExecuteResponse, call, parse_body, request_id};
+use super::execute::{ExecuteRequest, ExecuteResponse, answer_call, call, parse_body};
 use super::openapi::{CallErrors, CreateErrors, LookupErrors, QueryErrors, UpdateErrors};
 
 /// Most sessions one page of `GET /v1/sessions` may hold.
@@ -193,12 +193,10 @@ pub(crate) async fn execute(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let run = async {
-        let request_id = request_id(&headers)?;
-        let request = session_request(path, body)?;
-        call(&state, request, request_id).await
-    };
-    run.await.unwrap_or_else(IntoResponse::into_response)
+    answer_call(&headers, |request_id| async move {
+        call(&state, session_request(path, body)?, request_id).await
+    })
+    .await
 }
 
 /// The body of a call in the session named by the path (the body may name it too).

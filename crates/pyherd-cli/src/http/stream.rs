@@ -19,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::AppState;
 use super::error::ApiError;
-use super::execute::{ExecuteRequest, parse_body, request_id, with_request_id};
+use super::execute::{ExecuteRequest, answer_call, parse_body, with_request_id};
 use super::openapi::{CallErrors, EVENT_STREAM, ErrorBody, STREAM_EVENTS, StreamEnd, StreamEvent};
 use super::sessions::session_request;
 
@@ -64,12 +64,10 @@ pub(crate) async fn stream(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let run = async {
-        let request_id = request_id(&headers)?;
-        let request: ExecuteRequest = parse_body(body)?;
-        open(&state, request, request_id).await
-    };
-    run.await.unwrap_or_else(IntoResponse::into_response)
+    answer_call(&headers, |request_id| async move {
+        open(&state, parse_body(body)?, request_id).await
+    })
+    .await
 }
 
 /// Runs one call in the session and answers its chunks as Server-Sent Events.
@@ -83,12 +81,10 @@ pub(crate) async fn session_stream(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let run = async {
-        let request_id = request_id(&headers)?;
-        let request = session_request(path, body)?;
-        open(&state, request, request_id).await
-    };
-    run.await.unwrap_or_else(IntoResponse::into_response)
+    answer_call(&headers, |request_id| async move {
+        open(&state, session_request(path, body)?, request_id).await
+    })
+    .await
 }
 
 /// Starts the call and answers with its events.

@@ -387,6 +387,21 @@ async fn every_adapter_error_has_its_kind_and_the_pool_keeps_serving() {
             .unwrap_err();
         expect(e, Category::InvalidRequest, "invalid_id");
     }
+    for command in ["get_program_info", "delete_program", "execute_program"] {
+        for id in ["../x", ""] {
+            let mut args = json!({"program_id": id});
+            if command == "execute_program" {
+                args["inputs"] = json!({});
+            }
+            let e = call(&pool, "s", command, args).await.unwrap_err();
+            expect(e, Category::InvalidRequest, "invalid_id");
+        }
+    }
+    // A spec naming another id than the one it is stored under.
+    let mut named = spec.clone();
+    named.insert("id".into(), json!("other"));
+    let e = pool.put_program(Some("s"), "qa", named).await.unwrap_err();
+    expect(e, Category::InvalidRequest, "malformed_request");
     let e = pool
         .put_program(Some("nobody"), "qa", spec)
         .await

@@ -186,6 +186,7 @@ impl Pool {
             }
             "delete_program" => {
                 let wanted: ProgramRef = parse_args(command, &args)?;
+                check_id("program", &wanted.program_id)?;
                 let removed = store.delete_program(session_id, &wanted.program_id).await?;
                 host_reply(&json!({"program_id": removed.id, "deleted": true}), started)
             }
@@ -254,6 +255,16 @@ impl Pool {
         options: &CallOptions,
     ) -> Result<(Program, Reply), Error> {
         check_id("program", id)?;
+        match spec.get("id") {
+            Some(Value::String(named)) if named == id => {}
+            None => {}
+            Some(named) => {
+                return Err(Error::new(
+                    ErrorKind::MalformedRequest,
+                    format!("the program's spec names id {named}, not {id:?}"),
+                ));
+            }
+        }
         spec.insert("id".into(), id.into());
         let args = to_raw(&spec)?;
         let reply = match session {
@@ -282,6 +293,7 @@ impl Pool {
         session: &Session,
         id: &str,
     ) -> Result<(Program, &'static str), Error> {
+        check_id("program", id)?;
         if let Some(program) = session.programs.get(id) {
             return Ok((program.clone(), "session"));
         }

@@ -82,12 +82,16 @@ fn done<'a, T: Send + 'a>(result: Result<T, Error>) -> StoreFuture<'a, T> {
 
 fn check_ttl(ttl: Duration) -> Result<Duration, Error> {
     if ttl.is_zero() || ttl > MAX_TTL {
+        let shown = if ttl.subsec_nanos() == 0 {
+            format!("{} s", ttl.as_secs())
+        } else {
+            format!("{ttl:?}")
+        };
         return Err(Error::new(
             ErrorKind::MalformedRequest,
             format!(
-                "a session TTL must be 1..={} s, not {} s",
-                MAX_TTL.as_secs(),
-                ttl.as_secs_f64()
+                "a session TTL must be 1..={} s, not {shown}",
+                MAX_TTL.as_secs()
             ),
         ));
     }
@@ -440,9 +444,19 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::InvalidId);
-        for ttl in [Duration::ZERO, MAX_TTL + Duration::from_secs(1)] {
+        for (ttl, shown) in [
+            (Duration::ZERO, "0 s"),
+            (MAX_TTL + Duration::from_secs(1), "31536001 s"),
+            (Duration::from_secs(u64::MAX), "18446744073709551615 s"),
+            (Duration::from_millis(31_536_000_500), "31536000.5s"),
+        ] {
             let e = store.create(SessionSpec::new().ttl(ttl)).await.unwrap_err();
             assert_eq!(e.kind(), &ErrorKind::MalformedRequest, "{ttl:?}");
+            assert!(
+                e.message()
+                    .ends_with(&format!("must be 1..=31536000 s, not {shown}")),
+                "{e}"
+            );
         }
         assert_eq!(store.stats().live, 0);
         store.create(SessionSpec::new().id("s")).await.unwrap();

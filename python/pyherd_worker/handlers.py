@@ -130,8 +130,20 @@ def _register(name: str, func: Func) -> Func:
     ]
     if not 1 <= len(params) <= 2:
         raise TypeError(f"handler {name!r} must take (args) or (args, ctx), not {len(params)} parameters")
+    before = _REGISTRY.get(name)
+    if before is not None and _origin(before.func) != _origin(func):
+        logging.getLogger("pyherd.worker").warning(
+            "handler %r from %s replaces the one from %s (the module loaded last wins)",
+            name,
+            _origin(func),
+            _origin(before.func),
+        )
     _REGISTRY[name] = Handler(name, func, len(params) == 2, inspect.iscoroutinefunction(func))
     return func
+
+
+def _origin(func: Func) -> str:
+    return f"{func.__module__}.{func.__qualname__}"
 
 
 def handler(arg: Union[Func, str, None] = None) -> Any:

@@ -68,6 +68,25 @@ def test_a_named_decorator_registers_under_the_given_name():
     assert call(name, [1, 2]) == {"other": [1, 2]}
 
 
+def test_a_handler_registered_again_from_elsewhere_replaces_the_first_with_a_warning(caplog):
+    name = unique("twice")
+
+    @handler(name)
+    def first(args):
+        return 1
+
+    @handler(name)
+    def second(args):
+        return 2
+
+    assert call(name) == 2
+    warned = [r.getMessage() for r in caplog.records if r.name == "pyherd.worker"]
+    assert warned == [
+        f"handler {name!r} from {__name__}.{second.__qualname__} replaces the one from "
+        f"{__name__}.{first.__qualname__} (the module loaded last wins)"
+    ]
+
+
 def test_handlers_get_args_alone_or_args_and_the_context():
     seen = []
     one, two = unique("one"), unique("two")

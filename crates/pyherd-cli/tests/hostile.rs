@@ -225,7 +225,7 @@ async fn deeply_nested_json_is_a_400_and_costs_no_worker() {
         ("/v1/sessions/s1/execute", nested_args),
         (
             "/v1/execute",
-            format!(r#"{{"command": "echo", "args": {}}}"#, deep(128)),
+            format!(r#"{{"command": "echo", "args": {}}}"#, deep(127)),
         ),
     ];
     for (path, body) in cases {
@@ -233,12 +233,15 @@ async fn deeply_nested_json_is_a_400_and_costs_no_worker() {
         assert_eq!(answer.status, 400, "{path}: {}", answer.head);
         assert_eq!(answer.kind(), "malformed_request", "{path}");
         let message = answer.json()["error"]["message"].to_string();
-        assert!(message.contains("128"), "{path}: {message}");
+        assert!(message.contains("127"), "{path}: {message}");
     }
-    // Up to the limit, nesting is passed through (the envelope is one level).
-    let body = format!(r#"{{"command": "echo", "args": {}}}"#, deep(127));
+    // Up to the limit, a body is read whole (the envelope is one level).
+    let body = format!(r#"{{"command": "echo", "args": {}}}"#, deep(126));
     let answer = exchange(&server, &post("/v1/execute", "", body.as_bytes()));
     assert_eq!(answer.status, 200, "{}", answer.head);
+    let body = format!(r#"{{"metadata": {}}}"#, deep(126));
+    let answer = exchange(&server, &post("/v1/sessions", "", body.as_bytes()));
+    assert_eq!(answer.status, 201, "{}", answer.head);
     assert_eq!(common::workers(&server).await, before, "a worker was lost");
     still_serving(&server).await;
 }

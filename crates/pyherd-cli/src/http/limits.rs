@@ -15,10 +15,11 @@ use pyherd::{Error, ErrorKind};
 use super::BODY_SLACK;
 use super::error::ApiError;
 
-/// Deepest nesting of arrays and objects in a body. serde_json refuses deeper values by
-/// itself, but not inside the raw `args` passed through to Python, whose decoder would fail
-/// on them and lose the worker.
-pub(crate) const MAX_DEPTH: usize = 128;
+/// Deepest nesting of arrays and objects in a body, the envelope included. It is the
+/// depth serde_json parses a value to (session metadata, a program's spec), so a body
+/// within it is read whole wherever its depth lies; the raw `args`, passed to Python
+/// unparsed, are held to it too.
+pub(crate) const MAX_DEPTH: usize = 127;
 
 /// The limits on a request body.
 #[derive(Debug, Clone, Copy)]

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::http::{Limits, Token, check_bind};
 
 /// The file keys read here (and removed from the table before the pool's keys are read).
-const KEYS: [&str; 8] = [
+pub(crate) const KEYS: [&str; 8] = [
     "token",
     "token_file",
     "insecure",
@@ -131,13 +131,18 @@ impl ServerArgs {
             .map(|t| Token::new(&t))
             .transpose()
             .map_err(anyhow::Error::msg)?;
-        let insecure = self.insecure || file.insecure.unwrap_or(false);
+        let insecure = self.insecure(file);
         check_bind(addr, token.is_some(), insecure).map_err(anyhow::Error::msg)?;
         if insecure && token.is_none() && !addr.ip().is_loopback() {
             tracing::warn!(%addr, "--insecure: serving without a token beyond loopback");
         }
         let limits = self.limits(file)?;
         Ok(ServerSettings { token, limits })
+    }
+
+    /// Whether `insecure` is on: by the flag (or its variable) or the file; off by default.
+    pub(crate) fn insecure(&self, file: &ServerFile) -> bool {
+        self.insecure || file.insecure.unwrap_or(false)
     }
 
     /// The limits: flags over the file over the defaults, checked.

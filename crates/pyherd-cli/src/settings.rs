@@ -139,12 +139,24 @@ pub(crate) struct PoolArgs {
         value_delimiter = ','
     )]
     pub(crate) preload: Vec<String>,
-    /// Where pyherd keeps its state, such as the Python environment of `pyherd setup`
-    /// [default: .pyherd]
     /// Where pyherd keeps its state: the Python environment of `pyherd setup` and the run
     /// registry (runs/) [default: .pyherd]
     #[arg(long, env = "PYHERD_STATE_DIR")]
     pub(crate) state_dir: Option<PathBuf>,
+    /// Where the embedded worker package is written: `$PYHERD_CACHE_DIR` when set (not a
+    /// flag; over the file's `cache_dir`, as any variable is).
+    #[arg(skip = cache_dir_from_env())]
+    pub(crate) cache_dir: Option<PathBuf>,
+}
+
+/// The variable of the file key `cache_dir` (a setting without a flag).
+pub(crate) const CACHE_DIR_VAR: &str = "PYHERD_CACHE_DIR";
+
+/// `$PYHERD_CACHE_DIR`, unless unset or empty.
+fn cache_dir_from_env() -> Option<PathBuf> {
+    std::env::var_os(CACHE_DIR_VAR)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 /// The configuration file's keys: the pool's, plus `bind`, `dspy`, `state_dir`,
@@ -269,6 +281,9 @@ impl PoolArgs {
         if !self.preload.is_empty() {
             pool.preload.clone_from(&self.preload);
         }
+        if self.cache_dir.is_some() {
+            pool.cache_dir.clone_from(&self.cache_dir);
+        }
         self.apply_lifecycle(pool);
         self.apply_resilience(pool);
     }
@@ -342,8 +357,21 @@ pub(crate) fn read_file(path: &Path) -> anyhow::Result<FileSettings> {
     parse_file(&text).with_context(|| format!("in the configuration file {}", path.display()))
 }
 
+/// The keys of the file besides the pool's and the server's.
+const OWN_KEYS: [&str; 4] = ["bind", "dspy", "state_dir", "requirements"];
+
 fn parse_file(text: &str) -> anyhow::Result<FileSettings> {
     let mut table: toml::Table = toml::from_str(text)?;
+    let keys = file_keys();
+    if let Some(key) = table.keys().find(|k| !keys.contains(&k.as_str())) {
+        bail!(
+            "unknown key `{key}`, expected one of {}",
+            keys.iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let bind = match table.remove("bind") {
         None => None,
         Some(toml::Value::String(s)) => Some(s),
@@ -379,6 +407,52 @@ fn parse_file(text: &str) -> anyhow::Result<FileSettings> {
         server,
         python_set,
     })
+}
+
+/// Every key a `pyherd.toml` may hold: [`OWN_KEYS`], the server's, then the pool's.
+fn file_keys() -> Vec<&'static str> {
+    let mut keys: Vec<&str> = OWN_KEYS.to_vec();
+    keys.extend(crate::server_settings::KEYS);
+    keys.extend(pool_keys().iter().filter(|k| !OWN_KEYS.contains(k)));
+    keys
+}
+
+/// The keys of [`PoolConfig`], as its `Deserialize` implementation names them.
+fn pool_keys() -> &'static [&'static str] {
+    /// A deserializer that only records the field names a struct asks for.
+    struct FieldNames(&'static [&'static str]);
+
+    impl<'de> serde::Deserializer<'de> for &mut FieldNames {
+        type Error = serde::de::value::Error;
+
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("only the field names are read"))
+        }
+
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0 = fields;
+            self.deserialize_any(visitor)
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+
+    let mut names = FieldNames(&[]);
+    // Fails by design once the names are recorded.
+    let _ = <PoolConfig as serde::Deserialize>::deserialize(&mut names);
+    names.0
 }
 
 /// Picks the address: flag/env, then the file, then the default.
@@ -539,8 +613,32 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_named() {
-        let e = parse_file("wrokers = 2\n").unwrap_err();
-        assert!(format!("{e:#}").contains("wrokers"), "{e:#}");
+        let e = format!("{:#}", parse_file("wrokers = 2\n").unwrap_err());
+        assert!(e.contains("unknown key `wrokers`"), "{e}");
+        // The hint names every key the file takes, the pool's and the others.
+        for key in [
+            "`workers`",
+            "`kill_timeout_ms`",
+            "`bind`",
+            "`token_file`",
+            "`insecure`",
+        ] {
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        for key in [
+            "`max_streams`",
+            "`body_timeout_ms`",
+            "`dspy`",
+            "`requirements`",
+        ] {
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        assert_eq!(e.matches("`state_dir`").count(), 1, "{e}");
+        let keys = file_keys();
+        assert!(
+            keys.contains(&"max_age_s") && keys.contains(&"preload"),
+            "{keys:?}"
+        );
         let e = parse_file("bind = 7\n").unwrap_err();
         assert!(e.to_string().contains("bind"));
         assert!(bind_address(Some("nonsense"), None).is_err());

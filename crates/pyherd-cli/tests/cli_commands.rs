@@ -307,3 +307,18 @@ fn bench_draws_a_progress_bar_on_a_terminal_only() {
         "the report follows: {terminal}"
     );
 }
+
+#[test]
+fn each_flag_is_described_once_in_help() {
+    for sub in ["serve", "exec", "bench", "config", "setup"] {
+        let (code, help, stderr) = run(&[sub, "--help"]);
+        assert_eq!(code, Some(0), "{sub}: {stderr}");
+        let said = help.matches("Where pyherd keeps its state").count();
+        assert_eq!(said, 1, "{sub} --help:\n{help}");
+        assert_eq!(
+            help.matches("[default: .pyherd]").count(),
+            1,
+            "{sub}:\n{help}"
+        );
+    }
+}

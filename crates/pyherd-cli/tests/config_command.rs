@@ -126,6 +126,7 @@ fn each_value_is_reported_with_the_source_that_won() {
     check("max_streams", 3.into(), "file", Some("pyherd.toml"));
     check("header_timeout_ms", 10_000.into(), "default", None);
     check("token", "***".into(), "file", Some("pyherd.toml"));
+    check("insecure", false.into(), "default", None);
     let handlers = &entry(&report, "handlers")["value"];
     assert_eq!(handlers[0], "pyherd_worker.dspy_adapter", "{handlers}");
 
@@ -149,6 +150,7 @@ fn each_value_is_reported_with_the_source_that_won() {
     );
     assert!(line("max_sessions").ends_with("default"), "{text}");
     assert!(line("max_requests").contains(" none "), "{text}");
+    assert!(line("insecure").contains(" false "), "{text}");
 
     // --config names another file.
     let other = dir.path().join("other.toml");
@@ -157,6 +159,36 @@ fn each_value_is_reported_with_the_source_that_won() {
     assert_eq!(entry(&report, "max_sessions")["value"], 5);
     assert_eq!(entry(&report, "workers")["source"], "default");
     assert_eq!(entry(&report, "config")["source"], "flag");
+}
+
+#[test]
+fn the_cache_directory_of_the_environment_is_reported_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("pyherd.toml"),
+        "cache_dir = \"/from/file\"\n",
+    )
+    .unwrap();
+    let cache = dir.path().join("cache");
+    let cache = cache.to_str().unwrap();
+    let env = [("PYHERD_CACHE_DIR", cache)];
+    let report = report(dir.path(), &env, &[]);
+    let e = entry(&report, "cache_dir");
+    assert_eq!(e["value"], cache, "{e}");
+    assert_eq!(e["source"], "env", "{e}");
+    assert_eq!(e["origin"], "PYHERD_CACHE_DIR", "{e}");
+    assert_eq!(report["unknown_env"], json!([]));
+    // The pool uses it too: the worker package is written there.
+    let (code, stdout, stderr) = pyherd(dir.path(), &env, &["exec", "--workers", "1", "ping"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("pong"), "{stdout}");
+    let written = std::fs::read_dir(cache).unwrap().flatten();
+    assert!(
+        written
+            .map(|d| d.file_name())
+            .any(|n| n.to_string_lossy().starts_with("worker-")),
+        "nothing written to {cache}"
+    );
 }
 
 fn report_with_config(dir: &Path, file: &Path) -> Value {
@@ -200,9 +232,24 @@ fn unknown_file_keys_are_refused_and_unknown_variables_warned_about() {
     let (code, _, stderr) = pyherd(dir.path(), &[], &["config"]);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("wrokers"), "{stderr}");
+    // The hint names the keys of the pool, the server and the rest of the file alike.
+    for key in [
+        "workers",
+        "kill_timeout_ms",
+        "bind",
+        "token_file",
+        "max_streams",
+        "dspy",
+    ] {
+        assert!(stderr.contains(&format!("`{key}`")), "{key}: {stderr}");
+    }
     std::fs::remove_file(dir.path().join("pyherd.toml")).unwrap();
 
-    let env = [("PYHERD_WROKERS", "2"), ("PYHERD_LOG", "warn")];
+    let env = [
+        ("PYHERD_WROKERS", "2"),
+        ("PYHERD_LOG", "warn"),
+        ("PYHERD_URL", "http://127.0.0.1:1"),
+    ];
     let report = report(dir.path(), &env, &[]);
     assert_eq!(report["unknown_env"], serde_json::json!(["PYHERD_WROKERS"]));
     let (code, _, stderr) = pyherd(dir.path(), &env, &["config"]);
@@ -212,11 +259,13 @@ fn unknown_file_keys_are_refused_and_unknown_variables_warned_about() {
         "{stderr}"
     );
     assert!(!stderr.contains("PYHERD_LOG"), "{stderr}");
+    assert!(!stderr.contains("PYHERD_URL"), "{stderr}");
     // The commands that run a pool say it too.
     let (code, stdout, stderr) = pyherd(dir.path(), &env, &["exec", "--workers", "1", "ping"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("pong"), "{stdout}");
     assert!(stderr.contains("PYHERD_WROKERS"), "{stderr}");
+    assert!(!stderr.contains("PYHERD_URL"), "{stderr}");
 }
 
 #[test]

@@ -407,6 +407,13 @@ impl PoolBuilder {
         self
     }
 
+    /// How long a worker has to exit after SIGTERM at shutdown before SIGKILL (more than
+    /// zero; checked by [`build`](Self::build), see [`PoolConfig::kill_timeout`]).
+    pub fn kill_timeout(mut self, timeout: Duration) -> Self {
+        self.config.kill_timeout = timeout;
+        self
+    }
+
     /// Largest frame in either direction.
     pub fn max_frame_bytes(mut self, n: usize) -> Self {
         self.config.max_frame_bytes = n;
@@ -1324,6 +1331,17 @@ pub(crate) fn shutting_down() -> Error {
 mod tests {
     use super::*;
     use crate::session::SessionSpec;
+
+    #[tokio::test]
+    async fn the_kill_timeout_is_a_builder_setting_checked_at_build() {
+        let builder = Pool::builder().kill_timeout(Duration::from_millis(250));
+        assert_eq!(builder.config.kill_timeout, Duration::from_millis(250));
+        let Err(e) = builder.kill_timeout(Duration::ZERO).build().await else {
+            panic!("a zero kill_timeout was accepted");
+        };
+        assert_eq!(e.kind(), &ErrorKind::InvalidConfig);
+        assert!(e.message().contains("kill_timeout"), "{e}");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_sweep_runs_on_its_interval_until_the_pool_closes() {

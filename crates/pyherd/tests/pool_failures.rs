@@ -6,7 +6,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{exists, running, sigkill, spawn_call, testing_pool, wait_until, worker_pids};
+use common::{
+    child_holding_the_pipes, crash_with_a_child_holding_the_pipes, exists, running, sigkill,
+    spawn_call, testing_pool, wait_until, worker_pids,
+};
 use futures::StreamExt;
 use pyherd::{CallOptions, Category, ErrorKind, Pool, WorkerState};
 use serde_json::json;
@@ -224,37 +227,10 @@ async fn a_worker_killed_from_outside_while_idle_is_replaced() {
     pool.shutdown().await;
 }
 
-/// A `sleep` child of the worker handed its protocol pipes: it keeps them open after the
-/// worker dies, so the pipes alone never tell the host of that death.
-async fn child_holding_the_pipes(pool: &Pool) -> u32 {
-    let answer = pool
-        .execute("spawn_child", json!({"hold_pipes": true}))
-        .await
-        .unwrap();
-    let child = u32::try_from(answer["pid"].as_u64().unwrap()).unwrap();
-    assert!(running(child));
-    child
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_dying_mid_call_is_found_at_once_though_its_child_holds_the_pipes() {
     let pool = testing_pool(1).build().await.unwrap();
-    let child = child_holding_the_pipes(&pool).await;
-    let t = Instant::now();
-    let opts = CallOptions::new().timeout(Duration::from_secs(20));
-    let e = pool
-        .execute_with("crash", json!({"code": 7}), &opts)
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
-    assert!(e.is_retryable());
-    assert_eq!(e.context().exit_status.as_deref(), Some("exit status: 7"));
-    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-    // The child shared the worker's process group and ended with it.
-    wait_until(Duration::from_secs(5), "the child to die", || {
-        !running(child)
-    })
-    .await;
+    crash_with_a_child_holding_the_pipes(&pool).await;
     replaced(&pool, 1).await;
     assert_eq!(pool.execute("echo", json!(1)).await.unwrap(), json!(1));
     pool.shutdown().await;

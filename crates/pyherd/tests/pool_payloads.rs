@@ -6,8 +6,9 @@ mod common;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::testing_pool;
-use pyherd::{CallOptions, Pool};
+use pyherd::{CallOptions, ErrorKind, Pool};
 use serde_json::json;
+use serde_json::value::RawValue;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_mebibyte_unicode_payload_round_trips_unchanged() {
@@ -69,6 +70,47 @@ async fn the_stdlib_json_codec_works_when_orjson_is_absent_or_disabled() {
     assert_eq!(info["json"], "json");
     let args = json!({"text": "ünïcödé 🐍", "n": [1, 2.5, null]});
     assert_eq!(pool.execute("echo", args.clone()).await.unwrap(), args);
+    // The standard library reads an integer beyond 64 bits exactly, so it is not refused
+    // as it is for orjson.
+    let big = RawValue::from_string("[123456789012345678901234567890]".into()).unwrap();
+    let reply = pool
+        .execute_raw("echo", big, &CallOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(reply.raw().get(), "[123456789012345678901234567890]");
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn args_orjson_cannot_read_as_meant_are_refused_before_any_worker() {
+    let pool = testing_pool(1).build().await.unwrap();
+    let info = pool.execute("info", json!({})).await.unwrap();
+    assert_eq!(info["json"], "orjson");
+    for (args, words) in [
+        ("[123456789012345678901234567890]", "beyond 64 bits"),
+        (r#"{"x": 1e400}"#, "range of a double"),
+        (r#""\ud800""#, "lone surrogate"),
+    ] {
+        let raw = RawValue::from_string(args.into()).unwrap();
+        let e = pool
+            .execute_raw("echo", raw.clone(), &CallOptions::new())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::MalformedRequest, "{args}");
+        assert!(e.message().contains(words), "{e}");
+        let Err(e) = pool.stream_raw("echo", raw, &CallOptions::new()).await else {
+            panic!("{args} was streamed");
+        };
+        assert_eq!(e.kind(), &ErrorKind::MalformedRequest, "{args}");
+    }
+    // A surrogate pair, written as escapes, is one character and passes.
+    let pair = RawValue::from_string(r#""\ud83d\udc0d""#.into()).unwrap();
+    let reply = pool
+        .execute_raw("echo", pair, &CallOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(reply.decode::<String>().unwrap(), "🐍");
+    assert_eq!(pool.workers()[0].requests, 2);
     pool.shutdown().await;
 }
 

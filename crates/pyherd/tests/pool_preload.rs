@@ -296,6 +296,18 @@ async fn a_forked_worker_that_crashes_reports_its_exit_status_and_stderr() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forked_worker_dying_with_a_child_holding_its_pipes_is_found_at_once() {
+    let pool = common::testing_pool(1)
+        .preload("json")
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(started_by(&pool), [StartedBy::Fork]);
+    common::crash_with_a_child_holding_the_pipes(&pool).await;
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_and_drop_end_the_zygote_and_every_forked_worker() {
     let pool = common::testing_pool(2)
         .preload("json")

@@ -137,6 +137,38 @@ async fn a_call_given_up_while_queued_frees_its_place_in_the_queue_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_given_up_but_not_yet_skipped_are_bounded_too() {
+    let pool = testing_pool(1).max_queue(1).build().await.unwrap();
+    let busy = spawn_call(&pool, "sleep", json!({"seconds": 1.5}));
+    wait_until(Duration::from_secs(5), "the worker to be busy", || {
+        pool.stats().busy == 1
+    })
+    .await;
+    // Sixteen calls given up while the worker is busy: each leaves the count at once,
+    // but stays in the queue until the worker reaches it.
+    let opts = CallOptions::new().queue_timeout(Duration::from_millis(10));
+    for i in 0..16 {
+        let e = pool
+            .execute_with("echo", json!(i), &opts)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::QueueTimeout);
+    }
+    assert_eq!(pool.stats().queued, 0);
+    let e = pool.execute("echo", json!("refused")).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::PoolSaturated);
+    assert!(e.message().contains("given up"), "{e}");
+    // Once the worker is free it skips them, and the queue takes calls again.
+    assert!(busy.await.unwrap().is_ok());
+    assert_eq!(
+        pool.execute("echo", json!("served")).await.unwrap(),
+        json!("served")
+    );
+    assert_eq!(pool.workers()[0].requests, 2);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_are_served_in_the_order_they_arrived() {
     let pool = testing_pool(1).build().await.unwrap();
     let blocker = spawn_call(&pool, "sleep", json!({"seconds": 0.3}));

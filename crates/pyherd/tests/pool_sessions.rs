@@ -120,6 +120,8 @@ async fn strict_fail_fast_refuses_when_the_sessions_worker_is_busy() {
     assert_eq!(e.category(), Category::Resource);
     assert!(e.is_retryable());
     assert_eq!(e.context().session_id.as_deref(), Some("s"));
+    // The refused call holds no place in the queue.
+    assert_eq!(pool.stats().queued, 0);
     // Another session is not affected.
     in_session(&pool, "other", "echo", json!(2)).await;
     sleeping.await.unwrap().unwrap();

@@ -1,7 +1,7 @@
 //! A call on its way through the queue, and the caller's claim on it.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
@@ -32,7 +32,6 @@ pub(crate) struct Job {
     /// from the worker's pipe). The final outcome still goes to `reply`.
     pub(crate) chunks: Option<mpsc::Sender<Box<RawValue>>>,
     pub(crate) command: Box<str>,
-    pub(crate) args: Box<RawValue>,
     pub(crate) session_id: Option<Box<str>>,
     pub(crate) timeout: Duration,
     /// The worker the call's session prefers (its last worker), for affinity accounting.
@@ -56,10 +55,13 @@ pub(crate) struct Ticket {
 /// up (a cancel, the queue timeout) or going (the ticket dropped: the caller's future
 /// dropped, or its wait over because the job was refused or dropped unserved). Leaving
 /// takes the job out of the pool's count of calls waiting, so that count is of live
-/// calls only.
+/// calls only; a job given up also drops its arguments then, so that what it leaves in
+/// the queue until a worker skips it is small.
 struct Place {
     state: AtomicU8,
     waiting: Arc<AtomicUsize>,
+    /// The call's arguments, until a worker takes them or the job is given up.
+    args: Mutex<Option<Box<RawValue>>>,
 }
 
 impl Place {
@@ -71,8 +73,15 @@ impl Place {
             .is_ok();
         if left {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
+            if to == ABANDONED {
+                self.args().take();
+            }
         }
         left
+    }
+
+    fn args(&self) -> std::sync::MutexGuard<'_, Option<Box<RawValue>>> {
+        self.args.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -91,6 +100,7 @@ impl Job {
         let place = Arc::new(Place {
             state: AtomicU8::new(QUEUED),
             waiting,
+            args: Mutex::new(Some(args)),
         });
         let (reply, answer) = oneshot::channel();
         let job = Self {
@@ -98,7 +108,6 @@ impl Job {
             flight,
             chunks: None,
             command: command.into(),
-            args,
             session_id: session_id.map(Into::into),
             timeout,
             preferred: None,
@@ -110,13 +119,18 @@ impl Job {
         (job, Ticket { place }, answer)
     }
 
-    /// A worker claims the job; false if its caller has gone or gave up waiting.
-    pub(crate) fn take(&self) -> bool {
+    /// A worker claims the job: its arguments, or `None` if its caller has gone or gave
+    /// up waiting.
+    pub(crate) fn take(&self) -> Option<Box<RawValue>> {
         if self.reply.is_closed() {
             self.place.leave(ABANDONED);
-            return false;
+            return None;
         }
-        self.place.leave(TAKEN)
+        if self.place.leave(TAKEN) {
+            self.place.args().take()
+        } else {
+            None
+        }
     }
 
     /// Hands the outcome to the caller (ignored if the caller has gone).
@@ -168,18 +182,18 @@ mod tests {
     #[test]
     fn exactly_one_of_worker_and_caller_wins() {
         let (job1, ticket, _answer) = job();
-        assert!(job1.take());
+        assert!(job1.take().is_some());
         assert!(!ticket.abandon());
         let (job2, ticket, _answer) = job();
         assert!(ticket.abandon());
-        assert!(!job2.take());
+        assert!(job2.take().is_none());
     }
 
     #[test]
     fn a_job_whose_caller_has_gone_is_skipped() {
         let (job, _ticket, answer) = job();
         drop(answer);
-        assert!(!job.take());
+        assert!(job.take().is_none());
     }
 
     #[test]
@@ -188,7 +202,7 @@ mod tests {
         let count = || waiting.load(Ordering::Relaxed);
         // Taken by a worker, then its ticket dropped and the job answered.
         let (taken, ticket, _answer) = job_in(&waiting);
-        assert!(taken.take());
+        assert_eq!(taken.take().unwrap().get(), "null");
         assert_eq!(count(), 0);
         drop(ticket);
         taken.answer(Err(Error::new(crate::ErrorKind::Cancelled, "x")));
@@ -197,14 +211,16 @@ mod tests {
         let (given_up, ticket, _answer) = job_in(&waiting);
         assert!(ticket.abandon());
         assert_eq!(count(), 0);
-        assert!(!given_up.take());
+        // Its arguments are dropped at once, though the job is still queued.
+        assert!(given_up.place.args().is_none());
+        assert!(given_up.take().is_none());
         drop((given_up, ticket));
         assert_eq!(count(), 0);
         // Its caller gone (the future dropped): out of the count at once.
         let (orphaned, ticket, answer) = job_in(&waiting);
         drop((ticket, answer));
         assert_eq!(count(), 0);
-        assert!(!orphaned.take());
+        assert!(orphaned.take().is_none());
         // Dropped unserved, as at a shutdown: out of the count once its caller's wait ends.
         let (refused, ticket, answer) = job_in(&waiting);
         drop(refused);

@@ -212,6 +212,9 @@ pub(crate) struct Shared {
     handlers: HashSet<String>,
     /// The workers loaded the DSPy adapter: its session commands are served here.
     dspy: bool,
+    /// The workers decode with orjson, which cannot read some valid JSON as it was
+    /// meant (see [`protocol::unreadable`]): such arguments are refused before admission.
+    orjson: bool,
     slots: Vec<SlotHandle>,
     /// Calls admitted and not yet taken by a worker (in the queue or an affinity
     /// channel), nor given up by their callers.
@@ -263,6 +266,25 @@ impl Shared {
 
     fn next_worker_id(&self) -> Arc<str> {
         take_worker_id(&self.next_worker)
+    }
+
+    /// Refuses arguments the workers could not read as they were meant (see
+    /// [`protocol::unreadable`]; only orjson cannot).
+    ///
+    /// # Errors
+    /// `invalid_request/malformed_request` naming what cannot be read.
+    pub(crate) fn check_args(&self, args: &RawValue) -> Result<(), Error> {
+        match self
+            .orjson
+            .then(|| protocol::unreadable(args.get()))
+            .flatten()
+        {
+            Some(why) => Err(Error::new(
+                ErrorKind::MalformedRequest,
+                format!("args: {why}"),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// The slot running worker `id`, if that worker is still in service.
@@ -407,8 +429,9 @@ impl PoolBuilder {
         self
     }
 
-    /// How long a worker has to exit after SIGTERM at shutdown before SIGKILL (more than
-    /// zero; checked by [`build`](Self::build), see [`PoolConfig::kill_timeout`]).
+    /// How long a worker stopped politely has to exit after its request pipe closes, and
+    /// again after SIGTERM, before SIGKILL (more than zero; checked by
+    /// [`build`](Self::build), see [`PoolConfig::kill_timeout`]).
     pub fn kill_timeout(mut self, timeout: Duration) -> Self {
         self.config.kill_timeout = timeout;
         self
@@ -575,6 +598,7 @@ impl PoolBuilder {
             config,
             launcher,
             dspy: hello.adapters.iter().any(|a| a == sessions::DSPY_ADAPTER),
+            orjson: hello.json == "orjson",
             handlers: hello.handlers.into_iter().collect(),
             slots,
             queued: Arc::new(AtomicUsize::new(0)),
@@ -675,6 +699,11 @@ fn worker_env(config: &PoolConfig, package: &std::path::Path) -> BTreeMap<String
 }
 
 const DSPY_CACHE_VAR: &str = "DSPY_CACHEDIR";
+
+/// The most calls a queue may hold, as a multiple of `max_queue`: its live calls (at
+/// most `max_queue`) and the calls given up (cancelled, timed out, their callers gone)
+/// that no worker has reached yet to skip. Those hold no arguments, but are bounded too.
+const QUEUE_ROOM: usize = 16;
 
 /// The workers' `PYTHONPATH`: the embedded package first, then what the caller had.
 fn python_path(package: PathBuf, config: &PoolConfig) -> OsString {
@@ -792,9 +821,9 @@ impl Pool {
             ..options.clone()
         };
         let known = self.knows(command);
-        let outcome = match protocol::unreadable(args.get()) {
-            Some(why) => Err(unreadable_args(&why)),
-            None => match options.session_id.as_deref() {
+        let outcome = match self.inner.shared.check_args(&args) {
+            Err(e) => Err(e),
+            Ok(()) => match options.session_id.as_deref() {
                 Some(session) if known => self.in_session(session, command, args, options).await,
                 None if known && self.needs_session(command) => Err(Error::new(
                     ErrorKind::SessionRequired,
@@ -978,6 +1007,16 @@ impl Pool {
         };
         let target = elsewhere.or(target);
         job.preferred = preferred;
+        let channel = target.map_or(queue.len(), |slot| slot.direct.len());
+        if channel >= shared.config.max_queue.saturating_mul(QUEUE_ROOM) {
+            return Err(Error::new(
+                ErrorKind::PoolSaturated,
+                format!(
+                    "all workers are busy and the queue holds {channel} calls, most of them \
+                     given up but not yet reached by a worker"
+                ),
+            ));
+        }
         let sent = match target {
             Some(slot) => slot.direct.try_send(job).is_ok(),
             None => queue.try_send(job).is_ok(),
@@ -1311,11 +1350,6 @@ impl Admitted {
         };
         answer.unwrap_or_else(|_| Err(shutting_down()))
     }
-}
-
-/// Arguments a worker could not read as they were meant (see [`protocol::unreadable`]).
-pub(crate) fn unreadable_args(why: &str) -> Error {
-    Error::new(ErrorKind::MalformedRequest, format!("args: {why}"))
 }
 
 /// What the caller of a cancelled call gets.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -126,7 +127,8 @@ impl Slot {
                     return Ending::Stop;
                 }
                 fault = worker.idle_fault() => {
-                    tracing::warn!(worker = %worker.id(), error = %fault, "worker lost while idle");
+                    let error = worker.crashed(fault).await;
+                    tracing::warn!(worker = %worker.id(), %error, "worker lost while idle");
                     self.go(WorkerState::Stopped, "crashed");
                     return Ending::Replace(RestartReason::Crashed);
                 }
@@ -153,9 +155,9 @@ impl Slot {
                     }
                 }
             };
-            if !job.take() {
+            let Some(args) = job.take() else {
                 continue;
-            }
+            };
             if let Some(preferred) = &job.preferred {
                 let counter = if preferred == worker.id() {
                     &shared.counters.affinity_hits
@@ -171,7 +173,11 @@ impl Slot {
             // Calls admitted while this worker was still idle saw no pressure.
             shared.relieve_pressure();
             let span = job.span.clone();
-            if let Some(ending) = self.run_job(worker, job, limit).instrument(span).await {
+            if let Some(ending) = self
+                .run_job(worker, job, &args, limit)
+                .instrument(span)
+                .await
+            {
                 return ending;
             }
             idle_since = Instant::now();
@@ -179,11 +185,12 @@ impl Slot {
         }
     }
 
-    /// Runs one call; `Some` when the worker cannot go on.
+    /// Runs one call, of arguments `args`; `Some` when the worker cannot go on.
     async fn run_job(
         &self,
         worker: &mut WorkerProcess,
         job: Job,
+        args: &RawValue,
         request_limit: Option<u64>,
     ) -> Option<Ending> {
         let deadline_ms = SystemTime::now()
@@ -199,7 +206,7 @@ impl Slot {
             deadline_ms,
             stream: job.chunks.is_some(),
         };
-        let call = Call::new(&job.command, &job.args, meta);
+        let call = Call::new(&job.command, args, meta);
         let frame = match serde_json::to_vec(&call) {
             Ok(body) => Bytes::from(body),
             Err(e) => {
@@ -444,7 +451,7 @@ impl Slot {
             return;
         };
         while let Ok(job) = self.queue.try_recv() {
-            if job.take() {
+            if job.take().is_some() {
                 job.answer(Err(error.clone()));
             }
         }

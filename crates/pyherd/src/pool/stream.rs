@@ -25,7 +25,7 @@ use tracing::Span;
 use super::calls::Entered;
 use super::job::Job;
 use super::slot::{Ending, Slot, on_worker};
-use super::{CallOptions, Pool, Reply, Shared, Target, cancelled, unreadable_args};
+use super::{CallOptions, Pool, Reply, Shared, Target, cancelled};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::UNKNOWN_COMMAND;
 use crate::protocol::{self, Message};
@@ -252,8 +252,8 @@ impl Pool {
             tally.record(Some(&e));
             e
         };
-        if let Some(why) = protocol::unreadable(args.get()) {
-            return Err(context(unreadable_args(&why)));
+        if let Err(e) = self.inner.shared.check_args(&args) {
+            return Err(context(e));
         }
         if self.needs_session(command) {
             return Err(context(Error::new(

@@ -164,9 +164,10 @@ pub(crate) struct WorkerProcess {
     hello: Hello,
     started: Instant,
     started_by: StartedBy,
-    /// Whether it was ended: its group signalled and its exit logged (a worker is ended
-    /// once, `end` may run again).
-    ended: bool,
+    /// Whether its group was signalled at its end (only the first end does it).
+    signalled: bool,
+    /// Whether its exit was logged (a worker is ended once, `end` may run again).
+    exit_told: bool,
     /// Its line in the run registry, removed when the worker is dropped (after its end).
     _registered: RunEntry,
 }
@@ -254,7 +255,8 @@ impl WorkerProcess {
             },
             started: began,
             started_by,
-            ended: false,
+            signalled: false,
+            exit_told: false,
             _registered: registered,
         };
         match tokio::time::timeout(spec.startup_timeout, worker.next_reply()).await {
@@ -281,7 +283,7 @@ impl WorkerProcess {
             Ok(Err(Fault::Protocol(why))) => Err(worker
                 .fail_start(Error::new(
                     ErrorKind::HandshakeFailed,
-                    format!("worker's first frame: {why}"),
+                    format!("before its hello: {why}"),
                 ))
                 .await),
             Ok(Err(Fault::Gone(_))) => Err(worker
@@ -375,10 +377,24 @@ impl WorkerProcess {
         let Some(requests) = self.requests.as_mut() else {
             return Err(Fault::Gone("the request pipe is closed".into()));
         };
-        requests
-            .send(frame)
-            .await
-            .map_err(|e| Fault::Gone(format!("writing the call failed: {e}")))
+        if self.exit.is_some() {
+            return Err(exited());
+        }
+        // A process the worker started may hold the pipe's other end: a write that
+        // fills the pipe would then wait for a reader that never comes.
+        tokio::select! {
+            biased;
+            sent = requests.send(frame) => {
+                sent.map_err(|e| Fault::Gone(format!("writing the call failed: {e}")))
+            }
+            ended = self.process.wait() => match ended {
+                Some(ended) => {
+                    self.exit = Some(ended);
+                    Err(exited())
+                }
+                None => Err(Fault::Gone("waiting for its process failed".into())),
+            },
+        }
     }
 
     /// Waits for the answer to call `id` (a result or a Python-side error).
@@ -416,44 +432,63 @@ impl WorkerProcess {
         }
     }
 
-    /// Waits while idle; returns the error describing how the worker went wrong
-    /// (it exited, or sent something unasked).
+    /// Waits while idle until the worker goes wrong: it exits, or sends something
+    /// unasked. [`crashed`](Self::crashed) then ends it.
     ///
     /// # Cancel safety
-    /// Cancel safe: nothing is read unless a whole frame arrived.
-    pub(crate) async fn idle_fault(&mut self) -> Error {
-        let fault = match self.next_reply().await {
-            Ok(_) => Fault::Protocol("sent a frame while idle".into()),
-            Err(Fault::Gone(why)) => Fault::Gone(format!("{why} while idle")),
-            Err(Fault::Protocol(why)) => Fault::Protocol(format!("{why} while idle")),
-        };
-        self.crashed(fault).await
+    /// Cancel safe: nothing is read unless a whole frame arrived, and an end learned is
+    /// kept. It returns at once for a worker whose end is known, so a caller that
+    /// selects on it with incoming calls gives no call to a worker known to be dead.
+    pub(crate) async fn idle_fault(&mut self) -> Fault {
+        match self.frame_or_end().await {
+            Some(Ok(_)) => Fault::Protocol("sent a frame while idle".into()),
+            Some(Err(Fault::Gone(why))) => Fault::Gone(format!("{why} while idle")),
+            Some(Err(Fault::Protocol(why))) => Fault::Protocol(format!("{why} while idle")),
+            None => Fault::Gone("its process exited while idle".into()),
+        }
     }
 
     /// Reads the next frame on the reply pipe, or learns that the worker is gone: its
-    /// pipe closed, or its process ended. The end is watched as well as the pipe because
-    /// a process the worker started (a fork, a subprocess given its fds) keeps the pipe
-    /// open after the worker's death, and the pipe alone would then never close.
+    /// pipe closed, or its process ended. What it wrote before its end is still read.
     ///
     /// # Cancel safety
     /// Cancel safe: nothing is read unless a whole frame arrived, and an end learned is
     /// kept.
     async fn next_reply(&mut self) -> Result<BytesMut, Fault> {
-        if self.exit.is_none() {
-            let ended = tokio::select! {
-                biased;
-                frame = self.replies.next() => return frame_or_fault(frame),
-                ended = self.process.wait() => ended,
-            };
-            match ended {
-                Some(ended) => self.exit = Some(ended),
-                // Its end cannot be known (waiting failed): the pipe alone tells.
-                None => return frame_or_fault(self.replies.next().await),
-            }
+        if let Some(frame) = self.frame_or_end().await {
+            return frame;
         }
         match tokio::time::timeout(EXITED_READ, self.replies.next()).await {
-            Ok(Some(frame)) => frame_or_fault(Some(frame)),
-            Ok(None) | Err(_) => Err(Fault::Gone("its process exited".into())),
+            Ok(Some(Ok(body))) => Ok(body),
+            // Cut off mid-frame by its end: it died, it broke nothing.
+            Ok(Some(Err(_)) | None) | Err(_) => Err(exited()),
+        }
+    }
+
+    /// The next frame on the reply pipe, or `None` once the worker's process has ended.
+    /// The end is watched as well as the pipe because a process the worker started (a
+    /// fork, a subprocess given its fds) keeps the pipe open after the worker's death,
+    /// and the pipe alone would then never close.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is read unless a whole frame arrived, and an end learned is
+    /// kept.
+    async fn frame_or_end(&mut self) -> Option<Result<BytesMut, Fault>> {
+        if self.exit.is_some() {
+            return None;
+        }
+        let ended = tokio::select! {
+            biased;
+            frame = self.replies.next() => return Some(frame_or_fault(frame)),
+            ended = self.process.wait() => ended,
+        };
+        match ended {
+            Some(ended) => {
+                self.exit = Some(ended);
+                None
+            }
+            // Its end cannot be known (waiting failed): the pipe alone tells.
+            None => Some(frame_or_fault(self.replies.next().await)),
         }
     }
 
@@ -489,7 +524,7 @@ impl WorkerProcess {
     /// `term_timeout`, then SIGKILL; reaps it; signals what is left of its group; flushes
     /// its stderr. Returns how it exited.
     async fn end(&mut self, patience: Duration, term_timeout: Option<Duration>) -> Option<String> {
-        if !self.ended {
+        if !self.signalled {
             if self.exit.is_none() && !self.wait_exit(patience).await {
                 let mut exited = false;
                 if let Some(term_timeout) = term_timeout {
@@ -505,10 +540,11 @@ impl WorkerProcess {
             // are handed out in sequence, so the group id cannot have been reused in the
             // instants since the leader was reaped (and only this first end signals it).
             self.signal(Signal::SIGKILL);
+            self.signalled = true;
         }
         stderr::finish(&mut self.stderr_task, STDERR_FLUSH).await;
         let status = self.exit.as_ref().map(ToString::to_string);
-        if !std::mem::replace(&mut self.ended, true) {
+        if !std::mem::replace(&mut self.exit_told, true) {
             telemetry::worker_exited(&self.id, self.pid, status.as_deref().unwrap_or("unknown"));
         }
         status
@@ -534,12 +570,17 @@ impl WorkerProcess {
 
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
-        if !self.ended {
+        if !self.signalled {
             // Dropped without being ended (pool dropped, task aborted): take the group
             // down; tokio's orphan reaper (or the zygote) collects the leader.
             self.signal(Signal::SIGKILL);
         }
     }
+}
+
+/// The fault of a worker whose process ended.
+fn exited() -> Fault {
+    Fault::Gone("its process exited".into())
 }
 
 /// A frame read on the reply pipe, or the fault its absence means.

@@ -79,3 +79,37 @@ pub fn spawn_call(
     let pool = pool.clone();
     tokio::spawn(async move { pool.execute(command, args).await })
 }
+
+/// A `sleep` child of the worker handed its protocol pipes (handler `spawn_child` of
+/// `pyherd_worker.testing`): it keeps them open after the worker dies, so the pipes alone
+/// never tell the host of that death. Its pid.
+pub async fn child_holding_the_pipes(pool: &Pool) -> u32 {
+    let answer = pool
+        .execute("spawn_child", serde_json::json!({"hold_pipes": true}))
+        .await
+        .expect("spawn_child");
+    let child = u32::try_from(answer["pid"].as_u64().expect("a pid")).expect("pid fits u32");
+    assert!(running(child));
+    child
+}
+
+/// Crashes the pool's one worker mid-call after it started a child holding its pipes:
+/// the call fails at once as `worker_crashed` with the exit status, not at its timeout,
+/// and the child ends with the worker's process group.
+pub async fn crash_with_a_child_holding_the_pipes(pool: &Pool) {
+    let child = child_holding_the_pipes(pool).await;
+    let t = Instant::now();
+    let opts = pyherd::CallOptions::new().timeout(Duration::from_secs(20));
+    let e = pool
+        .execute_with("crash", serde_json::json!({"code": 7}), &opts)
+        .await
+        .expect_err("the worker crashed");
+    assert_eq!(e.kind(), &pyherd::ErrorKind::WorkerCrashed, "{e}");
+    assert!(e.is_retryable());
+    assert_eq!(e.context().exit_status.as_deref(), Some("exit status: 7"));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    wait_until(Duration::from_secs(5), "the child to die", || {
+        !running(child)
+    })
+    .await;
+}

@@ -277,6 +277,28 @@ async fn errors_before_the_call_is_admitted_still_carry_its_request_id() {
             assert_eq!(body["error"]["context"]["request_id"], rid, "{path}");
         }
     }
+    // Refused by the body checks, before any route: too deep, not JSON.
+    let deep = (0..200).fold(json!(1), |inner, _| json!([inner]));
+    let refusals = [
+        reqwest::Client::new()
+            .post(server.url("/v1/execute"))
+            .json(&json!({"command": "echo", "args": deep})),
+        reqwest::Client::new()
+            .post(server.url("/v1/execute"))
+            .header("content-type", "text/plain")
+            .body("echo"),
+    ];
+    for (request, status) in refusals.into_iter().zip([400, 415]) {
+        let response = request
+            .header("x-request-id", "early-body")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status);
+        assert_eq!(header(&response).as_deref(), Some("early-body"));
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["context"]["request_id"], "early-body");
+    }
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ use pyherd::{Error, ErrorKind};
 
 use super::BODY_SLACK;
 use super::error::ApiError;
+use super::execute::request_id;
 
 /// Deepest nesting of arrays and objects in a body, the envelope included. It is the
 /// depth serde_json parses a value to (session metadata, a program's spec), so a body
@@ -40,15 +41,18 @@ pub(crate) async fn read_body(
     if body.is_end_stream() {
         return next.run(Request::from_parts(parts, body)).await;
     }
+    // A refusal here is an answer to the call the client named, if it named one.
+    let rid = request_id(&parts.headers).ok().flatten();
+    let answer = |error: ApiError| error.for_request(rid.as_deref());
     if let Some(refusal) = check_type(&parts.headers) {
-        return refusal.into_response();
+        return answer(refusal).into_response();
     }
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_bytes as u64) {
-        return too_large(limits.max_bytes);
+        return closing(answer(too_large(limits.max_bytes)));
     }
     let read = tokio::time::timeout(
         limits.timeout,
@@ -58,26 +62,28 @@ pub(crate) async fn read_body(
         Ok(Ok(collected)) => {
             let bytes = collected.to_bytes();
             if nesting(&bytes) > MAX_DEPTH {
-                return ApiError::malformed(format!(
+                return answer(ApiError::malformed(format!(
                     "the body nests arrays and objects deeper than {MAX_DEPTH} levels"
-                ))
+                )))
                 .into_response();
             }
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await
         }
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => too_large(limits.max_bytes),
-        Ok(Err(e)) => closing(ApiError::malformed(format!(
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            closing(answer(too_large(limits.max_bytes)))
+        }
+        Ok(Err(e)) => closing(answer(ApiError::malformed(format!(
             "cannot read the request body: {e}"
-        ))),
-        Err(_) => closing(ApiError::new(
+        )))),
+        Err(_) => closing(answer(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
             format!(
                 "the request body did not arrive within {} ms (body_timeout_ms)",
                 limits.timeout.as_millis()
             ),
-        )),
+        ))),
     }
 }
 
@@ -135,7 +141,7 @@ fn nesting(json: &[u8]) -> usize {
     deepest
 }
 
-fn too_large(limit: usize) -> Response {
+fn too_large(limit: usize) -> ApiError {
     let error = Error::new(
         ErrorKind::PayloadTooLarge,
         format!(
@@ -143,7 +149,7 @@ fn too_large(limit: usize) -> Response {
         ),
     )
     .with_context(|c| c.limit_bytes = u64::try_from(limit).ok());
-    closing(ApiError::from(error))
+    ApiError::from(error)
 }
 
 /// The answer, and the connection closed after it: the rest of the body is not read.

@@ -143,7 +143,11 @@ def _register(name: str, func: Func) -> Func:
 
 
 def _origin(func: Func) -> str:
-    return f"{func.__module__}.{func.__qualname__}"
+    """Where a handler comes from; a callable object (a partial, an instance) may lack
+    the names a function has."""
+    module = getattr(func, "__module__", None) or type(func).__module__
+    name = getattr(func, "__qualname__", None) or type(func).__qualname__
+    return f"{module}.{name}"
 
 
 def handler(arg: Union[Func, str, None] = None) -> Any:

@@ -165,7 +165,7 @@ class Worker:
         try:
             body = self.dumps(frame)
         except Exception as exc:  # TypeError, ValueError, RecursionError (too deep), ...
-            return False, self.dumps(
+            return False, self.error_body(
                 error_frame(
                     request_id,
                     "python",
@@ -175,7 +175,7 @@ class Worker:
                 )
             )
         if len(body) > self.max_frame_bytes:
-            return False, self.dumps(
+            return False, self.error_body(
                 error_frame(
                     request_id,
                     "resource",

@@ -87,6 +87,24 @@ def test_a_handler_registered_again_from_elsewhere_replaces_the_first_with_a_war
     ]
 
 
+def test_a_callable_object_registered_again_is_named_by_its_type(caplog):
+    import functools
+
+    name = unique("partial")
+
+    def scaled(args, factor=1):
+        return args * factor
+
+    handlers._register(name, scaled)
+    handlers._register(name, functools.partial(scaled, factor=3))
+    assert call(name, 2) == 6
+    warned = [r.getMessage() for r in caplog.records if r.name == "pyherd.worker"]
+    assert warned == [
+        f"handler {name!r} from functools.partial replaces the one from "
+        f"{__name__}.{scaled.__qualname__} (the module loaded last wins)"
+    ]
+
+
 def test_handlers_get_args_alone_or_args_and_the_context():
     seen = []
     one, two = unique("one"), unique("two")

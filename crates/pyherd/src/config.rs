@@ -47,7 +47,9 @@ pub struct PoolConfig {
     /// On shutdown, how long admitted calls may still run before workers are stopped. Default: 30 s.
     #[serde(rename = "shutdown_grace_ms", with = "millis")]
     pub shutdown_grace: Duration,
-    /// On shutdown, how long a worker has to exit after SIGTERM before SIGKILL. Default: 5 s.
+    /// How long a worker stopped politely (recycled, scaled down, replaced at a reload, at
+    /// shutdown) has to exit after its request pipe closes, and again after SIGTERM,
+    /// before SIGKILL. Default: 5 s.
     #[serde(rename = "kill_timeout_ms", with = "millis")]
     pub kill_timeout: Duration,
     /// Largest frame either side may send, in bytes. Default: 64 MiB.

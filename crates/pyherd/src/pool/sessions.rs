@@ -257,7 +257,7 @@ impl Pool {
         check_id("program", id)?;
         match spec.get("id") {
             Some(Value::String(named)) if named == id => {}
-            None => {}
+            None | Some(Value::Null) => {}
             Some(named) => {
                 return Err(Error::new(
                     ErrorKind::MalformedRequest,

@@ -82,10 +82,11 @@ fn done<'a, T: Send + 'a>(result: Result<T, Error>) -> StoreFuture<'a, T> {
 
 fn check_ttl(ttl: Duration) -> Result<Duration, Error> {
     if ttl.is_zero() || ttl > MAX_TTL {
+        // Whole seconds exactly (a float would round the largest), else with a fraction.
         let shown = if ttl.subsec_nanos() == 0 {
             format!("{} s", ttl.as_secs())
         } else {
-            format!("{ttl:?}")
+            format!("{} s", ttl.as_secs_f64())
         };
         return Err(Error::new(
             ErrorKind::MalformedRequest,
@@ -448,7 +449,7 @@ mod tests {
             (Duration::ZERO, "0 s"),
             (MAX_TTL + Duration::from_secs(1), "31536001 s"),
             (Duration::from_secs(u64::MAX), "18446744073709551615 s"),
-            (Duration::from_millis(31_536_000_500), "31536000.5s"),
+            (Duration::from_millis(31_536_000_500), "31536000.5 s"),
         ] {
             let e = store.create(SessionSpec::new().ttl(ttl)).await.unwrap_err();
             assert_eq!(e.kind(), &ErrorKind::MalformedRequest, "{ttl:?}");

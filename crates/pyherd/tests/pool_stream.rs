@@ -58,6 +58,7 @@ async fn an_exception_mid_stream_comes_after_the_chunks_sent() {
     assert_eq!(error.kind(), &ErrorKind::PythonException);
     assert_eq!(error.context().python_type.as_deref(), Some("ValueError"));
     assert_eq!(error.context().worker_id.as_deref(), Some("w1"));
+    assert_eq!(error.context().command.as_deref(), Some("count_then_fail"));
     assert!(stream.end().is_none());
     // The worker lives on.
     assert_eq!(pool.execute("echo", json!(2)).await.unwrap(), json!(2));

@@ -115,7 +115,8 @@ impl CallStream {
 
     fn finish(&mut self, outcome: Result<Reply, Error>) -> Option<Result<Value, Error>> {
         self.outcome = None;
-        if let Some(tally) = self.tally.take() {
+        let tally = self.tally.take();
+        if let Some(tally) = &tally {
             tally.record(outcome.as_ref().err());
         }
         match outcome {
@@ -129,7 +130,14 @@ impl CallStream {
             }
             Err(e) => {
                 let rid = self.request_id.to_string();
-                Some(Err(e.with_context(|c| c.request_id = Some(rid))))
+                // The tally's label is the command: an unknown one never starts a stream.
+                let command = tally.map(|t| t.label.into_string());
+                Some(Err(e.with_context(|c| {
+                    c.request_id = Some(rid);
+                    if c.command.is_none() {
+                        c.command = command;
+                    }
+                })))
             }
         }
     }

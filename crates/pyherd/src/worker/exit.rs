@@ -92,6 +92,39 @@ impl ExitWatch {
     }
 }
 
+impl ExitWatch {
+    /// Hands the watch to a task of its own and returns the report of its end. The host
+    /// then learns a worker's end by polling a channel, with no system call, however
+    /// often it looks (at every call and between calls).
+    pub(crate) fn report(mut self) -> EndReport {
+        let (send, receive) = oneshot::channel();
+        tokio::spawn(async move {
+            let _ = send.send(self.wait().await);
+        });
+        EndReport(Some(receive))
+    }
+}
+
+/// The end of a worker's process, as the task watching it reports it.
+pub(crate) struct EndReport(Option<oneshot::Receiver<Option<Ended>>>);
+
+impl EndReport {
+    /// Waits for the process to end and be reaped; `None` when that cannot be known
+    /// (waiting failed, or the watching task is gone). It answers once: after that it
+    /// waits forever.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: calling it again goes on waiting for the same report.
+    pub(crate) async fn next(&mut self) -> Option<Ended> {
+        let Some(receive) = self.0.as_mut() else {
+            return std::future::pending().await;
+        };
+        let ended = receive.await.ok().flatten();
+        self.0 = None;
+        ended
+    }
+}
+
 /// The process exists and is not a zombie.
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -124,6 +157,20 @@ mod tests {
         };
         send.send(9).unwrap();
         assert!(watch.wait().await.unwrap().to_string().contains("SIGKILL"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_report_answers_once_then_waits_forever() {
+        let (send, report) = oneshot::channel();
+        let mut report = ExitWatch::Forked {
+            pid: u32::MAX,
+            report: Some(report),
+        }
+        .report();
+        send.send(3 << 8).unwrap();
+        assert_eq!(report.next().await.unwrap().to_string(), "exit status: 3");
+        let again = tokio::time::timeout(Duration::from_secs(3600), report.next()).await;
+        assert!(again.is_err(), "a second answer");
     }
 
     #[tokio::test]

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
-use super::exit::{Ended, ExitWatch, StartedBy};
+use super::exit::{EndReport, Ended, ExitWatch, StartedBy};
 use super::spawner::Spawner;
 use super::stderr::{self, StderrTail};
 use crate::error::{Error, ErrorKind};
@@ -155,7 +155,8 @@ pub(crate) fn worker_args(spec: &LaunchSpec, id: &str) -> Vec<String> {
 pub(crate) struct WorkerProcess {
     id: Arc<str>,
     pid: u32,
-    process: ExitWatch,
+    /// Its process's end, reported by the task that watches it.
+    process: EndReport,
     exit: Option<Ended>,
     requests: Option<FramedWrite<pipe::Sender, LengthDelimitedCodec>>,
     replies: FramedRead<pipe::Receiver, LengthDelimitedCodec>,
@@ -240,7 +241,7 @@ impl WorkerProcess {
         let mut worker = Self {
             id,
             pid,
-            process: exit,
+            process: exit.report(),
             exit: None,
             requests: Some(FramedWrite::new(host.requests, codec.clone())),
             replies: FramedRead::new(host.replies, codec),
@@ -387,7 +388,7 @@ impl WorkerProcess {
             sent = requests.send(frame) => {
                 sent.map_err(|e| Fault::Gone(format!("writing the call failed: {e}")))
             }
-            ended = self.process.wait() => match ended {
+            ended = self.process.next() => match ended {
                 Some(ended) => {
                     self.exit = Some(ended);
                     Err(exited())
@@ -480,7 +481,7 @@ impl WorkerProcess {
         let ended = tokio::select! {
             biased;
             frame = self.replies.next() => return Some(frame_or_fault(frame)),
-            ended = self.process.wait() => ended,
+            ended = self.process.next() => ended,
         };
         match ended {
             Some(ended) => {
@@ -551,7 +552,7 @@ impl WorkerProcess {
     }
 
     async fn wait_exit(&mut self, within: Duration) -> bool {
-        match tokio::time::timeout(within, self.process.wait()).await {
+        match tokio::time::timeout(within, self.process.next()).await {
             Ok(Some(ended)) => {
                 self.exit = Some(ended);
                 true

@@ -261,14 +261,20 @@ async fn a_preload_module_that_fails_to_import_leaves_workers_spawned() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forked_worker_that_crashes_reports_its_exit_status_and_stderr() {
+/// A pool of one worker with the testing handlers, forked from a zygote.
+async fn one_forked_testing_worker() -> Pool {
     let pool = common::testing_pool(1)
         .preload("json")
         .build()
         .await
         .unwrap();
     assert_eq!(started_by(&pool), [StartedBy::Fork]);
+    pool
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forked_worker_that_crashes_reports_its_exit_status_and_stderr() {
+    let pool = one_forked_testing_worker().await;
     let e = pool.execute("crash", json!({"code": 7})).await.unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
     let ctx = e.context();
@@ -297,12 +303,7 @@ async fn a_forked_worker_that_crashes_reports_its_exit_status_and_stderr() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forked_worker_dying_with_a_child_holding_its_pipes_is_found_at_once() {
-    let pool = common::testing_pool(1)
-        .preload("json")
-        .build()
-        .await
-        .unwrap();
-    assert_eq!(started_by(&pool), [StartedBy::Fork]);
+    let pool = one_forked_testing_worker().await;
     common::crash_with_a_child_holding_the_pipes(&pool).await;
     pool.shutdown().await;
 }

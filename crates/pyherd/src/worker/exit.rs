@@ -90,9 +90,7 @@ impl ExitWatch {
             }
         }
     }
-}
 
-impl ExitWatch {
     /// Hands the watch to a task of its own and returns the report of its end. The host
     /// then learns a worker's end by polling a channel, with no system call, however
     /// often it looks (at every call and between calls).

@@ -573,7 +573,7 @@ impl Drop for WorkerProcess {
     fn drop(&mut self) {
         if !self.signalled {
             // Dropped without being ended (pool dropped, task aborted): take the group
-            // down; tokio's orphan reaper (or the zygote) collects the leader.
+            // down; the task watching the leader (or the zygote) reaps it.
             self.signal(Signal::SIGKILL);
         }
     }

@@ -34,7 +34,7 @@ use crate::telemetry;
 
 /// How long a worker whose pipe closed gets to finish exiting before SIGKILL.
 const DYING_PATIENCE: Duration = Duration::from_secs(1);
-/// How long a killed worker gets to be reaped before it is left to tokio's orphan reaper.
+/// How long a killed worker gets to be reaped by the task watching it before it is left alone.
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for the last stderr lines of a worker that ended.
 const STDERR_FLUSH: Duration = Duration::from_millis(500);

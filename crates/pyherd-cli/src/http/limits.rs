@@ -41,9 +41,10 @@ pub(crate) async fn read_body(
     if body.is_end_stream() {
         return next.run(Request::from_parts(parts, body)).await;
     }
-    // A refusal here is an answer to the call the client named, if it named one.
-    let rid = request_id(&parts.headers).ok().flatten();
-    let answer = |error: ApiError| error.for_request(rid.as_deref());
+    // A refusal here is an answer to the call the client named, if it named one (read
+    // only for a refusal: a body that passes has its id read by its route).
+    let answer =
+        |error: ApiError| error.for_request(request_id(&parts.headers).ok().flatten().as_deref());
     if let Some(refusal) = check_type(&parts.headers) {
         return answer(refusal).into_response();
     }

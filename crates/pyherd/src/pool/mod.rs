@@ -269,16 +269,14 @@ impl Shared {
     }
 
     /// Refuses arguments the workers could not read as they were meant (see
-    /// [`protocol::unreadable`]; only orjson cannot).
+    /// [`protocol::unreadable`]; only orjson cannot), unless they are known to be
+    /// readable.
     ///
     /// # Errors
     /// `invalid_request/malformed_request` naming what cannot be read.
-    pub(crate) fn check_args(&self, args: &RawValue) -> Result<(), Error> {
-        match self
-            .orjson
-            .then(|| protocol::unreadable(args.get()))
-            .flatten()
-        {
+    pub(crate) fn check_args(&self, args: &RawValue, readable: Readable) -> Result<(), Error> {
+        let check = self.orjson && readable == Readable::Check;
+        match check.then(|| protocol::unreadable(args.get())).flatten() {
             Some(why) => Err(Error::new(
                 ErrorKind::MalformedRequest,
                 format!("args: {why}"),
@@ -700,6 +698,16 @@ fn worker_env(config: &PoolConfig, package: &std::path::Path) -> BTreeMap<String
 
 const DSPY_CACHE_VAR: &str = "DSPY_CACHEDIR";
 
+/// Whether a call's arguments must be checked for what the workers could not read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Readable {
+    /// JSON from outside (an HTTP body, a caller's raw JSON or serde types): checked.
+    Check,
+    /// Written from a [`Value`], which holds only 64-bit integers, finite numbers and
+    /// valid text: nothing to check.
+    Known,
+}
+
 /// The most calls a queue may hold, as a multiple of `max_queue`: its live calls (at
 /// most `max_queue`) and the calls given up (cancelled, timed out, their callers gone)
 /// that no worker has reached yet to skip. Those hold no arguments, but are bounded too.
@@ -767,7 +775,7 @@ impl Pool {
     ) -> Result<Reply, Error> {
         let args = serde_json::value::to_raw_value(&args)
             .map_err(|e| Error::new(ErrorKind::MalformedRequest, format!("args: {e}")))?;
-        self.execute_raw(command, args, options).await
+        self.run_raw(command, args, options, Readable::Known).await
     }
 
     /// Calls `command` with any serialisable `args` and decodes the result into `R`.
@@ -813,6 +821,17 @@ impl Pool {
         args: Box<RawValue>,
         options: &CallOptions,
     ) -> Result<Reply, Error> {
+        self.run_raw(command, args, options, Readable::Check).await
+    }
+
+    /// [`execute_raw`](Self::execute_raw), checking `args` as `readable` says.
+    async fn run_raw(
+        &self,
+        command: &str,
+        args: Box<RawValue>,
+        options: &CallOptions,
+        readable: Readable,
+    ) -> Result<Reply, Error> {
         let started = Instant::now();
         let entered = self.enter(options.request_id.as_deref())?;
         let rid = entered.flight.rid.clone();
@@ -821,7 +840,7 @@ impl Pool {
             ..options.clone()
         };
         let known = self.knows(command);
-        let outcome = match self.inner.shared.check_args(&args) {
+        let outcome = match self.inner.shared.check_args(&args, readable) {
             Err(e) => Err(e),
             Ok(()) => match options.session_id.as_deref() {
                 Some(session) if known => self.in_session(session, command, args, options).await,

@@ -25,7 +25,7 @@ use tracing::Span;
 use super::calls::Entered;
 use super::job::Job;
 use super::slot::{Ending, Slot, on_worker};
-use super::{CallOptions, Pool, Reply, Shared, Target, cancelled};
+use super::{CallOptions, Pool, Readable, Reply, Shared, Target, cancelled};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::UNKNOWN_COMMAND;
 use crate::protocol::{self, Message};
@@ -228,7 +228,7 @@ impl Pool {
     ) -> Result<CallStream, Error> {
         let args = serde_json::value::to_raw_value(&args)
             .map_err(|e| Error::new(ErrorKind::MalformedRequest, format!("args: {e}")))?;
-        self.stream_raw(command, args, options).await
+        self.open_raw(command, args, options, Readable::Known).await
     }
 
     /// [`stream_with`](Self::stream_with) with arguments that are already JSON.
@@ -240,6 +240,17 @@ impl Pool {
         command: &str,
         args: Box<RawValue>,
         options: &CallOptions,
+    ) -> Result<CallStream, Error> {
+        self.open_raw(command, args, options, Readable::Check).await
+    }
+
+    /// [`stream_raw`](Self::stream_raw), checking `args` as `readable` says.
+    async fn open_raw(
+        &self,
+        command: &str,
+        args: Box<RawValue>,
+        options: &CallOptions,
+        readable: Readable,
     ) -> Result<CallStream, Error> {
         let started = std::time::Instant::now();
         let entered = self.enter(options.request_id.as_deref())?;
@@ -260,7 +271,7 @@ impl Pool {
             tally.record(Some(&e));
             e
         };
-        if let Err(e) = self.inner.shared.check_args(&args) {
+        if let Err(e) = self.inner.shared.check_args(&args, readable) {
             return Err(context(e));
         }
         if self.needs_session(command) {

@@ -141,4 +141,22 @@ mod tests {
             assert!(why.contains(escape), "{json}: {why}");
         }
     }
+
+    #[test]
+    fn json_written_from_a_value_is_always_readable() {
+        // What `Readable::Known` rests on: a Value holds no integer beyond 64 bits (a
+        // larger one is read as a float, unless serde_json's arbitrary_precision is on)
+        // and no lone surrogate, and a non-finite float is written as null.
+        let big: serde_json::Value =
+            serde_json::from_str("[123456789012345678901234567890, 1e300]").unwrap();
+        assert!(serde_json::from_str::<serde_json::Value>(r#""\ud800""#).is_err());
+        let values = [
+            big,
+            serde_json::json!([f64::NAN, f64::INFINITY, u64::MAX, i64::MIN, "\u{1F40D}"]),
+        ];
+        for value in values {
+            let json = serde_json::to_string(&value).unwrap();
+            assert_eq!(unreadable(&json), None, "{json}");
+        }
+    }
 }

@@ -78,6 +78,15 @@ def exception_frame(
     )
 
 
+def failure_frame(request_id: int, exc: BaseException) -> Dict[str, Any]:
+    """The answer to a call whose handler raised `exc` (any exception, SystemExit too: a
+    handler's failure is its caller's answer, not the worker's end): a HandlerError's own
+    category and kind, else ``python/python_exception``."""
+    if isinstance(exc, handlers.HandlerError):
+        return exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable)
+    return exception_frame(request_id, exc)
+
+
 class Worker:
     """One worker's state: its streams, codec, limits and handlers."""
 
@@ -153,10 +162,8 @@ class Worker:
         )
         try:
             return "ok", handlers.invoke(h, msg.get("args"), ctx)
-        except handlers.HandlerError as exc:
-            return "err", exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable)
-        except BaseException as exc:  # SystemExit too: a handler's failure is the caller's answer, not the worker's end
-            return "err", exception_frame(request_id, exc)
+        except BaseException as exc:
+            return "err", failure_frame(request_id, exc)
 
     def _encode(self, frame: Dict[str, Any], what: str, name: Any) -> Tuple[bool, bytes]:
         """(True, `frame` encoded), or (False, the encoded error frame saying why it
@@ -196,10 +203,8 @@ class Worker:
         if type(result) in handlers.STREAM_TYPES:
             try:
                 result = list(handlers.chunks(result))
-            except handlers.HandlerError as exc:
-                return self.error_body(exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable))
             except BaseException as exc:
-                return self.error_body(exception_frame(request_id, exc))
+                return self.error_body(failure_frame(request_id, exc))
         return self._encode({"t": "ok", "id": request_id, "result": result}, "returned a value", msg.get("cmd"))[1]
 
     def cancel_pending(self, request_id: int) -> bool:
@@ -242,11 +247,8 @@ class Worker:
                     items.close()
                     self.send(error_frame(request_id, "invalid_request", "cancelled", "the call was cancelled"))
                     return
-        except handlers.HandlerError as exc:
-            self.send_error(exception_frame(request_id, exc, exc.category, exc.kind, exc.retryable))
-            return
         except BaseException as exc:
-            self.send_error(exception_frame(request_id, exc))
+            self.send_error(failure_frame(request_id, exc))
             return
         finally:
             items.close()

@@ -6,22 +6,31 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{spawn_call, testing_pool, wait_until};
-use pyherd::{CallOptions, Category, ErrorKind};
-use serde_json::json;
+use pyherd::{CallOptions, Category, ErrorKind, Pool};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_queue_refuses_at_once_with_pool_saturated() {
-    let pool = testing_pool(1).max_queue(1).build().await.unwrap();
-    let busy = spawn_call(&pool, "sleep", json!({"seconds": 0.6}));
+/// Runs `sleep` for `seconds` on the pool's one worker, and waits until it is busy with it.
+async fn occupy(pool: &Pool, seconds: f64) -> JoinHandle<Result<Value, pyherd::Error>> {
+    let call = spawn_call(pool, "sleep", json!({ "seconds": seconds }));
     wait_until(Duration::from_secs(5), "the worker to be busy", || {
         pool.stats().busy == 1
     })
     .await;
-    let queued = spawn_call(&pool, "echo", json!("queued"));
-    wait_until(Duration::from_secs(5), "one queued call", || {
-        pool.stats().queued == 1
-    })
-    .await;
+    call
+}
+
+/// Waits until `n` calls are counted as waiting.
+async fn queued(pool: &Pool, n: usize, what: &str) {
+    wait_until(Duration::from_secs(5), what, || pool.stats().queued == n).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_at_once_with_pool_saturated() {
+    let pool = testing_pool(1).max_queue(1).build().await.unwrap();
+    let busy = occupy(&pool, 0.6).await;
+    let waiting = spawn_call(&pool, "echo", json!("queued"));
+    queued(&pool, 1, "one queued call").await;
     let t = Instant::now();
     let e = pool.execute("echo", json!("refused")).await.unwrap_err();
     assert!(
@@ -33,7 +42,7 @@ async fn a_full_queue_refuses_at_once_with_pool_saturated() {
     assert!(e.is_retryable());
     // Nothing admitted was lost.
     assert!(busy.await.unwrap().is_ok());
-    assert_eq!(queued.await.unwrap().unwrap(), json!("queued"));
+    assert_eq!(waiting.await.unwrap().unwrap(), json!("queued"));
     pool.shutdown().await;
 }
 
@@ -44,11 +53,7 @@ async fn a_call_waiting_past_the_queue_timeout_gets_queue_timeout_and_never_runs
         .build()
         .await
         .unwrap();
-    let busy = spawn_call(&pool, "sleep", json!({"seconds": 1.0}));
-    wait_until(Duration::from_secs(5), "the worker to be busy", || {
-        pool.stats().busy == 1
-    })
-    .await;
+    let busy = occupy(&pool, 1.0).await;
     let t = Instant::now();
     let e = pool.execute("ctx_info", json!({})).await.unwrap_err();
     let waited = t.elapsed();
@@ -73,12 +78,7 @@ async fn a_call_waiting_past_the_queue_timeout_gets_queue_timeout_and_never_runs
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_given_up_while_queued_frees_its_place_in_the_queue_at_once() {
     let pool = testing_pool(1).max_queue(1).build().await.unwrap();
-    let busy = spawn_call(&pool, "sleep", json!({"seconds": 3.0}));
-    wait_until(Duration::from_secs(5), "the worker to be busy", || {
-        pool.stats().busy == 1
-    })
-    .await;
-    let queue_is_empty = || pool.stats().queued == 0;
+    let busy = occupy(&pool, 3.0).await;
     // Past its queue timeout.
     let opts = CallOptions::new().queue_timeout(Duration::from_millis(50));
     let e = pool
@@ -93,41 +93,22 @@ async fn a_call_given_up_while_queued_frees_its_place_in_the_queue_at_once() {
         let pool = pool.clone();
         tokio::spawn(async move { pool.execute_with("echo", json!(2), &opts).await })
     };
-    wait_until(Duration::from_secs(5), "the call to be queued", || {
-        pool.stats().queued == 1
-    })
-    .await;
+    queued(&pool, 1, "the call to be queued").await;
     assert!(pool.cancel("waiting-1"));
     assert_eq!(
         cancelled.await.unwrap().unwrap_err().kind(),
         &ErrorKind::Cancelled
     );
-    wait_until(
-        Duration::from_secs(5),
-        "the cancelled call out of the queue",
-        queue_is_empty,
-    )
-    .await;
+    queued(&pool, 0, "the cancelled call out of the queue").await;
     // Its caller gone (the future dropped, as when an HTTP client disconnects).
     let dropped = spawn_call(&pool, "echo", json!(3));
-    wait_until(Duration::from_secs(5), "the call to be queued", || {
-        pool.stats().queued == 1
-    })
-    .await;
+    queued(&pool, 1, "the call to be queued").await;
     dropped.abort();
-    wait_until(
-        Duration::from_secs(5),
-        "the dropped call out of the queue",
-        queue_is_empty,
-    )
-    .await;
+    queued(&pool, 0, "the dropped call out of the queue").await;
     // The queue of one has room again while the worker is still busy.
     assert_eq!(pool.stats().busy, 1);
     let admitted = spawn_call(&pool, "echo", json!("admitted"));
-    wait_until(Duration::from_secs(5), "the new call to be queued", || {
-        pool.stats().queued == 1
-    })
-    .await;
+    queued(&pool, 1, "the new call to be queued").await;
     assert!(busy.await.unwrap().is_ok());
     assert_eq!(admitted.await.unwrap().unwrap(), json!("admitted"));
     // The worker served the sleep and the admitted call, none of the calls given up.
@@ -139,11 +120,7 @@ async fn a_call_given_up_while_queued_frees_its_place_in_the_queue_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_given_up_but_not_yet_skipped_are_bounded_too() {
     let pool = testing_pool(1).max_queue(1).build().await.unwrap();
-    let busy = spawn_call(&pool, "sleep", json!({"seconds": 1.5}));
-    wait_until(Duration::from_secs(5), "the worker to be busy", || {
-        pool.stats().busy == 1
-    })
-    .await;
+    let busy = occupy(&pool, 1.5).await;
     // Sixteen calls given up while the worker is busy: each leaves the count at once,
     // but stays in the queue until the worker reaches it.
     let opts = CallOptions::new().queue_timeout(Duration::from_millis(10));
@@ -171,11 +148,7 @@ async fn calls_given_up_but_not_yet_skipped_are_bounded_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_are_served_in_the_order_they_arrived() {
     let pool = testing_pool(1).build().await.unwrap();
-    let blocker = spawn_call(&pool, "sleep", json!({"seconds": 0.3}));
-    wait_until(Duration::from_secs(5), "the worker to be busy", || {
-        pool.stats().busy == 1
-    })
-    .await;
+    let blocker = occupy(&pool, 0.3).await;
     let mut calls = Vec::new();
     for i in 0..20 {
         let caller = pool.clone();

@@ -85,9 +85,20 @@ impl Place {
     }
 }
 
+/// Counts a new call among the calls `waiting`, unless `max` wait already: true if it
+/// was counted. The job then made for it with [`Job::new`] gives the place back when it
+/// leaves (see [`Place`]).
+pub(crate) fn enter(waiting: &AtomicUsize, max: usize) -> bool {
+    if waiting.fetch_add(1, Ordering::Relaxed) >= max {
+        waiting.fetch_sub(1, Ordering::Relaxed);
+        return false;
+    }
+    true
+}
+
 impl Job {
-    /// A job counted in `waiting` (its caller has added it there) until it leaves, in the
-    /// current span (the call's `request` span).
+    /// A job counted in `waiting` (by [`enter`]) until it leaves, in the current span
+    /// (the call's `request` span).
     pub(crate) fn new(
         waiting: Arc<AtomicUsize>,
         id: u64,
@@ -159,7 +170,7 @@ mod tests {
     fn job_in(
         waiting: &Arc<AtomicUsize>,
     ) -> (Job, Ticket, oneshot::Receiver<Result<Reply, Error>>) {
-        waiting.fetch_add(1, Ordering::Relaxed);
+        assert!(enter(waiting, usize::MAX));
         let flight = Flight {
             rid: "r1".into(),
             cancel: CancellationToken::new(),

@@ -977,8 +977,7 @@ impl Pool {
         }
         let timeout = options.timeout.unwrap_or(shared.config.request_timeout);
         let queue_timeout = options.queue_timeout.unwrap_or(shared.config.queue_timeout);
-        if shared.queued.fetch_add(1, Ordering::Relaxed) >= shared.config.max_queue {
-            shared.queued.fetch_sub(1, Ordering::Relaxed);
+        if !job::enter(&shared.queued, shared.config.max_queue) {
             return Err(Error::new(
                 ErrorKind::PoolSaturated,
                 format!(

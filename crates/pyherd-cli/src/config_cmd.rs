@@ -20,14 +20,12 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::serve::ServeArgs;
-use crate::settings::{CACHE_DIR_VAR, DSPY_MODULE, bind_address};
+use crate::settings::{DSPY_MODULE, bind_address};
 
-/// `PYHERD_*` variables that are not flags of `serve`: the log filter, the embedded
-/// package's cache (the file key `cache_dir`), the server `pyherd status` asks, and what
-/// the host gives its workers.
-const OTHER_VARIABLES: [&str; 6] = [
+/// `PYHERD_*` variables that are not flags of `serve`: the log filter, the server
+/// `pyherd status` asks, and what the host gives its workers.
+const OTHER_VARIABLES: [&str; 5] = [
     "PYHERD_LOG",
-    CACHE_DIR_VAR,
     "PYHERD_URL",
     "PYHERD_RUN_ID",
     "PYHERD_WORKER_ID",
@@ -150,13 +148,11 @@ fn toml_to_json(value: &toml::Value) -> Value {
 }
 
 /// Every setting: the flags of `serve` in their order, then the file-only keys.
-/// `env_keys` are the file-only keys a variable set, with that variable's name.
 fn entries(
     matches: &ArgMatches,
     file: Option<&Path>,
     table: &toml::Table,
     mut values: Map<String, Value>,
-    env_keys: &[(&str, &str)],
 ) -> Vec<Entry> {
     let cmd = ServeArgs::augment_args(clap::Command::new("serve"));
     let file_origin = file.map(|p| p.display().to_string());
@@ -191,9 +187,7 @@ fn entries(
         });
     }
     for (key, value) in values {
-        let (source, origin) = if let Some((_, var)) = env_keys.iter().find(|(k, _)| *k == key) {
-            (Source::Env, Some((*var).to_owned()))
-        } else if table.contains_key(&key) {
+        let (source, origin) = if table.contains_key(&key) {
             (Source::File, file_origin.clone())
         } else {
             (Source::Default, None)
@@ -234,13 +228,8 @@ pub(crate) fn run(args: &ConfigArgs, matches: &ArgMatches) -> anyhow::Result<u8>
     let file = args.serve.pool.config_file();
     let values = effective(&args.serve, file.as_deref())?;
     let table = file_table(file.as_deref())?;
-    let env_keys: &[(&str, &str)] = if args.serve.pool.cache_dir.is_some() {
-        &[("cache_dir", CACHE_DIR_VAR)]
-    } else {
-        &[]
-    };
     let report = Report {
-        settings: entries(matches, file.as_deref(), &table, values, env_keys),
+        settings: entries(matches, file.as_deref(), &table, values),
         unknown_env: unknown_env(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok())),
         file,
     };
@@ -332,10 +321,8 @@ mod tests {
         values.insert("workers".into(), 3.into());
         let table: toml::Table = toml::from_str("max_queue = 7\nkill_timeout_ms = 9").unwrap();
         values.insert("kill_timeout_ms".into(), 9.into());
-        values.insert("cache_dir".into(), "/x".into());
         let file = Path::new("/etc/pyherd.toml");
-        let env_keys = [("cache_dir", CACHE_DIR_VAR)];
-        let list = entries(&matches, Some(file), &table, values, &env_keys);
+        let list = entries(&matches, Some(file), &table, values);
         let by_key = |k: &str| list.iter().find(|e| e.key == k).unwrap();
         assert_eq!(by_key("workers").source, Source::Flag);
         assert_eq!(by_key("workers").origin.as_deref(), Some("--workers"));
@@ -347,10 +334,8 @@ mod tests {
         assert_eq!(by_key("max_queue").source, Source::File);
         assert_eq!(by_key("max_queue").value, 7);
         assert_eq!(by_key("kill_timeout_ms").source, Source::File);
-        assert_eq!(by_key("cache_dir").source, Source::Env);
-        assert_eq!(by_key("cache_dir").origin.as_deref(), Some(CACHE_DIR_VAR));
         assert_eq!(by_key("bind").source, Source::Default);
         let cmd = ServeArgs::augment_args(clap::Command::new("serve"));
-        assert_eq!(list.len(), cmd.get_arguments().count() + 2);
+        assert_eq!(list.len(), cmd.get_arguments().count() + 1);
     }
 }

@@ -143,20 +143,10 @@ pub(crate) struct PoolArgs {
     /// registry (runs/) [default: .pyherd]
     #[arg(long, env = "PYHERD_STATE_DIR")]
     pub(crate) state_dir: Option<PathBuf>,
-    /// Where the embedded worker package is written: `$PYHERD_CACHE_DIR` when set (not a
-    /// flag; over the file's `cache_dir`, as any variable is).
-    #[arg(skip = cache_dir_from_env())]
+    /// Where the embedded worker package is written [default:
+    /// `$XDG_CACHE_HOME/pyherd` or `~/.cache/pyherd`]
+    #[arg(long, env = "PYHERD_CACHE_DIR")]
     pub(crate) cache_dir: Option<PathBuf>,
-}
-
-/// The variable of the file key `cache_dir` (a setting without a flag).
-pub(crate) const CACHE_DIR_VAR: &str = "PYHERD_CACHE_DIR";
-
-/// `$PYHERD_CACHE_DIR`, unless unset or empty.
-fn cache_dir_from_env() -> Option<PathBuf> {
-    std::env::var_os(CACHE_DIR_VAR)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
 }
 
 /// The configuration file's keys: the pool's, plus `bind`, `dspy`, `state_dir`,

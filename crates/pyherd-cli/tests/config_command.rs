@@ -162,7 +162,7 @@ fn each_value_is_reported_with_the_source_that_won() {
 }
 
 #[test]
-fn the_cache_directory_of_the_environment_is_reported_as_such() {
+fn the_cache_directory_of_the_environment_or_its_flag_is_reported_as_such() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("pyherd.toml"),
@@ -172,12 +172,19 @@ fn the_cache_directory_of_the_environment_is_reported_as_such() {
     let cache = dir.path().join("cache");
     let cache = cache.to_str().unwrap();
     let env = [("PYHERD_CACHE_DIR", cache)];
-    let report = report(dir.path(), &env, &[]);
-    let e = entry(&report, "cache_dir");
+    let from_env = report(dir.path(), &env, &[]);
+    let e = entry(&from_env, "cache_dir");
     assert_eq!(e["value"], cache, "{e}");
     assert_eq!(e["source"], "env", "{e}");
     assert_eq!(e["origin"], "PYHERD_CACHE_DIR", "{e}");
-    assert_eq!(report["unknown_env"], json!([]));
+    assert_eq!(from_env["unknown_env"], json!([]));
+    // The flag beats the variable.
+    let flagged = dir.path().join("flagged");
+    let flagged = flagged.to_str().unwrap();
+    let with_flag = report(dir.path(), &env, &["--cache-dir", flagged]);
+    let e = entry(&with_flag, "cache_dir");
+    assert_eq!(e["value"], flagged, "{e}");
+    assert_eq!(e["origin"], "--cache-dir", "{e}");
     // The pool uses it too: the worker package is written there.
     let (code, stdout, stderr) = pyherd(dir.path(), &env, &["exec", "--workers", "1", "ping"]);
     assert_eq!(code, Some(0), "{stderr}");

@@ -4,6 +4,8 @@
 //! child: the host cannot wait for it, so the zygote reaps it and reports its wait status.
 //! When the zygote dies first, the worker dies with it (its parent-death signal) and is
 //! reaped by init; its status is then unknown and the host only waits for it to be gone.
+//! A spawned worker that something else reaped (a host that ignores `SIGCHLD`, or that
+//! waits for any child) is gone too, its status unknown: waiting for it fails.
 
 use std::fmt;
 use std::os::unix::process::ExitStatusExt;
@@ -44,6 +46,9 @@ pub(crate) enum Ended {
     Status(ExitStatus),
     /// It is gone, but its zygote died before reporting its status.
     Unknown,
+    /// It is gone, but waiting for it failed: it was no longer the host's child to wait
+    /// for (something else reaped it), or the task watching it ended with the runtime.
+    Lost(String),
 }
 
 impl fmt::Display for Ended {
@@ -51,6 +56,7 @@ impl fmt::Display for Ended {
         match self {
             Self::Status(status) => status.fmt(f),
             Self::Unknown => f.write_str("unknown (the zygote that forked it died first)"),
+            Self::Lost(why) => write!(f, "unknown (waiting for it failed: {why})"),
         }
     }
 }
@@ -67,26 +73,29 @@ pub(crate) enum ExitWatch {
 }
 
 impl ExitWatch {
-    /// Waits until the process has ended and been reaped; `None` when that cannot be
-    /// known (waiting on a spawned child failed).
+    /// Waits until the process has ended and been reaped.
     ///
     /// # Cancel safety
     /// Cancel safe: calling it again after a timeout goes on waiting.
-    pub(crate) async fn wait(&mut self) -> Option<Ended> {
+    pub(crate) async fn wait(&mut self) -> Ended {
         match self {
-            Self::Spawned(child) => child.wait().await.ok().map(Ended::Status),
+            // Waiting for a child fails once it is not one to wait for: reaped by another.
+            Self::Spawned(child) => child
+                .wait()
+                .await
+                .map_or_else(|e| Ended::Lost(e.to_string()), Ended::Status),
             Self::Forked { pid, report } => {
                 if let Some(receiver) = report {
                     let answer = receiver.await;
                     *report = None;
                     if let Ok(raw) = answer {
-                        return Some(Ended::Status(ExitStatus::from_raw(raw)));
+                        return Ended::Status(ExitStatus::from_raw(raw));
                     }
                 }
                 while alive(*pid) {
                     tokio::time::sleep(GONE_POLL).await;
                 }
-                Some(Ended::Unknown)
+                Ended::Unknown
             }
         }
     }
@@ -104,20 +113,21 @@ impl ExitWatch {
 }
 
 /// The end of a worker's process, as the task watching it reports it.
-pub(crate) struct EndReport(Option<oneshot::Receiver<Option<Ended>>>);
+pub(crate) struct EndReport(Option<oneshot::Receiver<Ended>>);
 
 impl EndReport {
-    /// Waits for the process to end and be reaped; `None` when that cannot be known
-    /// (waiting failed, or the watching task is gone). It answers once: after that it
-    /// waits forever.
+    /// Waits for the process to end and be reaped. It answers once: after that it waits
+    /// forever.
     ///
     /// # Cancel safety
     /// Cancel safe: calling it again goes on waiting for the same report.
-    pub(crate) async fn next(&mut self) -> Option<Ended> {
+    pub(crate) async fn next(&mut self) -> Ended {
         let Some(receive) = self.0.as_mut() else {
             return std::future::pending().await;
         };
-        let ended = receive.await.ok().flatten();
+        let ended = receive
+            .await
+            .unwrap_or_else(|_| Ended::Lost("the task watching it ended".into()));
         self.0 = None;
         ended
     }
@@ -146,7 +156,7 @@ mod tests {
         };
         // A wait status: exit code 3 is 3 << 8; SIGKILL is 9.
         send.send(3 << 8).unwrap();
-        let ended = watch.wait().await.unwrap();
+        let ended = watch.wait().await;
         assert_eq!(ended.to_string(), "exit status: 3");
         let (send, report) = oneshot::channel();
         let mut watch = ExitWatch::Forked {
@@ -154,7 +164,7 @@ mod tests {
             report: Some(report),
         };
         send.send(9).unwrap();
-        assert!(watch.wait().await.unwrap().to_string().contains("SIGKILL"));
+        assert!(watch.wait().await.to_string().contains("SIGKILL"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -166,7 +176,7 @@ mod tests {
         }
         .report();
         send.send(3 << 8).unwrap();
-        assert_eq!(report.next().await.unwrap().to_string(), "exit status: 3");
+        assert_eq!(report.next().await.to_string(), "exit status: 3");
         let again = tokio::time::timeout(Duration::from_secs(3600), report.next()).await;
         assert!(again.is_err(), "a second answer");
     }
@@ -179,7 +189,7 @@ mod tests {
             pid: u32::MAX,
             report: Some(report),
         };
-        let ended = watch.wait().await.unwrap();
+        let ended = watch.wait().await;
         assert!(matches!(ended, Ended::Unknown));
         assert!(ended.to_string().contains("zygote"));
         assert_eq!(StartedBy::Fork.as_str(), "fork");

@@ -388,13 +388,10 @@ impl WorkerProcess {
             sent = requests.send(frame) => {
                 sent.map_err(|e| Fault::Gone(format!("writing the call failed: {e}")))
             }
-            ended = self.process.next() => match ended {
-                Some(ended) => {
-                    self.exit = Some(ended);
-                    Err(exited())
-                }
-                None => Err(Fault::Gone("waiting for its process failed".into())),
-            },
+            ended = self.process.next() => {
+                self.exit = Some(ended);
+                Err(exited())
+            }
         }
     }
 
@@ -483,14 +480,8 @@ impl WorkerProcess {
             frame = self.replies.next() => return Some(frame_or_fault(frame)),
             ended = self.process.next() => ended,
         };
-        match ended {
-            Some(ended) => {
-                self.exit = Some(ended);
-                None
-            }
-            // Its end cannot be known (waiting failed): the pipe alone tells.
-            None => Some(frame_or_fault(self.replies.next().await)),
-        }
+        self.exit = Some(ended);
+        None
     }
 
     /// Ends a worker that died or broke the protocol and describes it for the caller.
@@ -553,11 +544,11 @@ impl WorkerProcess {
 
     async fn wait_exit(&mut self, within: Duration) -> bool {
         match tokio::time::timeout(within, self.process.next()).await {
-            Ok(Some(ended)) => {
+            Ok(ended) => {
                 self.exit = Some(ended);
                 true
             }
-            Ok(None) | Err(_) => false,
+            Err(_) => false,
         }
     }
 

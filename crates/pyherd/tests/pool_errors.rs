@@ -119,6 +119,7 @@ async fn oversize_frames_are_refused_on_the_side_that_would_send_them() {
         .unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::ResultTooLarge);
     assert!(e.message().contains("over the frame limit of 65536"), "{e}");
+    assert_eq!(e.context().limit_bytes, Some(64 * 1024));
     // Escaping can make a call grow past the limit after admission (9 kB of control
     // characters in a command name are 54 kB on the wire): still refused, and the worker
     // is kept.

@@ -88,7 +88,9 @@ async fn an_unserialisable_chunk_ends_the_stream_with_a_typed_error() {
         .unwrap();
     let (chunks, error, _) = collect(stream).await;
     assert!(chunks.is_empty());
-    assert_eq!(error.unwrap().kind(), &ErrorKind::ResultTooLarge);
+    let error = error.unwrap();
+    assert_eq!(error.kind(), &ErrorKind::ResultTooLarge);
+    assert_eq!(error.context().limit_bytes, Some(2048));
     assert_eq!(small.execute("echo", json!(3)).await.unwrap(), json!(3));
     small.shutdown().await;
 }

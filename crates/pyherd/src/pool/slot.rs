@@ -281,6 +281,7 @@ impl Slot {
                 self.answered(worker, job, Ok(reply), request_limit).await
             }
             CallResult::Answered(Err(error)) => {
+                let error = self.with_limit(error);
                 self.failed(worker, job, error, request_limit).await
             }
             CallResult::TimedOut => self.timed_out(worker, job, request_limit).await,
@@ -294,6 +295,16 @@ impl Slot {
                 self.failed(worker, job, error, request_limit).await
             }
         }
+    }
+
+    /// A worker's `result_too_large` with the frame limit it was over, as the host's own
+    /// `payload_too_large` has it.
+    fn with_limit(&self, error: Error) -> Error {
+        if error.kind() != &ErrorKind::ResultTooLarge {
+            return error;
+        }
+        let limit = u64::try_from(self.shared.config.max_frame_bytes).ok();
+        error.with_context(|c| c.limit_bytes = limit)
     }
 
     /// `job`'s time on its worker and how it ended there (`ok` or an error kind), in its

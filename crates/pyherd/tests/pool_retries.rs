@@ -296,3 +296,38 @@ async fn a_shutdown_during_the_backoff_ends_the_call_at_once() {
     assert_eq!(e.kind(), &ErrorKind::ShuttingDown, "{e}");
     assert_eq!(files.attempts().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_the_backoff_ends_the_call_at_once_and_it_is_not_retried() {
+    let pool = flaky_pool(2)
+        .retry_base(Duration::from_secs(30))
+        .retry_cap(Duration::from_secs(30))
+        .build()
+        .await
+        .unwrap();
+    let files = Files::new();
+    let call = {
+        let (pool, args) = (pool.clone(), files.args());
+        let options = idempotent().request_id("backing-off");
+        tokio::spawn(async move { pool.execute_with("crash_first", args, &options).await })
+    };
+    wait_until(Duration::from_secs(10), "the first retry to wait", || {
+        pool.stats().retries == 1
+    })
+    .await;
+    assert!(pool.cancel("backing-off"));
+    let e = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call ended")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::Cancelled, "{e}");
+    assert_eq!(e.context().attempts, Some(1), "{e}");
+    assert_eq!(files.attempts().len(), 1);
+    // The id is free again, and the pool serves on.
+    assert!(!pool.cancel("backing-off"));
+    let again = idempotent().request_id("backing-off");
+    let reply = pool.execute_with("crash_first", files.args(), &again).await;
+    assert!(reply.is_ok(), "{reply:?}");
+    pool.shutdown().await;
+}

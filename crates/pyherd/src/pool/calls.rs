@@ -43,6 +43,19 @@ pub fn check_request_id(id: &str) -> Result<(), Error> {
     }
 }
 
+tokio::task_local! {
+    /// The call the task runs: every attempt of it, and every call the host makes for it
+    /// (a session's `create_program`), takes its request id and its cancellation from
+    /// here, so a cancel reaches them even after it forgot the id (which a new call may
+    /// then take).
+    static CURRENT: Flight;
+}
+
+/// Runs `work` as the call `flight` (see [`Calls::current`]).
+pub(crate) async fn running<T>(flight: Flight, work: impl Future<Output = T>) -> T {
+    CURRENT.scope(flight, work).await
+}
+
 /// The calls in flight, by request id.
 #[derive(Default)]
 pub(crate) struct Calls {
@@ -83,21 +96,14 @@ impl Calls {
         Ok(Flight { rid, cancel })
     }
 
-    /// The flight of the call in flight as `rid`, else a new one that is not entered (a
-    /// call the host makes for its own bookkeeping).
-    pub(crate) fn flight(&self, rid: Option<&str>) -> Flight {
-        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((rid, cancel)) = rid.and_then(|id| live.get_key_value(id)) {
-            return Flight {
-                rid: rid.clone(),
-                cancel: cancel.clone(),
-            };
-        }
-        drop(live);
-        Flight {
+    /// The flight of the call this task runs ([`running`]), else a new one that is not
+    /// entered, under `rid` or a generated id (a call the host makes on its own, such as
+    /// the check of a global program).
+    pub(crate) fn current(&self, rid: Option<&str>) -> Flight {
+        CURRENT.try_with(Flight::clone).unwrap_or_else(|_| Flight {
             rid: rid.map_or_else(|| self.generate(), Arc::from),
             cancel: CancellationToken::new(),
-        }
+        })
     }
 
     /// Cancels and forgets the call in flight as `rid`; false when there is none.
@@ -192,9 +198,26 @@ mod tests {
         // A reused id is not forgotten by the call that had it before.
         let reused = calls.enter(Some("job-7")).unwrap();
         calls.leave(&mine);
-        assert!(calls.flight(Some("job-7")).cancel.is_cancelled() == reused.cancel.is_cancelled());
-        calls.flight(Some(&a.rid)).cancel.cancel();
-        assert!(a.cancel.is_cancelled());
+        assert!(!reused.cancel.is_cancelled());
         assert!(calls.cancel("job-7") && reused.cancel.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_task_sees_its_own_call_even_once_its_id_is_forgotten() {
+        let calls = Calls::default();
+        let outside = calls.current(Some("mine"));
+        assert_eq!(&*outside.rid, "mine");
+        assert!(calls.enter(Some("mine")).is_ok(), "not entered");
+        let entered = calls.enter(Some("job-8")).unwrap();
+        running(entered.clone(), async {
+            assert!(calls.cancel("job-8"));
+            // The id is free again and another call takes it: this task still sees its own.
+            let other = calls.enter(Some("job-8")).unwrap();
+            let current = calls.current(Some("job-8"));
+            assert!(current.cancel.is_cancelled());
+            assert!(!other.cancel.is_cancelled());
+        })
+        .await;
+        assert!(!calls.current(None).cancel.is_cancelled());
     }
 }

@@ -842,14 +842,23 @@ impl Pool {
         let known = self.knows(command);
         let outcome = match self.inner.shared.check_args(&args, readable) {
             Err(e) => Err(e),
-            Ok(()) => match options.session_id.as_deref() {
-                Some(session) if known => self.in_session(session, command, args, options).await,
-                None if known && self.needs_session(command) => Err(Error::new(
-                    ErrorKind::SessionRequired,
-                    format!("{command:?} keeps its state in a session: call it with a session id"),
-                )),
-                _ => self.submit(command, known, args, options, None).await,
-            },
+            Ok(()) => {
+                let work = async {
+                    match options.session_id.as_deref() {
+                        Some(session) if known => {
+                            self.in_session(session, command, args, options).await
+                        }
+                        None if known && self.needs_session(command) => Err(Error::new(
+                            ErrorKind::SessionRequired,
+                            format!(
+                                "{command:?} keeps its state in a session: call it with a session id"
+                            ),
+                        )),
+                        _ => self.submit(command, known, args, options, None).await,
+                    }
+                };
+                calls::running(entered.flight.clone(), work).await
+            }
         };
         let outcome = outcome.map_err(|e| {
             e.with_context(|c| {
@@ -895,29 +904,18 @@ impl Pool {
         self.execute_with(command, args, &options).await
     }
 
-    /// Admits a call into the queue (or, for a session, its worker's channel) and waits
-    /// for its answer. `preferred` is the worker the call's session served on last;
-    /// `avoid` the worker that failed the call's previous attempt.
+    /// Admits one attempt of call `flight` into the queue (or, for a session, its
+    /// worker's channel) and waits for its answer.
     async fn submit_once(
         &self,
         command: &str,
         known: bool,
         args: Box<RawValue>,
         options: &CallOptions,
-        preferred: Option<Arc<str>>,
-        avoid: Option<&str>,
+        flight: Flight,
+        target: Target<'_>,
     ) -> Result<Reply, Error> {
-        let flight = self
-            .inner
-            .shared
-            .calls
-            .flight(options.request_id.as_deref());
         let span = telemetry::request_span(&flight.rid, command, options.session_id.as_deref());
-        let target = Target {
-            preferred,
-            avoid,
-            chunks: None,
-        };
         let result = async {
             self.admit(command, known, args, options, flight, target)?
                 .wait()

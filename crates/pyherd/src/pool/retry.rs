@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 
 use super::stats::bump;
-use super::{CallOptions, HOST_WORKER_ID, Pool, PoolBuilder, Reply, Shared, SlotHandle};
+use super::{CallOptions, HOST_WORKER_ID, Pool, PoolBuilder, Reply, Shared, SlotHandle, Target};
 use crate::config::PoolConfig;
 use crate::error::{Error, ErrorKind};
 use crate::metrics;
@@ -171,6 +171,7 @@ impl Pool {
         let idempotent = policy.idempotent(command, options);
         let attempts = if idempotent { policy.attempts } else { 1 };
         let breaker = policy.breakers.get(command);
+        let flight = shared.calls.current(options.request_id.as_deref());
         let mut delays = None;
         let mut avoid: Option<Arc<str>> = None;
         // Attempts that reached admission; the last is the one whose error is returned.
@@ -192,8 +193,12 @@ impl Pool {
                     known,
                     this,
                     options,
-                    preferred.clone(),
-                    avoid.as_deref(),
+                    flight.clone(),
+                    Target {
+                        preferred: preferred.clone(),
+                        avoid: avoid.as_deref(),
+                        chunks: None,
+                    },
                 )
                 .await;
             if let Some(permit) = permit {
@@ -223,6 +228,7 @@ impl Pool {
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = shared.closing.cancelled() => {}
+                () = flight.cancel.cancelled() => break super::cancelled(),
             }
         };
         Err(if idempotent && made > 0 {

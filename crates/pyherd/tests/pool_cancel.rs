@@ -22,6 +22,12 @@ fn restarts_cancelled(pool: &Pool) -> u64 {
         .unwrap_or_else(|| panic!("no cancelled restarts in\n{metrics}"))
 }
 
+/// The calls the recent errors show as cancelled.
+fn cancelled_counts(pool: &Pool) -> usize {
+    let errors = pool.recent_errors();
+    errors.iter().filter(|e| e.kind == "cancelled").count()
+}
+
 /// Starts `count` as a plain call that leaves `progress` behind if it ever runs.
 fn marked_call(
     pool: &Pool,
@@ -73,6 +79,10 @@ async fn a_queued_call_dropped_or_cancelled_never_reaches_a_worker() {
         !pool.cancel("q-cancelled"),
         "a finished call is not in flight"
     );
+    // Both count, as cancelled, the dropped one too: sleep, two counts, echo.
+    let stats = pool.stats();
+    assert_eq!((stats.requests, stats.errors), (4, 2), "{stats:?}");
+    assert_eq!(cancelled_counts(&pool), 2);
     pool.shutdown().await;
 }
 
@@ -108,6 +118,9 @@ async fn a_running_plain_call_cancelled_or_dropped_kills_and_replaces_its_worker
     }
     assert_eq!(restarts_cancelled(&pool), 2);
     assert_eq!(pool.execute("echo", json!(2)).await.unwrap(), json!(2));
+    let stats = pool.stats();
+    assert_eq!((stats.requests, stats.errors), (3, 2), "{stats:?}");
+    assert_eq!(cancelled_counts(&pool), 2);
     pool.shutdown().await;
 }
 

@@ -840,6 +840,13 @@ impl Pool {
             ..options.clone()
         };
         let known = self.knows(command);
+        let label = if known { command } else { UNKNOWN_COMMAND };
+        let tally = Tally {
+            shared: &self.inner.shared,
+            label,
+            started,
+            counted: false,
+        };
         let outcome = match self.inner.shared.check_args(&args, readable) {
             Err(e) => Err(e),
             Ok(()) => {
@@ -869,10 +876,7 @@ impl Pool {
                 }
             })
         });
-        let label = if known { command } else { UNKNOWN_COMMAND };
-        self.inner
-            .shared
-            .count(label, outcome.as_ref().err(), started);
+        tally.count(outcome.as_ref().err());
         drop(entered);
         outcome.map(|reply| Reply {
             request_id: rid,
@@ -1365,6 +1369,31 @@ impl Admitted {
             }
         };
         answer.unwrap_or_else(|_| Err(shutting_down()))
+    }
+}
+
+/// A plain call's place in the stats, metrics and timeline: counted once, when it ends,
+/// or as `cancelled` when its future is dropped before (its caller gone), as a stream is.
+struct Tally<'a> {
+    shared: &'a Shared,
+    label: &'a str,
+    started: Instant,
+    counted: bool,
+}
+
+impl Tally<'_> {
+    fn count(mut self, error: Option<&Error>) {
+        self.shared.count(self.label, error, self.started);
+        self.counted = true;
+    }
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.shared
+                .count(self.label, Some(&cancelled()), self.started);
+        }
     }
 }
 

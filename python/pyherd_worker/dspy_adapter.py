@@ -12,11 +12,13 @@ Commands (the host adds ``list_programs``, ``get_program_info``, ``delete_progra
 - ``configure_lm`` ``{"provider": "dummy", "answers": {...}}`` (dspy's DummyLM in dict
   mode) or ``{"model", "api_key"?, "api_base"?, "temperature"?, "max_tokens"?,
   "num_retries"?, "cache"?}`` (``dspy.LM``): validated and built; answers
-  ``{"provider", "model"}``, never the key.
+  ``{"provider", "model"}``, never the key. ``cache`` is off unless true: dspy's response
+  cache is shared by every session and worker, keyed without the key or the API base.
 - ``create_program`` ``{"id", "signature", "program_type"?, "instructions"?}``: the
   signature is ``"question, n: int -> answer"`` or ``{"inputs": [{"name",
   "description"?, "type"?}], "outputs": [...]}`` (types: ``FIELD_TYPES``, default
-  ``str``); answers the canonical ``definition`` the host stores.
+  ``str``; at most ``MAX_FIELDS`` fields); answers the canonical ``definition`` the host
+  stores.
 - ``execute_program`` ``{"program_id", "inputs", "program", "lm"}`` (``program`` and
   ``lm`` attached by the host): runs the module under ``dspy.context(lm=...)``, never a
   process-wide ``dspy.configure``, so sessions cannot leak into each other.
@@ -28,7 +30,7 @@ import json
 import math
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network at import
@@ -96,8 +98,12 @@ TYPE_CHECKS: Dict[str, Callable[[Any], bool]] = {
     "list[bool]": _list_of(_is_bool),
 }
 #: Keyword arguments dspy.Predict takes for itself: an input field so named would never
-#: reach the prompt (``demos`` would even be taken as demonstrations).
-RESERVED_INPUTS = frozenset({"lm", "config", "demos", "signature", "new_signature", "self"})
+#: reach the prompt (``demos`` would even be taken as demonstrations, and a ``prediction``
+#: object shaped like OpenAI's predicted outputs would be sent to the LM as that).
+RESERVED_INPUTS = frozenset({"lm", "config", "demos", "signature", "new_signature", "self", "prediction"})
+#: The most fields a signature has, inputs and outputs together: dspy builds a class with
+#: a field each, and a prompt describing them all, on the call's worker.
+MAX_FIELDS = 256
 LM_KEYS = {"model", "api_key", "api_base", "temperature", "max_tokens", "num_retries", "cache"}
 DUMMY_KEYS = {"provider", "answers"}
 MAX_LMS = 64
@@ -223,6 +229,9 @@ def _build_lm(config: Dict[str, Any]) -> Any:
         return _guard(DummyLM(config["answers"]))
     kwargs = {k: v for k, v in config.items() if k != "model" and v is not None}
     kwargs.setdefault("num_retries", 0)  # the pool's retries, not the LM's, so they do not multiply
+    # dspy's response cache is on disk, shared by every worker and kept across restarts, and
+    # its key leaves out api_key and api_base: one session would get another's answers.
+    kwargs.setdefault("cache", False)
     try:
         return _guard(dspy.LM(config["model"], **kwargs))
     except Exception as exc:
@@ -291,16 +300,22 @@ def _parse_signature(signature: Any) -> Tuple[List[Dict[str, Optional[str]]], Li
         if signature.count("->") != 1:
             raise _invalid("invalid_signature", f"a signature has exactly one '->', like 'question -> answer': {signature!r}")
         left, right = signature.split("->")
-        inputs, outputs = _fields(_split_fields(left), "input"), _fields(_split_fields(right), "output")
+        given_inputs, given_outputs = _split_fields(left), _split_fields(right)
     elif isinstance(signature, dict):
         unknown = set(signature) - {"inputs", "outputs"}
         if unknown:
             raise _invalid("invalid_signature", f"unknown signature keys: {', '.join(sorted(unknown))}")
-        inputs, outputs = _fields(signature.get("inputs"), "input"), _fields(signature.get("outputs"), "output")
+        given_inputs, given_outputs = signature.get("inputs"), signature.get("outputs")
     else:
         raise _invalid("invalid_signature", "the signature is a string ('question -> answer') or {inputs, outputs}")
-    names = [f["name"] for f in inputs + outputs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    count = sum(len(side) for side in (given_inputs, given_outputs) if isinstance(side, list))
+    if count > MAX_FIELDS:
+        raise _invalid(
+            "invalid_signature", f"a signature has at most {MAX_FIELDS} fields, inputs and outputs together, not {count}"
+        )
+    inputs, outputs = _fields(given_inputs, "input"), _fields(given_outputs, "output")
+    times = Counter(f["name"] for f in inputs + outputs)
+    duplicates = sorted(n for n, seen in times.items() if seen > 1)
     if duplicates:
         raise _invalid("invalid_signature", f"field names appear twice: {', '.join(duplicates)}")
     return inputs, outputs
@@ -314,7 +329,8 @@ def _check_names(inputs: List[Dict[str, Optional[str]]], program_type: str) -> N
         why = (
             "chain_of_thought adds its own \"reasoning\" output"
             if taken == ["reasoning"]
-            else "dspy.Predict takes lm, config, demos and signature as its own arguments"
+            else "dspy.Predict takes lm, config, demos, signature, new_signature and self as its own arguments, "
+            "and prediction as OpenAI's predicted outputs"
         )
         raise _invalid("invalid_signature", f"input field name(s) {', '.join(taken)} cannot be used: {why}")
 
@@ -344,18 +360,30 @@ Checks = Tuple[Tuple[str, str, Callable[[Any], bool]], ...]
 
 
 class Built(NamedTuple):
-    """A definition's module, its input names (in order, and as a set), and the checks of
-    its typed inputs and outputs."""
+    """A definition's module, its input names (in order, and as a set), the checks of its
+    typed inputs and outputs, and the names of its ``str`` inputs."""
 
     module: Any
     inputs: Tuple[str, ...]
     input_set: frozenset
     input_checks: Checks
     output_checks: Checks
+    text_inputs: frozenset
 
 
 def _checks(fields: List[Dict[str, Any]]) -> Checks:
     return tuple((f["name"], f["type"], TYPE_CHECKS[f["type"]]) for f in fields if "type" in f)
+
+
+def _prompt_value(value: Any) -> Any:
+    """What dspy is given for the value of a ``str`` input: the value itself, but the JSON
+    text of a list with an item that is not a string. dspy writes a list of strings as a
+    numbered list of quoted items, and fails on any other item (or writes Python's repr of
+    it); the JSON text is what it writes for a list, or an object, in a field of another
+    type (``json.dumps`` with ``ensure_ascii=False``)."""
+    if type(value) is list and not all(type(item) is str for item in value):
+        return json.dumps(value, ensure_ascii=False)
+    return value
 
 
 def _build_program(definition: Any) -> Built:
@@ -375,7 +403,8 @@ def _build_program(definition: Any) -> Built:
         raise _invalid("invalid_signature", f"dspy refused the signature{hint}: {exc}") from exc
     module = dspy.ChainOfThought(signature) if definition["program_type"] == "chain_of_thought" else dspy.Predict(signature)
     names = tuple(str(f["name"]) for f in definition["inputs"])
-    return Built(module, names, frozenset(names), _checks(definition["inputs"]), _checks(definition["outputs"]))
+    text = frozenset(str(f["name"]) for f in definition["inputs"] if "type" not in f)
+    return Built(module, names, frozenset(names), _checks(definition["inputs"]), _checks(definition["outputs"]), text)
 
 
 def _text(fields: List[Dict[str, Optional[str]]]) -> str:
@@ -425,7 +454,9 @@ def execute_program(args: Any) -> Dict[str, Any]:
     """Run a stored program (definition and LM attached by the host) on some inputs."""
     if not isinstance(args, dict) or not isinstance(args.get("program"), dict):
         raise _invalid("malformed_request", "execute_program needs the program definition (call it through the pool)")
-    module, expected, expected_set, input_checks, output_checks = _modules.get(args["program"], _build_program)
+    module, expected, expected_set, input_checks, output_checks, text_inputs = _modules.get(
+        args["program"], _build_program
+    )
     inputs = args.get("inputs")
     if not isinstance(inputs, dict):
         raise _invalid("invalid_inputs", f"inputs must be an object of input fields, not {type(inputs).__name__}")
@@ -448,6 +479,7 @@ def execute_program(args: Any) -> Dict[str, Any]:
     if config is None:
         raise _invalid("lm_not_configured", "this session has no LM: call configure_lm first")
     lm = _lms.get(config, _build_lm)
+    inputs = {name: _prompt_value(value) if name in text_inputs else value for name, value in inputs.items()}
     started = time.perf_counter()
     try:
         # No history and a trace of this call only: dspy would otherwise keep the last

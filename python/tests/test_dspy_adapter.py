@@ -7,6 +7,8 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import List
 
@@ -24,6 +26,10 @@ ANSWERS = {
 }
 QUESTIONS = ["What is the capital of France?", "What is 2 + 2?", "Who wrote Hamlet?"]
 UNREACHABLE = {"model": "openai/gpt-4o-mini", "api_base": "http://127.0.0.1:9/v1", "api_key": "sk-test", "num_retries": 0}
+#: The most fields of a signature, as the README states it.
+FIELD_CAP = 256
+#: The local ports the fake OpenAI servers may take.
+PORTS = range(18400, 18500)
 
 
 def dummy(answers=None):
@@ -183,6 +189,46 @@ def test_inputs_of_their_type_run_and_str_inputs_take_any_value():
     assert execute(untyped, {"question": {"any": ["json"]}}, lm)["outputs"] == {"answer": "ok"}
 
 
+def user_message(signature, inputs):
+    """The prompt's last message, as dspy's ChatAdapter writes it for these inputs."""
+    return dspy.ChatAdapter().format(dspy.Signature(signature), demos=[], inputs=inputs)[-1]["content"]
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        ([1, 2], "[1, 2]"),
+        ([None], "[null]"),
+        ([True], "[true]"),
+        ([1, "x", True, None, 1.5], '[1, "x", true, null, 1.5]'),
+        (["é", 2**70], '["é", 1180591620717411303424]'),
+        ([{"a": None}], '[{"a": null}]'),  # dspy would write Python's repr: «{'a': None}»
+        ([["x"], "y"], '[["x"], "y"]'),
+    ],
+)
+def test_a_str_input_given_a_list_of_other_values_gets_its_json_text(value, text):
+    # dspy numbers the items of a list given to a str field, and breaks on an item that is
+    # not a string; the JSON text is what it writes for a list in a field of another type.
+    definition = create(signature="question -> answer")["definition"]
+    prompt = f"[[ ## question ## ]]\n{text}\n\nRespond"
+    assert prompt in user_message("question -> answer", {"question": text})
+    assert execute(definition, {"question": value}, dummy({prompt: {"answer": "seen"}}))["outputs"] == {"answer": "seen"}
+
+
+@pytest.mark.parametrize("value", ["plain", "", "[1, 2]", ["a", "b"], ["one\nline"], [], {"k": [1, None]}, 7, None])
+def test_other_str_inputs_reach_dspy_as_they_are(value):
+    # The whole user message dspy writes for the value itself, so nothing changed it.
+    definition = create(signature="question -> answer")["definition"]
+    prompt = user_message("question -> answer", {"question": value})
+    assert execute(definition, {"question": value}, dummy({prompt: {"answer": "same"}}))["outputs"] == {"answer": "same"}
+
+
+def test_typed_list_inputs_reach_dspy_as_lists():
+    definition = create(signature="question: list[int] -> answer")["definition"]
+    prompt = user_message("question: list[int] -> answer", {"question": [1, 2]})
+    assert execute(definition, {"question": [1, 2]}, dummy({prompt: {"answer": "same"}}))["outputs"] == {"answer": "same"}
+
+
 @pytest.mark.parametrize("field, type_name, answer", [("n", "int", "many"), ("x", "float", "nan"), ("n", "int", "9" * 25)])
 def test_an_answer_that_is_not_a_json_value_of_its_type_is_an_lm_error(field, type_name, answer):
     definition = create(signature=f"question -> {field}: {type_name}")["definition"]
@@ -230,6 +276,38 @@ def test_bad_signatures_are_invalid_signature(signature):
     assert (e.category, e.kind) == ("invalid_request", "invalid_signature"), str(e)
 
 
+def many_fields(count):
+    """A signature of `count` fields: one output, the rest inputs, as a string and as an object."""
+    inputs = [f"in{i}" for i in range(count - 1)]
+    return f"{', '.join(inputs)} -> answer", {"inputs": inputs, "outputs": ["answer"]}
+
+
+@pytest.mark.parametrize("form", [0, 1])
+def test_a_signature_beyond_the_field_cap_is_invalid_signature(form):
+    signature = many_fields(FIELD_CAP + 1)[form]
+    e = error_of(dspy_adapter.create_program, {"id": "p", "signature": signature})
+    assert (e.category, e.kind) == ("invalid_request", "invalid_signature"), str(e)
+    assert f"at most {FIELD_CAP} fields" in str(e) and f"not {FIELD_CAP + 1}" in str(e)
+    assert dspy_adapter.MAX_FIELDS == FIELD_CAP
+    definition = create(signature="question -> answer")["definition"]
+    beyond = {**definition, "inputs": [{"name": f"in{i}"} for i in range(FIELD_CAP)]}
+    e = error_of(lambda a: execute(beyond, a, dummy()), {f"in{i}": "x" for i in range(FIELD_CAP)})
+    assert (e.category, e.kind) == ("invalid_request", "invalid_signature"), str(e)
+
+
+@pytest.mark.parametrize("form", [0, 1])
+def test_a_signature_at_the_field_cap_is_accepted_and_still_checked(form):
+    string, structured = many_fields(FIELD_CAP)
+    created = create(signature=(string, structured)[form])
+    assert len(created["definition"]["inputs"]) == FIELD_CAP - 1
+    inputs = {f"in{i}": str(i) for i in range(FIELD_CAP - 1)}
+    assert execute(created["definition"], inputs, dummy({"": {"answer": "ok"}}))["outputs"] == {"answer": "ok"}
+    twice = string.replace("in1,", "in0,", 1)
+    e = error_of(dspy_adapter.create_program, {"id": "p", "signature": twice})
+    assert (e.category, e.kind) == ("invalid_request", "invalid_signature"), str(e)
+    assert str(e).endswith("field names appear twice: in0")
+
+
 @pytest.mark.filterwarnings("ignore:Field name .* shadows an attribute")
 @pytest.mark.parametrize(
     "signature, program_type, name",
@@ -239,6 +317,8 @@ def test_bad_signatures_are_invalid_signature(signature):
         ("config -> answer", "predict", "config"),
         ("self -> answer", "chain_of_thought", "self"),
         ("new_signature -> answer", "predict", "new_signature"),
+        ("prediction -> answer", "predict", "prediction"),  # dspy would send it as OpenAI's predicted outputs
+        ("question, prediction -> answer", "chain_of_thought", "prediction"),
         ("reasoning -> answer", "chain_of_thought", "reasoning"),  # CoT's own output would hide it
         ("fields -> answer", "predict", "fields"),  # an attribute of dspy.Signature
         ("question -> model_config", "predict", "model_config"),
@@ -304,6 +384,85 @@ def test_configure_lm_validates_and_never_answers_the_key():
 def test_bad_lm_configurations_are_invalid_lm_config(config):
     e = error_of(dspy_adapter.configure_lm, config)
     assert (e.category, e.kind) == ("invalid_request", "invalid_lm_config"), str(e)
+
+
+@pytest.fixture
+def fresh_dspy_cache(tmp_path, monkeypatch):
+    """An empty dspy response cache in a temporary folder, for this test only."""
+    monkeypatch.setattr(dspy, "cache", dspy.cache)  # put back after the test
+    dspy.configure_cache(disk_cache_dir=str(tmp_path / "dspy"))
+
+
+@pytest.fixture
+def openai_server():
+    """Start fake OpenAI-compatible servers on 127.0.0.1: `openai_server(answer)` gives the
+    server's API base and the list of the Authorization headers of the calls it answered."""
+    servers = []
+
+    def start(answer):
+        calls = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                calls.append(self.headers.get("Authorization"))
+                content = f"[[ ## answer ## ]]\n{answer}\n\n[[ ## completed ## ]]"
+                reply = {
+                    "id": f"chatcmpl-{len(calls)}",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }
+                data = json.dumps(reply).encode()
+                self.send_response(200 if self.path == "/v1/chat/completions" else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        for port in PORTS:
+            try:
+                server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+                break
+            except OSError:
+                continue
+        else:
+            pytest.fail(f"no free port in {PORTS}")
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{server.server_address[1]}/v1", calls
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_sessions_with_other_api_bases_never_share_answers(fresh_dspy_cache, openai_server):
+    # dspy's cache key leaves out api_key and api_base: with its cache on, the second
+    # session would get the first one's answer without its own server being called.
+    definition = create()["definition"]
+    (alice_base, alice_calls), (bob_base, bob_calls) = openai_server("alice"), openai_server("bob")
+    alice = {"model": "openai/gpt-4o-mini", "api_base": alice_base, "api_key": "sk-alice"}
+    bob = {"model": "openai/gpt-4o-mini", "api_base": bob_base, "api_key": "sk-bob"}
+    for _ in range(2):
+        for lm, name in ((alice, "alice"), (bob, "bob")):
+            assert execute(definition, {"question": "Who are you?"}, lm)["outputs"] == {"answer": name}
+    assert (alice_calls, bob_calls) == (["Bearer sk-alice"] * 2, ["Bearer sk-bob"] * 2)
+
+
+def test_cache_true_opts_into_dspys_response_cache(fresh_dspy_cache, openai_server):
+    definition = create()["definition"]
+    base, calls = openai_server("cached")
+    lm = {"model": "openai/gpt-4o-mini", "api_base": base, "api_key": "sk-test", "cache": True}
+    for _ in range(2):
+        assert execute(definition, {"question": "Again?"}, lm)["outputs"] == {"answer": "cached"}
+    assert len(calls) == 1
 
 
 def test_a_configuration_dspy_lm_refuses_is_invalid_lm_config():

@@ -22,18 +22,25 @@ pub(crate) const UNKNOWN_COMMAND: &str = "(unknown)";
 
 #[derive(Default)]
 struct Histogram {
-    buckets: [AtomicU64; BUCKETS_US.len()],
-    count: AtomicU64,
+    /// Observations by bucket, the last for those over every bound: the count is their
+    /// sum, so a scrape never shows a bucket above `+Inf` while observations land.
+    buckets: [AtomicU64; BUCKETS_US.len() + 1],
     sum_us: AtomicU64,
 }
 
 impl Histogram {
     fn observe(&self, micros: u64) {
-        if let Some(i) = BUCKETS_US.iter().position(|&bound| micros <= bound) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
+        let i = BUCKETS_US
+            .iter()
+            .position(|&bound| micros <= bound)
+            .unwrap_or(BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_us.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
     /// Writes the `_bucket`, `_sum` and `_count` samples of `name` with `labels` (rendered
@@ -49,7 +56,7 @@ impl Histogram {
                 "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
             );
         }
-        let count = self.count.load(Ordering::Relaxed);
+        let count = cumulative + self.buckets[BUCKETS_US.len()].load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         let braces = if labels.is_empty() {
@@ -170,11 +177,7 @@ impl Metrics {
             "Calls finished, by command and outcome (ok or the error kind).",
         );
         for (labels, h) in &rows {
-            let _ = writeln!(
-                out,
-                "pyherd_requests_total{{{labels}}} {}",
-                h.count.load(Ordering::Relaxed)
-            );
+            let _ = writeln!(out, "pyherd_requests_total{{{labels}}} {}", h.count());
         }
         header(
             out,
@@ -310,6 +313,62 @@ mod tests {
         assert!(out.contains(
             "pyherd_request_duration_seconds_sum{command=\"echo\",outcome=\"queue_timeout\"} 5"
         ));
+    }
+
+    /// The `le` buckets and `+Inf` of every series in `out`, in order.
+    fn buckets(out: &str) -> Vec<Vec<u64>> {
+        let mut series: Vec<Vec<u64>> = Vec::new();
+        for line in out.lines().filter(|l| l.contains("_bucket{")) {
+            let value = line.rsplit(' ').next().unwrap().parse().unwrap();
+            if line.contains("le=\"0.0001\"") {
+                series.push(Vec::new());
+            }
+            series.last_mut().unwrap().push(value);
+        }
+        series
+    }
+
+    #[test]
+    fn an_observation_over_every_bound_counts_in_inf_only() {
+        let m = Metrics::default();
+        m.waited(Duration::from_secs(100));
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(
+            out.contains("pyherd_queue_wait_seconds_bucket{le=\"60\"} 0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("pyherd_queue_wait_seconds_bucket{le=\"+Inf\"} 1"),
+            "{out}"
+        );
+        assert!(out.contains("pyherd_queue_wait_seconds_count 1"), "{out}");
+    }
+
+    #[test]
+    fn scrapes_while_calls_are_observed_stay_cumulative() {
+        let m = Metrics::default();
+        let running = std::sync::atomic::AtomicBool::new(true);
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    let mut micros = 0;
+                    while running.load(Ordering::Relaxed) {
+                        micros = (micros + 7_919) % 90_000_000;
+                        m.waited(Duration::from_micros(micros));
+                        m.observe("echo", "ok", Duration::from_micros(micros));
+                    }
+                });
+            }
+            for _ in 0..3_000 {
+                let mut out = String::new();
+                m.render(&mut out);
+                for series in buckets(&out) {
+                    assert!(series.is_sorted(), "{series:?}");
+                }
+            }
+            running.store(false, Ordering::Relaxed);
+        });
     }
 
     #[test]

@@ -14,6 +14,10 @@ use crate::http;
 use crate::server_settings::ServerArgs;
 use crate::settings::{PoolArgs, bind_address};
 
+/// How long the answers still being written when the pool has stopped have to reach
+/// their clients: a client that stopped reading must not keep the process up.
+const ANSWERS_FLUSH: Duration = Duration::from_secs(2);
+
 #[derive(Args)]
 pub(crate) struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7878]
@@ -60,7 +64,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         .context("cannot write to stdout")?;
 
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(http::serve(
+    let mut server = tokio::spawn(http::serve(
         listener,
         pool.clone(),
         server.token,
@@ -87,7 +91,17 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         _ = terminate.recv() => pool.shutdown_with(Duration::ZERO).await,
         _ = interrupt.recv() => pool.shutdown_with(Duration::ZERO).await,
     }
-    server.await.context("the HTTP server task failed")?;
+    tokio::select! {
+        served = &mut server => served.context("the HTTP server task failed")?,
+        () = tokio::time::sleep(ANSWERS_FLUSH) => {
+            tracing::warn!(
+                flush_ms = ANSWERS_FLUSH.as_millis() as u64,
+                "connections still writing answers to clients that do not read them: closed"
+            );
+        }
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
     tracing::info!("stopped");
     Ok(0)
 }

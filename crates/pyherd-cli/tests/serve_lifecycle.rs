@@ -101,6 +101,47 @@ async fn a_second_signal_ends_the_grace_period_at_once() {
     assert!(!common::running(busy));
 }
 
+#[tokio::test]
+async fn a_client_that_stops_reading_a_stream_does_not_keep_serve_up_after_sigterm() {
+    use std::io::Write;
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--handlers",
+        "pyherd_worker.testing",
+        "--shutdown-grace-ms",
+        "1000",
+    ]);
+    // Chunks of 100 kB without end, on a connection that never reads them: the socket's
+    // buffers fill, and the server can write no more to it.
+    let address = server.url("").trim_start_matches("http://").to_owned();
+    let mut client = std::net::TcpStream::connect(address.trim_end_matches('/')).unwrap();
+    let body = r#"{"command":"count","args":{"to":1000000,"pad":100000}}"#;
+    let head = format!(
+        "POST /v1/stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    client.write_all(head.as_bytes()).unwrap();
+    client.write_all(body.as_bytes()).unwrap();
+    let stats = server.url("/v1/stats");
+    wait_until(Duration::from_secs(5), "the stream to run", || async {
+        get_json(&stats).await["busy"] == 1
+    })
+    .await;
+    let began = Instant::now();
+    let status = tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+    // The grace (1 s), then 2 s for the answers still being written.
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    drop(client);
+}
+
 #[test]
 fn workers_that_cannot_start_make_serve_exit_non_zero_with_the_python_error() {
     let began = Instant::now();

@@ -308,6 +308,45 @@ async fn a_forked_worker_dying_with_a_child_holding_its_pipes_is_found_at_once()
     pool.shutdown().await;
 }
 
+/// A zygote that stops (here frozen with SIGSTOP) reaps and reports nothing: a forked
+/// worker's death is still found at once, by the host looking for the process itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forked_worker_dying_while_its_zygote_is_frozen_is_found_at_once() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let pool = one_forked_testing_worker().await;
+    let zygote = pool.zygote_pid().unwrap();
+    let child = common::child_holding_the_pipes(&pool).await;
+    let zygote_pid = Pid::from_raw(i32::try_from(zygote).unwrap());
+    kill(zygote_pid, Signal::SIGSTOP).unwrap();
+    let began = std::time::Instant::now();
+    let opts = pyherd::CallOptions::new().timeout(Duration::from_secs(20));
+    let e = pool
+        .execute_with("crash", json!({"code": 7}), &opts)
+        .await
+        .unwrap_err();
+    let elapsed = began.elapsed();
+    kill(zygote_pid, Signal::SIGCONT).unwrap();
+    assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
+    assert!(e.is_retryable());
+    let status = e.context().exit_status.clone().unwrap_or_default();
+    assert!(
+        status.contains("its zygote did not report its end"),
+        "{status}"
+    );
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+    wait_until(Duration::from_secs(5), "the child to die", || {
+        !running(child)
+    })
+    .await;
+    wait_until(Duration::from_secs(20), "a replacement", || {
+        pool.stats().available == 1
+    })
+    .await;
+    assert_eq!(pool.execute("echo", json!(1)).await.unwrap(), json!(1));
+    pool.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_and_drop_end_the_zygote_and_every_forked_worker() {
     let pool = common::testing_pool(2)

@@ -5,7 +5,9 @@
 //! When the zygote dies first, the worker dies with it (its parent-death signal) and is
 //! reaped by init; its status is then unknown and the host only waits for it to be gone.
 //! A spawned worker that something else reaped (a host that ignores `SIGCHLD`, or that
-//! waits for any child) is gone too, its status unknown: waiting for it fails.
+//! waits for any child) is gone too, its status unknown: waiting for it fails. So is a
+//! forked worker whose zygote stopped (frozen, stuck) and reports nothing: the host also
+//! looks for the process itself, every 100 ms, while it waits for the report.
 
 use std::fmt;
 use std::os::unix::process::ExitStatusExt;
@@ -17,6 +19,11 @@ use tokio::sync::oneshot;
 
 /// How often a forked worker whose zygote died is checked for being gone.
 const GONE_POLL: Duration = Duration::from_millis(5);
+/// How often a forked worker is checked for being gone while its zygote's report is
+/// awaited: a zygote that stops (frozen, stuck) reaps and reports nothing.
+const UNREPORTED_POLL: Duration = Duration::from_millis(100);
+/// How long the report of a worker found gone is still awaited (it carries the status).
+const REPORT_GRACE: Duration = Duration::from_millis(200);
 
 /// How a worker is started: `spawn` (a fresh interpreter) or `fork` (from the zygote).
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -47,7 +54,8 @@ pub(crate) enum Ended {
     /// It is gone, but its zygote died before reporting its status.
     Unknown,
     /// It is gone, but waiting for it failed: it was no longer the host's child to wait
-    /// for (something else reaped it), or the task watching it ended with the runtime.
+    /// for (something else reaped it), its zygote did not report it, or the task
+    /// watching it ended with the runtime.
     Lost(String),
 }
 
@@ -86,15 +94,23 @@ impl ExitWatch {
                 .map_or_else(|e| Ended::Lost(e.to_string()), Ended::Status),
             Self::Forked { pid, report } => {
                 if let Some(receiver) = report {
-                    let answer = receiver.await;
+                    let answer = tokio::select! {
+                        answer = &mut *receiver => answer,
+                        () = gone(*pid, UNREPORTED_POLL) => {
+                            let late = tokio::time::timeout(REPORT_GRACE, &mut *receiver).await;
+                            let Ok(answer) = late else {
+                                *report = None;
+                                return Ended::Lost("its zygote did not report its end".into());
+                            };
+                            answer
+                        }
+                    };
                     *report = None;
                     if let Ok(raw) = answer {
                         return Ended::Status(ExitStatus::from_raw(raw));
                     }
                 }
-                while alive(*pid) {
-                    tokio::time::sleep(GONE_POLL).await;
-                }
+                gone(*pid, GONE_POLL).await;
                 Ended::Unknown
             }
         }
@@ -130,6 +146,13 @@ impl EndReport {
             .unwrap_or_else(|_| Ended::Lost("the task watching it ended".into()));
         self.0 = None;
         ended
+    }
+}
+
+/// Returns once process `pid` is gone or a zombie, looking every `every`.
+async fn gone(pid: u32, every: Duration) {
+    while alive(pid) {
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -295,8 +295,20 @@ async fn programs_are_listed_described_deleted_and_shared_globally() {
         (&info["scope"], &info["execution_count"]),
         (&json!("global"), &json!(1))
     );
-    let reply = call(&pool, "s", "list_programs", json!({})).await.unwrap();
+    let reply = call(&pool, "s", "list_programs", json!(null))
+        .await
+        .unwrap();
     assert_eq!(reply.worker_id(), pyherd::HOST_WORKER_ID);
+    // The commands that take no arguments refuse a field rather than ignore it: this
+    // cleanup_session does not delete the session it is called in.
+    for command in ["list_programs", "cleanup_session"] {
+        let e = call(&pool, "s", command, json!({"session_id": "other"}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::MalformedRequest, "{e}");
+        assert!(e.message().contains("unknown field `session_id`"), "{e}");
+    }
+    assert!(pool.sessions().exists("s").await.unwrap());
 
     let deleted = ok(&pool, "s", "delete_program", json!({"program_id": "qa"})).await;
     assert_eq!(deleted, json!({"program_id": "qa", "deleted": true}));

@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 
 use super::{CallOptions, Pool, Reply};
 use crate::error::{Error, ErrorKind};
-use crate::session::{Program, Session, SessionUpdate, check_id, program_not_found};
+use crate::session::{LookedIn, Program, Session, SessionUpdate, check_id, program_not_found};
 
 /// The handlers module of the DSPy adapter.
 pub(crate) const DSPY_MODULE: &str = "pyherd_worker.dspy_adapter";
@@ -66,6 +66,12 @@ struct ProgramRef {
     program_id: String,
 }
 
+/// The arguments of the commands that take none (`list_programs`, `cleanup_session`):
+/// `{}` or `null`, so a caller's misplaced field is refused rather than ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
 fn empty_object() -> Box<RawValue> {
     to_raw(&Map::new()).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
@@ -115,6 +121,7 @@ impl Pool {
         let store = self.sessions();
         let dspy = self.inner.shared.dspy;
         if dspy && command == "cleanup_session" {
+            parse_args::<Option<NoArgs>>(command, &args)?;
             // It ends a session: one that does not exist is not created to be deleted.
             let started = Instant::now();
             let removed = store.delete(session_id).await?;
@@ -167,6 +174,7 @@ impl Pool {
             }
             "execute_program" => self.execute_program(&session, &args, options).await,
             "list_programs" => {
+                parse_args::<Option<NoArgs>>(command, &args)?;
                 let session = store.get(session_id).await?;
                 let globals = store.list_global_programs().await?;
                 let programs: Vec<&Program> = session.programs.values().collect();
@@ -299,9 +307,10 @@ impl Pool {
         }
         match self.sessions().get_global_program(id).await {
             Ok(program) => Ok((program, "global")),
-            Err(e) if e.kind() == &ErrorKind::ProgramNotFound => {
-                Err(program_not_found(Some(&session.id), id))
-            }
+            Err(e) if e.kind() == &ErrorKind::ProgramNotFound => Err(program_not_found(
+                LookedIn::SessionThenGlobals(&session.id),
+                id,
+            )),
             Err(e) => Err(e),
         }
     }
@@ -325,8 +334,12 @@ impl Pool {
             .run_in(session, "execute_program", to_raw(&call)?, options)
             .await
             .map_err(|e| e.with_context(|c| c.program_id = Some(id.to_owned())))?;
-        if let Err(e) = self.sessions().record_execution(&session.id, id).await {
-            // Deleted while it ran: the answer stands, there is nothing left to count.
+        if let Err(e) = self
+            .sessions()
+            .record_execution(&session.id, &program)
+            .await
+        {
+            // Deleted or replaced while it ran: the answer stands, nothing is credited.
             tracing::debug!(session = %session.id, program = id, error = %e, "execution not recorded");
         }
         Ok(reply)

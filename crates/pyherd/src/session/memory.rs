@@ -11,8 +11,8 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{
-    Program, Session, SessionPage, SessionSpec, SessionStats, SessionStore, SessionUpdate,
-    StoreFuture, check_id, program_not_found, session_not_found,
+    LookedIn, Program, Session, SessionPage, SessionSpec, SessionStats, SessionStore,
+    SessionUpdate, StoreFuture, check_id, program_not_found, session_not_found,
 };
 use crate::error::{Error, ErrorKind};
 
@@ -293,7 +293,7 @@ impl SessionStore for MemoryStore {
             s.programs
                 .get(program)
                 .cloned()
-                .ok_or_else(|| program_not_found(Some(session), program))
+                .ok_or_else(|| program_not_found(LookedIn::Session(session), program))
         });
         done(result)
     }
@@ -301,21 +301,26 @@ impl SessionStore for MemoryStore {
     fn record_execution<'a>(
         &'a self,
         session: &'a str,
-        program: &'a str,
+        ran: &'a Program,
     ) -> StoreFuture<'a, Program> {
         let now = Instant::now();
         let mut state = self.lock();
+        let same = |p: &Program| {
+            p.created_at == ran.created_at && p.definition.get() == ran.definition.get()
+        };
         let result = (|| {
-            let in_session = state.live(session, now)?.programs.contains_key(program);
+            let id = ran.id.as_str();
+            let in_session = state.live(session, now)?.programs.get(id).is_some_and(same);
             let found = if in_session {
                 state
                     .sessions
                     .get_mut(session)
-                    .and_then(|e| e.session.programs.get_mut(program))
+                    .and_then(|e| e.session.programs.get_mut(id))
             } else {
-                state.globals.get_mut(program)
+                state.globals.get_mut(id).filter(|p| same(p))
             };
-            let found = found.ok_or_else(|| program_not_found(Some(session), program))?;
+            let found = found
+                .ok_or_else(|| program_not_found(LookedIn::SessionThenGlobals(session), id))?;
             found.execution_count += 1;
             found.last_executed = Some(SystemTime::now());
             Ok(found.clone())
@@ -332,7 +337,7 @@ impl SessionStore for MemoryStore {
         let result = state.live(session, Instant::now()).and_then(|s| {
             s.programs
                 .remove(program)
-                .ok_or_else(|| program_not_found(Some(session), program))
+                .ok_or_else(|| program_not_found(LookedIn::Session(session), program))
         });
         done(result)
     }
@@ -349,12 +354,12 @@ impl SessionStore for MemoryStore {
 
     fn get_global_program<'a>(&'a self, program: &'a str) -> StoreFuture<'a, Program> {
         let found = self.lock().globals.get(program).cloned();
-        done(found.ok_or_else(|| program_not_found(None, program)))
+        done(found.ok_or_else(|| program_not_found(LookedIn::Globals, program)))
     }
 
     fn delete_global_program<'a>(&'a self, program: &'a str) -> StoreFuture<'a, Program> {
         let removed = self.lock().globals.remove(program);
-        done(removed.ok_or_else(|| program_not_found(None, program)))
+        done(removed.ok_or_else(|| program_not_found(LookedIn::Globals, program)))
     }
 
     fn list_global_programs(&self) -> StoreFuture<'_, Vec<Program>> {
@@ -573,7 +578,7 @@ mod tests {
             "predict",
             crate::session::raw_json(&json!({"v": 1})),
         );
-        store.put_program("s", qa).await.unwrap();
+        let qa = store.put_program("s", qa).await.unwrap();
         assert_eq!(
             store.get_program("s", "qa").await.unwrap().signature,
             "question -> answer"
@@ -581,7 +586,7 @@ mod tests {
         let e = store.get_program("t", "qa").await.unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::ProgramNotFound);
         assert_eq!(e.context().program_id.as_deref(), Some("qa"));
-        let ran = store.record_execution("s", "qa").await.unwrap();
+        let ran = store.record_execution("s", &qa).await.unwrap();
         assert_eq!(ran.execution_count, 1);
         assert!(ran.last_executed.is_some());
         assert_eq!(
@@ -595,8 +600,8 @@ mod tests {
             "chain_of_thought",
             crate::session::raw_json(&json!({})),
         );
-        store.put_global_program(shared).await.unwrap();
-        let ran = store.record_execution("t", "shared").await.unwrap();
+        let shared = store.put_global_program(shared).await.unwrap();
+        let ran = store.record_execution("t", &shared).await.unwrap();
         assert_eq!(ran.execution_count, 1);
         assert_eq!(
             store
@@ -608,13 +613,31 @@ mod tests {
         );
         assert_eq!(store.list_global_programs().await.unwrap().len(), 1);
         assert_eq!(store.stats().global_programs, 1);
-        let e = store.record_execution("t", "nope").await.unwrap_err();
+        // A program replaced, or one of another scope with the same id, is not credited.
+        let other = crate::session::raw_json(&json!({"v": 2}));
+        let replaced = Program::new("qa", "q -> a", "predict", other.clone());
+        store.put_program("s", replaced).await.unwrap();
+        let e = store.record_execution("s", &qa).await.unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::ProgramNotFound);
-        for e in [
+        assert!(e.message().contains("nor among the global programs"), "{e}");
+        let own = Program::new("shared", "q -> a", "predict", other);
+        let own = store.put_program("t", own).await.unwrap();
+        store.delete_program("t", "shared").await.unwrap();
+        let e = store.record_execution("t", &own).await.unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::ProgramNotFound);
+        assert_eq!(
             store
-                .record_execution("nobody", "shared")
+                .get_global_program("shared")
                 .await
-                .unwrap_err(),
+                .unwrap()
+                .execution_count,
+            1
+        );
+        // A session's own programs are looked for in the session only.
+        let e = store.get_program("t", "shared").await.unwrap_err();
+        assert!(e.message().ends_with("in session \"t\""), "{e}");
+        for e in [
+            store.record_execution("nobody", &shared).await.unwrap_err(),
             store.delete_program("nobody", "qa").await.unwrap_err(),
             store.get_program("nobody", "qa").await.unwrap_err(),
         ] {

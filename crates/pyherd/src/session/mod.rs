@@ -53,12 +53,14 @@ pub trait SessionStore: Send + Sync + 'static {
     fn put_program<'a>(&'a self, session: &'a str, program: Program) -> StoreFuture<'a, Program>;
     /// A program of the session. Errors: `session/program_not_found` besides the above.
     fn get_program<'a>(&'a self, session: &'a str, program: &'a str) -> StoreFuture<'a, Program>;
-    /// Counts one execution of a session program (or of a global one when the session has
-    /// no program of that id) and returns it updated.
+    /// Counts one execution of `ran`, a program of the session or a global one, and
+    /// returns it updated: only while it is stored as it ran (the same `created_at` and
+    /// definition), so a program replaced or deleted while it ran, or a global one of
+    /// the same id, is not credited (`session/program_not_found`).
     fn record_execution<'a>(
         &'a self,
         session: &'a str,
-        program: &'a str,
+        ran: &'a Program,
     ) -> StoreFuture<'a, Program>;
     /// Removes a program of the session and returns it.
     fn delete_program<'a>(&'a self, session: &'a str, program: &'a str)
@@ -284,10 +286,25 @@ pub(crate) fn session_not_found(id: &str) -> Error {
     .with_context(|c| c.session_id = Some(id.to_owned()))
 }
 
-pub(crate) fn program_not_found(session: Option<&str>, id: &str) -> Error {
-    let place = match session {
-        Some(s) => format!("in session {s:?} nor among the global programs"),
-        None => "among the global programs".to_owned(),
+/// Where a program was looked for.
+#[derive(Clone, Copy)]
+pub(crate) enum LookedIn<'a> {
+    /// The session's own programs.
+    Session(&'a str),
+    /// The session's, then the global programs (what a session's execution runs).
+    SessionThenGlobals(&'a str),
+    /// The global programs.
+    Globals,
+}
+
+pub(crate) fn program_not_found(looked_in: LookedIn<'_>, id: &str) -> Error {
+    let (place, session) = match looked_in {
+        LookedIn::Session(s) => (format!("in session {s:?}"), Some(s)),
+        LookedIn::SessionThenGlobals(s) => (
+            format!("in session {s:?} nor among the global programs"),
+            Some(s),
+        ),
+        LookedIn::Globals => ("among the global programs".to_owned(), None),
     };
     Error::new(
         ErrorKind::ProgramNotFound,

@@ -76,6 +76,18 @@ async fn assert_guarded(server: &Server) {
             assert!(challenge.unwrap().contains("invalid_token"));
         }
     }
+    // A refusal answers the call the client named.
+    let refused = reqwest::Client::new()
+        .post(server.url("/v1/execute"))
+        .header("x-request-id", "unauthorized-7")
+        .json(&json!({"command": "echo"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["x-request-id"], "unauthorized-7");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["context"]["request_id"], "unauthorized-7");
     for value in [bearer(TOKEN), format!("bearer {TOKEN}")] {
         let (status, _, body) = call(Method::POST, &server.url("/v1/execute"), Some(&value)).await;
         assert_eq!(status, 200, "{body}");

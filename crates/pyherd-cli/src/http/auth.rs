@@ -4,13 +4,14 @@
 use std::net::SocketAddr;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
+use super::execute::request_id;
 
 /// Paths answered without a token: liveness, and the dashboard's page itself (it holds no
 /// data; the endpoints it reads from are guarded).
@@ -77,13 +78,16 @@ pub(crate) async fn require_token(
     if OPEN_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;
     }
-    match request.headers().get(header::AUTHORIZATION) {
+    let headers = request.headers();
+    match headers.get(header::AUTHORIZATION) {
         None => unauthorized(
+            headers,
             "Bearer realm=\"pyherd\"",
             "this server needs `Authorization: Bearer <token>`",
         ),
         Some(value) if bearer(value).is_some_and(|t| token.matches(t)) => next.run(request).await,
         Some(_) => unauthorized(
+            headers,
             "Bearer realm=\"pyherd\", error=\"invalid_token\"",
             "the bearer token is not this server's",
         ),
@@ -99,9 +103,11 @@ fn bearer(value: &HeaderValue) -> Option<&[u8]> {
         .then(|| token.trim_ascii())
 }
 
-fn unauthorized(challenge: &'static str, message: &str) -> Response {
-    let mut response =
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+/// The refusal, as an answer to the call the client named, if it named one.
+fn unauthorized(headers: &HeaderMap, challenge: &'static str, message: &str) -> Response {
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+        .for_request(request_id(headers).ok().flatten().as_deref())
+        .into_response();
     response.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static(challenge),

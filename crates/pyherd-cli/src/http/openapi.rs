@@ -170,6 +170,26 @@ pub(crate) async fn openapi_json() -> Response {
 /// Paths the token does not guard (see `auth`).
 const OPEN_PATHS: [&str; 2] = ["/healthz", "/"];
 
+/// What the body checks answer to a body sent to an operation that takes none.
+const UNASKED_BODY: [(u16, &str); 4] = [
+    (
+        400,
+        "A body was sent (this operation takes none) nesting deeper than 127 levels (`malformed_request`)",
+    ),
+    (
+        408,
+        "A body was sent (this operation takes none) slower than `body_timeout_ms` (`body_timeout`)",
+    ),
+    (
+        413,
+        "A body was sent (this operation takes none) over the size limit (`payload_too_large`)",
+    ),
+    (
+        415,
+        "A body was sent (this operation takes none) that is not JSON (`unsupported_media_type`)",
+    ),
+];
+
 /// Adds what the server's guards answer before any handler runs, in one place for every
 /// operation: the bearer token (when the server has one) and its 401, a body too slow
 /// (408) or not JSON (415) where there is a body, and a 503 when the server holds
@@ -208,6 +228,9 @@ fn guarded(document: &mut utoipa::openapi::OpenApi) {
                     "The body arrived slower than `body_timeout_ms` (`body_timeout`)",
                 ));
                 guards.push((415, "The body is not JSON (`unsupported_media_type`)"));
+            } else {
+                // The body checks read any body sent, though the operation takes none.
+                guards.extend(UNASKED_BODY);
             }
             guards.push((
                 503,

@@ -224,6 +224,37 @@ async fn session_errors_have_their_status_and_the_server_keeps_serving() {
         (&kept["ttl_s"], &kept["metadata"]),
         (&json!(3600), &json!({}))
     );
+    // Metadata is kept as given: an integer beyond 64 bits is refused, not rounded.
+    let raw = |method: Method, path: &str, body: &'static str| {
+        reqwest::Client::new()
+            .request(method, url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for (method, path) in [
+        (Method::POST, "/v1/sessions"),
+        (Method::PATCH, "/v1/sessions/a"),
+    ] {
+        let response = raw(
+            method,
+            path,
+            r#"{"metadata": {"id": 12345678901234567890123}}"#,
+        )
+        .await
+        .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        assert_error(status, &body, 400, "invalid_request", "malformed_request");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("beyond 64 bits"), "{message}");
+    }
+    let edges = r#"{"metadata": {"high": 18446744073709551615, "low": -9223372036854775808}}"#;
+    let response = raw(Method::PATCH, "/v1/sessions/a", edges).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["metadata"]["high"], json!(u64::MAX), "{body}");
+    assert_eq!(body["metadata"]["low"], json!(i64::MIN), "{body}");
     let (status, body) =
         request(Method::DELETE, &url("/v1/sessions/nobody/programs/p"), None).await;
     assert_error(status, &body, 404, "session", "session_not_found");

@@ -8,8 +8,9 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use pyherd::session::{Program, Session, SessionPage, SessionSpec, SessionUpdate, check_id};
+use pyherd::session::{self, Program, Session, SessionPage, SessionSpec, SessionUpdate, check_id};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
@@ -35,7 +36,7 @@ pub(crate) struct CreateBody {
     ttl_s: Option<u64>,
     /// Any JSON [default: `{}`].
     #[schema(value_type = Option<Value>)]
-    metadata: Option<Value>,
+    metadata: Option<Box<RawValue>>,
 }
 
 /// `PATCH /v1/sessions/{id}`: what is given replaces what the session has.
@@ -44,9 +45,17 @@ pub(crate) struct CreateBody {
 pub(crate) struct PatchBody {
     /// New metadata.
     #[schema(value_type = Option<Value>)]
-    metadata: Option<Value>,
+    metadata: Option<Box<RawValue>>,
     /// New time to live, s.
     ttl_s: Option<u64>,
+}
+
+/// The metadata of a body, read as given (see [`session::metadata_from_json`]).
+fn metadata(raw: Option<Box<RawValue>>) -> Result<Option<Value>, ApiError> {
+    Ok(raw
+        .as_deref()
+        .map(session::metadata_from_json)
+        .transpose()?)
 }
 
 /// A page of `GET /v1/sessions`.
@@ -115,7 +124,7 @@ pub(crate) async fn create(
     let mut spec = SessionSpec::new();
     spec.id = body.session_id;
     spec.ttl = ttl(body.ttl_s);
-    spec.metadata = body.metadata;
+    spec.metadata = metadata(body.metadata)?;
     let session = state.pool.sessions().create(spec).await?;
     Ok((StatusCode::CREATED, Json(session)).into_response())
 }
@@ -161,7 +170,7 @@ pub(crate) async fn patch(
     let id = one(path, "session")?;
     let body: PatchBody = parse_body(body)?;
     let mut update = SessionUpdate::default();
-    update.metadata = body.metadata;
+    update.metadata = metadata(body.metadata)?;
     update.ttl = ttl(body.ttl_s);
     Ok(Json(state.pool.sessions().update(&id, update).await?).into_response())
 }

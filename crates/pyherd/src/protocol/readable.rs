@@ -53,7 +53,7 @@ fn unreadable_number(number: &str) -> Option<String> {
         let fits = number.parse::<i64>().is_ok() || number.parse::<u64>().is_ok();
         (!fits).then(|| {
             format!(
-                "an integer is beyond 64 bits ({}): Python would get a float; send it as a string",
+                "an integer is beyond 64 bits ({}): it would be read as a float; send it as a string",
                 shown()
             )
         })

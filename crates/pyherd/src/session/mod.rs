@@ -77,6 +77,24 @@ pub trait SessionStore: Send + Sync + 'static {
     fn sweep(&self) -> StoreFuture<'_, usize>;
 }
 
+/// Session metadata read from JSON text as given. An integer beyond 64 bits, which a
+/// [`Value`] would keep only as a rounded float, is refused rather than changed.
+///
+/// # Errors
+/// `invalid_request/malformed_request` naming what is wrong.
+pub fn metadata_from_json(json: &RawValue) -> Result<Value, Error> {
+    let malformed = |why: String| {
+        Error::new(
+            ErrorKind::MalformedRequest,
+            format!("the session metadata cannot be kept as given: {why}"),
+        )
+    };
+    if let Some(why) = crate::protocol::unreadable(json.get()) {
+        return Err(malformed(why));
+    }
+    serde_json::from_str(json.get()).map_err(|e| malformed(e.to_string()))
+}
+
 /// How to create a session.
 #[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]

@@ -167,7 +167,7 @@ async fn reload_under_load(preload: bool) {
     assert!(new.iter().all(|p| !old.contains(p)), "{old:?} → {new:?}");
     for (w, pid) in report.workers.iter().zip(&new) {
         assert_eq!(w.pid, *pid, "{report:?}");
-        assert!(w.old_pid.is_some_and(|p| old.contains(&p)), "{report:?}");
+        assert!(old.contains(&w.old_pid), "{report:?}");
     }
     assert_eq!(reload_restarts(&pool), 3);
     all_answer(&pool, "v2-new").await;
@@ -286,10 +286,9 @@ async fn concurrent_reloads_run_one_after_the_other() {
     let (first, second) = tokio::join!(pool.reload(), pool.reload());
     let (first, second) = (first.unwrap(), second.unwrap());
     let first_new: Vec<u32> = first.workers.iter().map(|w| w.pid).collect();
-    let second_old: Vec<Option<u32>> = second.workers.iter().map(|w| w.old_pid).collect();
+    let second_old: Vec<u32> = second.workers.iter().map(|w| w.old_pid).collect();
     assert_eq!(
-        second_old,
-        first_new.into_iter().map(Some).collect::<Vec<_>>(),
+        second_old, first_new,
         "the second replaced what the first started"
     );
     assert_eq!(reload_restarts(&pool), 4);
@@ -332,4 +331,37 @@ async fn a_pool_that_shut_down_refuses_to_reload() {
     pool.shutdown().await;
     let error = pool.reload().await.unwrap_err();
     assert_eq!(error.kind(), &ErrorKind::ShuttingDown, "{error}");
+}
+
+/// A worker killed at its call's timeout while a reload's replacement is on its way is
+/// replaced by that one: no other worker is started for it, and the report names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_lost_while_its_replacement_comes_is_replaced_by_it_alone() {
+    let pool = common::testing_pool(1).build().await.unwrap();
+    let old = worker_pids(&pool)[0];
+    let call = {
+        let pool = pool.clone();
+        let options = CallOptions::new().timeout(Duration::from_secs(5));
+        tokio::spawn(async move {
+            pool.execute_with("sleep", json!({"seconds": 60}), &options)
+                .await
+        })
+    };
+    wait_until(Duration::from_secs(5), "the call to run", || {
+        pool.stats().busy == 1
+    })
+    .await;
+    let report = pool.reload().await.unwrap();
+    let e = call.await.unwrap().unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::ExecutionTimeout, "{e}");
+    let [replaced] = &report.workers[..] else {
+        panic!("{report:?}");
+    };
+    assert_eq!((replaced.old_id.as_str(), replaced.old_pid), ("w1", old));
+    assert_eq!(replaced.id, "w2", "{report:?}");
+    let ids: Vec<String> = pool.workers().into_iter().map(|w| w.id).collect();
+    assert_eq!(ids, ["w2"]);
+    assert_eq!(pool.stats().restarts, 1);
+    assert_eq!(pool.execute("echo", json!(1)).await.unwrap(), json!(1));
+    pool.shutdown().await;
 }

@@ -23,8 +23,9 @@ use crate::worker::{WorkerProcess, WorkerState};
 /// A replacement worker on its way to a slot.
 pub(crate) struct Swap {
     worker: WorkerProcess,
-    /// `Err` gives the worker back: the slot left service and has nothing to replace.
-    done: oneshot::Sender<Result<(), WorkerProcess>>,
+    /// `Ok` with the id and pid of the worker it took the place of; `Err` gives the
+    /// worker back: the slot left service and has nothing to replace.
+    done: oneshot::Sender<Result<(String, u32), WorkerProcess>>,
 }
 
 impl Swap {
@@ -54,8 +55,8 @@ pub struct ReloadReport {
 pub struct ReloadedWorker {
     /// The replaced worker's id.
     pub old_id: String,
-    /// The replaced worker's pid (none if it was still starting).
-    pub old_pid: Option<u32>,
+    /// The replaced worker's pid.
+    pub old_pid: u32,
     /// The new worker's id.
     pub id: String,
     /// The new worker's pid.
@@ -63,16 +64,23 @@ pub struct ReloadedWorker {
 }
 
 impl Slot {
-    /// Puts a reload's replacement into service (the old worker is stopped already).
-    pub(super) fn install(&self, swap: Swap) -> WorkerProcess {
+    /// Puts a reload's replacement into service in place of `old` (stopped already),
+    /// which was replaced for `reason`: the reload, or what ended it while the
+    /// replacement was on its way (then no other worker is started for it).
+    pub(super) fn install(
+        &self,
+        swap: Swap,
+        old: &WorkerProcess,
+        reason: RestartReason,
+    ) -> WorkerProcess {
         let Swap { worker, done } = swap;
         let life = &self.shared.life;
         self.status.starting(worker.id().clone(), life);
         self.status
             .running(worker.pid(), worker.started(), worker.started_by());
         self.go(WorkerState::Ready, "started");
-        life.restarted(RestartReason::Reload);
-        let _ = done.send(Ok(()));
+        life.restarted(reason);
+        let _ = done.send(Ok((old.id().to_string(), old.pid())));
         worker
     }
 
@@ -90,7 +98,9 @@ impl Pool {
     /// from disk, with no failed call: the replacement starts while the old worker serves,
     /// then the old one is drained (never mid-call) and stopped. With
     /// [`PoolConfig::preload`](crate::PoolConfig::preload) a new zygote imports the preload
-    /// modules first. Replacements count as restarts with reason `reload`. A reload
+    /// modules first. Replacements count as restarts with reason `reload` (a worker lost
+    /// while its replacement was on its way is replaced by it alone, and counts under
+    /// what ended it). A reload
     /// started while another runs waits for it, then runs in full (files may have changed
     /// since the first one read them). Sessions live in the host and are not touched; the
     /// set of command names is the one the pool started with.
@@ -135,7 +145,6 @@ impl Pool {
             if !in_service(&slot) {
                 continue;
             }
-            let old = slot.status.info();
             let started = tokio::select! {
                 started = shared.launcher.start(shared.next_worker_id()) => started,
                 () = shared.closing.cancelled() => return Err(shutting_down()),
@@ -151,8 +160,7 @@ impl Pool {
                 () = shared.closing.cancelled() => return Err(shutting_down()),
             };
             match outcome {
-                Ok(Ok(())) => {
-                    let (old_id, old_pid) = old.map_or((String::new(), None), |w| (w.id, w.pid));
+                Ok(Ok((old_id, old_pid))) => {
                     tracing::info!(old = %old_id, old_pid, worker = %id, pid, "reload: worker replaced");
                     workers.push(ReloadedWorker {
                         old_id,

@@ -61,13 +61,17 @@ impl Slot {
                 Ending::Stop => None,
                 Ending::Replace(reason) => {
                     self.hand_back();
-                    self.respawn(Some(reason)).await
+                    // A reload's replacement already on its way takes the place at once.
+                    match self.swaps.try_recv() {
+                        Ok(swap) => Some(self.install(swap, &worker, reason)),
+                        Err(_) => self.respawn(Some(reason)).await,
+                    }
                 }
                 Ending::Park => {
                     self.hand_back();
                     self.unpark().await
                 }
-                Ending::Reload(swap) => Some(self.install(*swap)),
+                Ending::Reload(swap) => Some(self.install(*swap, &worker, RestartReason::Reload)),
             };
         }
         self.refuse_swaps();

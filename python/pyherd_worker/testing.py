@@ -123,13 +123,15 @@ def spawn_child(args: Dict[str, Any]) -> Dict[str, int]:
     """Start a long ``sleep`` child process (a grandchild of the host) and return its pid.
 
     ``close_fds: false`` lets it inherit every inheritable fd (as ``os.system`` does);
-    ``hold_pipes: true`` hands it the worker's protocol pipes on purpose."""
+    ``hold_pipes: true`` hands it the worker's protocol pipes on purpose;
+    ``new_session: true`` starts it in a session (and process group) of its own."""
     import subprocess
 
     child = subprocess.Popen(
         ["sleep", str(args.get("seconds", 600))],
         close_fds=bool(args.get("close_fds", True)),
         pass_fds=(3, 4) if args.get("hold_pipes") else (),
+        start_new_session=bool(args.get("new_session")),
     )
     return {"pid": child.pid}
 

@@ -292,6 +292,37 @@ async fn a_worker_killed_while_idle_is_replaced_though_its_child_holds_the_pipes
     pool.shutdown().await;
 }
 
+/// A child started in a session of its own leaves the worker's process group: it still
+/// ends with the worker (its environment names the worker), crashed or recycled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_in_a_session_of_its_own_ends_with_its_worker() {
+    let pool = testing_pool(1).max_requests(2).build().await.unwrap();
+    let away = || async {
+        let answer = pool
+            .execute("spawn_child", json!({"new_session": true}))
+            .await
+            .unwrap();
+        u32::try_from(answer["pid"].as_u64().unwrap()).unwrap()
+    };
+    // Crashed.
+    let first = away().await;
+    let e = pool.execute("crash", json!({})).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
+    wait_until(Duration::from_secs(5), "the first child to end", || {
+        !running(first)
+    })
+    .await;
+    // Recycled after its second call.
+    replaced(&pool, 1).await;
+    let second = away().await;
+    assert_eq!(pool.execute("echo", json!(1)).await.unwrap(), json!(1));
+    wait_until(Duration::from_secs(10), "the second child to end", || {
+        !running(second)
+    })
+    .await;
+    pool.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdout_spam_goes_to_the_log_and_never_corrupts_frames() {
     let pool = testing_pool(1).build().await.unwrap();

@@ -26,6 +26,7 @@ mod sweep;
 
 use std::path::PathBuf;
 
+pub(crate) use procfs::kill_strays;
 pub(crate) use run::{Run, RunEntry};
 pub use sweep::{Killed, SkipReason, Skipped, SweepReport, sweep};
 

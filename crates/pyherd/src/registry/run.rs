@@ -172,6 +172,13 @@ pub(crate) struct RunEntry {
     pid: u32,
 }
 
+impl RunEntry {
+    /// The id of the run the worker belongs to.
+    pub(crate) fn run_id(&self) -> &Arc<str> {
+        self.run.id()
+    }
+}
+
 impl Drop for RunEntry {
     fn drop(&mut self) {
         let pid = self.pid;

@@ -29,7 +29,7 @@ use super::spawner::Spawner;
 use super::stderr::{self, StderrTail};
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{self, Hello, Message};
-use crate::registry::{Run, RunEntry};
+use crate::registry::{self, Run, RunEntry};
 use crate::telemetry;
 
 /// How long a worker whose pipe closed gets to finish exiting before SIGKILL.
@@ -170,7 +170,7 @@ pub(crate) struct WorkerProcess {
     /// Whether its exit was logged (a worker is ended once, `end` may run again).
     exit_told: bool,
     /// Its line in the run registry, removed when the worker is dropped (after its end).
-    _registered: RunEntry,
+    registered: RunEntry,
 }
 
 pub(crate) fn spawn_error(message: String) -> Error {
@@ -258,7 +258,7 @@ impl WorkerProcess {
             started_by,
             signalled: false,
             exit_told: false,
-            _registered: registered,
+            registered,
         };
         match tokio::time::timeout(spec.startup_timeout, worker.next_reply()).await {
             Ok(Ok(frame)) => match protocol::decode(&frame) {
@@ -533,6 +533,7 @@ impl WorkerProcess {
             // instants since the leader was reaped (and only this first end signals it).
             self.signal(Signal::SIGKILL);
             self.signalled = true;
+            self.kill_strays().await;
         }
         stderr::finish(&mut self.stderr_task, STDERR_FLUSH).await;
         let status = self.exit.as_ref().map(ToString::to_string);
@@ -540,6 +541,18 @@ impl WorkerProcess {
             telemetry::worker_exited(&self.id, self.pid, status.as_deref().unwrap_or("unknown"));
         }
         status
+    }
+
+    /// Kills what the worker started outside its process group (a session of its own):
+    /// such a process still carries the worker's id in its environment.
+    async fn kill_strays(&self) {
+        let (run, worker) = (self.registered.run_id().clone(), self.id.clone());
+        let killed = tokio::task::spawn_blocking(move || registry::kill_strays(&run, &worker))
+            .await
+            .unwrap_or_default();
+        if !killed.is_empty() {
+            tracing::info!(worker = %self.id, pids = ?killed, "killed what the worker left outside its process group");
+        }
     }
 
     async fn wait_exit(&mut self, within: Duration) -> bool {

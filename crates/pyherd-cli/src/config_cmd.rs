@@ -127,6 +127,7 @@ fn effective(args: &ServeArgs, file: Option<&Path>) -> anyhow::Result<Map<String
         millis(limits.header_timeout).into(),
     );
     values.insert("body_timeout_ms".into(), millis(limits.body_timeout).into());
+    values.insert("send_timeout_ms".into(), millis(limits.send_timeout).into());
     values.insert("max_streams".into(), limits.max_streams.into());
     values.insert("dspy".into(), dspy.into());
     values.insert("requirements".into(), settings.requirements.into());

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::http::{Limits, Token, check_bind};
 
 /// The file keys read here (and removed from the table before the pool's keys are read).
-pub(crate) const KEYS: [&str; 8] = [
+pub(crate) const KEYS: [&str; 9] = [
     "token",
     "token_file",
     "insecure",
@@ -22,6 +22,7 @@ pub(crate) const KEYS: [&str; 8] = [
     "max_connections",
     "header_timeout_ms",
     "body_timeout_ms",
+    "send_timeout_ms",
     "max_streams",
 ];
 /// Bounds of `max_header_bytes`: under the lower one ordinary requests do not fit; over
@@ -54,6 +55,10 @@ pub(crate) struct ServerArgs {
     /// Longest time a request body may take to arrive, ms; slower is a 408 [default: 30000]
     #[arg(long, env = "PYHERD_BODY_TIMEOUT_MS")]
     body_timeout_ms: Option<u64>,
+    /// Longest time an answer may wait for the client to take more of it, ms; a
+    /// connection stalled longer is closed [default: 30000]
+    #[arg(long, env = "PYHERD_SEND_TIMEOUT_MS")]
+    send_timeout_ms: Option<u64>,
     /// Most Server-Sent Event streams open at once; more get 503 resource/too_many_streams
     /// [default: 64]
     #[arg(long, env = "PYHERD_MAX_STREAMS")]
@@ -71,6 +76,7 @@ pub(crate) struct ServerFile {
     max_connections: Option<usize>,
     header_timeout_ms: Option<u64>,
     body_timeout_ms: Option<u64>,
+    send_timeout_ms: Option<u64>,
     max_streams: Option<usize>,
 }
 
@@ -84,6 +90,7 @@ impl fmt::Debug for ServerFile {
             .field("max_connections", &self.max_connections)
             .field("header_timeout_ms", &self.header_timeout_ms)
             .field("body_timeout_ms", &self.body_timeout_ms)
+            .field("send_timeout_ms", &self.send_timeout_ms)
             .field("max_streams", &self.max_streams)
             .finish()
     }
@@ -173,6 +180,12 @@ impl ServerArgs {
             }
             limits.body_timeout = ms(v);
         }
+        if let Some(v) = self.send_timeout_ms.or(file.send_timeout_ms) {
+            if v == 0 {
+                bail!("send_timeout_ms must be at least 1");
+            }
+            limits.send_timeout = ms(v);
+        }
         if let Some(v) = self.max_streams.or(file.max_streams) {
             if v == 0 {
                 bail!("max_streams must be at least 1");
@@ -229,6 +242,7 @@ mod tests {
             ("max_streams = 0\n", "max_streams"),
             ("header_timeout_ms = 0\n", "header_timeout_ms"),
             ("body_timeout_ms = 0\n", "body_timeout_ms"),
+            ("send_timeout_ms = 0\n", "send_timeout_ms"),
         ];
         for (text, key) in cases {
             let e = ServerArgs::default()

@@ -379,6 +379,40 @@ async fn a_head_over_the_limit_is_431() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_loses_its_connection_at_the_send_timeout() {
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--handlers",
+        "pyherd_worker.testing",
+        "--send-timeout-ms",
+        "500",
+        "--request-timeout-ms",
+        "120000",
+    ]);
+    // Chunks of 100 kB without end, never read: the socket's buffers fill, then the
+    // answer stalls.
+    let mut stream = connect(&server);
+    let body = br#"{"command":"count","args":{"to":1000000,"pad":100000}}"#;
+    let head = "content-type: application/json\r\n";
+    stream.write_all(&post("/v1/stream", head, body)).unwrap();
+    let metrics = server.url("/metrics");
+    let cancelled = "pyherd_requests_total{command=\"count\",outcome=\"cancelled\"} 1";
+    wait_until(Duration::from_secs(20), "the stream to be given up", || {
+        let metrics = metrics.clone();
+        async move {
+            let text = reqwest::get(metrics).await.unwrap().text().await.unwrap();
+            text.contains(cancelled)
+        }
+    })
+    .await;
+    let stats = common::get_json(&server.url("/v1/stats")).await;
+    assert_eq!(stats["busy"], 0, "{stats}");
+    wait_closed(&mut stream);
+    still_serving(&server).await;
+}
+
+#[tokio::test]
 async fn connections_over_the_limit_are_answered_503_at_once() {
     let server = Server::start(&[
         "--workers",

@@ -406,8 +406,12 @@ async fn a_client_that_stops_reading_loses_its_connection_at_the_send_timeout() 
         }
     })
     .await;
-    let stats = common::get_json(&server.url("/v1/stats")).await;
-    assert_eq!(stats["busy"], 0, "{stats}");
+    let stats = server.url("/v1/stats");
+    wait_until(Duration::from_secs(5), "the worker to be free", || {
+        let stats = stats.clone();
+        async move { common::get_json(&stats).await["busy"] == 0 }
+    })
+    .await;
     wait_closed(&mut stream);
     still_serving(&server).await;
 }

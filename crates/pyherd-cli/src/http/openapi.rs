@@ -192,8 +192,8 @@ const UNASKED_BODY: [(u16, &str); 4] = [
 
 /// Adds what the server's guards answer before any handler runs, in one place for every
 /// operation: the bearer token (when the server has one) and its 401, a body too slow
-/// (408) or not JSON (415) where there is a body, and a 503 when the server holds
-/// `max_connections` already.
+/// (408) or not JSON (415), also a body too large (413) or too deep (400) where the
+/// operation takes none, and a 503 when the server holds `max_connections` already.
 fn guarded(document: &mut utoipa::openapi::OpenApi) {
     document
         .components

@@ -66,7 +66,7 @@ pub struct ReloadedWorker {
 impl Slot {
     /// Puts a reload's replacement into service in place of `old` (stopped already),
     /// which was replaced for `reason`: the reload, or what ended it while the
-    /// replacement was on its way (then no other worker is started for it).
+    /// replacement waited for the slot (then no other worker is started for it).
     pub(super) fn install(
         &self,
         swap: Swap,
@@ -99,8 +99,8 @@ impl Pool {
     /// then the old one is drained (never mid-call) and stopped. With
     /// [`PoolConfig::preload`](crate::PoolConfig::preload) a new zygote imports the preload
     /// modules first. Replacements count as restarts with reason `reload` (a worker lost
-    /// while its replacement was on its way is replaced by it alone, and counts under
-    /// what ended it). A reload
+    /// while its replacement waits for the slot is replaced by it alone, and counts
+    /// under what ended it). A reload
     /// started while another runs waits for it, then runs in full (files may have changed
     /// since the first one read them). Sessions live in the host and are not touched; the
     /// set of command names is the one the pool started with.

@@ -226,9 +226,10 @@ impl Pool {
             );
             avoid = error.context().worker_id.as_deref().map(Arc::from);
             tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = shared.closing.cancelled() => {}
+                biased;
                 () = flight.cancel.cancelled() => break super::cancelled(),
+                () = shared.closing.cancelled() => {}
+                () = tokio::time::sleep(wait) => {}
             }
         };
         Err(if idempotent && made > 0 {

@@ -61,7 +61,7 @@ impl Slot {
                 Ending::Stop => None,
                 Ending::Replace(reason) => {
                     self.hand_back();
-                    // A reload's replacement already on its way takes the place at once.
+                    // A reload's replacement waiting for the slot takes the place at once.
                     match self.swaps.try_recv() {
                         Ok(swap) => Some(self.install(swap, &worker, reason)),
                         Err(_) => self.respawn(Some(reason)).await,

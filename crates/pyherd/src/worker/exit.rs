@@ -7,7 +7,8 @@
 //! A spawned worker that something else reaped (a host that ignores `SIGCHLD`, or that
 //! waits for any child) is gone too, its status unknown: waiting for it fails. So is a
 //! forked worker whose zygote stopped (frozen, stuck) and reports nothing: the host also
-//! looks for the process itself, every 100 ms, while it waits for the report.
+//! looks for the process itself, every 100 ms, while it waits for the report, and takes
+//! a process its zygote leaves a zombie for a second as ended.
 
 use std::fmt;
 use std::os::unix::process::ExitStatusExt;
@@ -22,8 +23,9 @@ const GONE_POLL: Duration = Duration::from_millis(5);
 /// How often a forked worker is checked for being gone while its zygote's report is
 /// awaited: a zygote that stops (frozen, stuck) reaps and reports nothing.
 const UNREPORTED_POLL: Duration = Duration::from_millis(100);
-/// How long the report of a worker found gone is still awaited (it carries the status).
-const REPORT_GRACE: Duration = Duration::from_millis(200);
+/// How long the report of a worker found gone (a zombie its zygote has not reaped yet)
+/// is still awaited: it carries the status, and a busy zygote may take a while.
+const REPORT_GRACE: Duration = Duration::from_secs(1);
 
 /// How a worker is started: `spawn` (a fresh interpreter) or `fork` (from the zygote).
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -81,7 +83,8 @@ pub(crate) enum ExitWatch {
 }
 
 impl ExitWatch {
-    /// Waits until the process has ended and been reaped.
+    /// Waits until the process has ended and been reaped (or, its zygote silent, has
+    /// ended: [`Ended::Lost`]).
     ///
     /// # Cancel safety
     /// Cancel safe: calling it again after a timeout goes on waiting.

@@ -68,6 +68,10 @@ impl LaunchSpec {
             .env("PYTHONPATH", &self.pythonpath)
             .env("PYTHONUNBUFFERED", "1")
             .env("PYHERD_RUN_ID", &**self.run.id())
+            // A worker's id is given to each worker alone (or set by the zygote in each
+            // fork): none is inherited, or a zygote and its forks would pass for that
+            // worker's leftovers when it ends.
+            .env_remove("PYHERD_WORKER_ID")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::{fixture, wait_until};
 use pyherd::{Backoff, CallOptions, Category, ErrorKind, Pool, PoolBuilder};
 use serde_json::{Value, json};
+use tokio::task::JoinHandle;
 
 /// A marker file (absent until a handler or the test makes it) and the attempts log.
 struct Files {
@@ -270,35 +271,13 @@ async fn with_one_worker_a_retry_runs_on_it_and_unmarked_errors_are_not_retried(
     pool.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shutdown_during_the_backoff_ends_the_call_at_once() {
-    let pool = flaky_pool(2)
-        .retry_base(Duration::from_secs(30))
-        .retry_cap(Duration::from_secs(30))
-        .build()
-        .await
-        .unwrap();
-    let files = Files::new();
-    let call = {
-        let (pool, args) = (pool.clone(), files.args());
-        tokio::spawn(async move { pool.execute_with("crash_first", args, &idempotent()).await })
-    };
-    wait_until(Duration::from_secs(10), "the first retry to wait", || {
-        pool.stats().retries == 1
-    })
-    .await;
-    pool.shutdown().await;
-    let e = tokio::time::timeout(Duration::from_secs(10), call)
-        .await
-        .expect("the call ended")
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(e.kind(), &ErrorKind::ShuttingDown, "{e}");
-    assert_eq!(files.attempts().len(), 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_during_the_backoff_ends_the_call_at_once_and_it_is_not_retried() {
+/// A pool whose `crash_first` call (request id `backing-off`) has crashed its first
+/// attempt and waits 30 s before the next; the call's task, and the attempts log.
+async fn backing_off() -> (
+    Pool,
+    JoinHandle<Result<pyherd::Reply, pyherd::Error>>,
+    Files,
+) {
     let pool = flaky_pool(2)
         .retry_base(Duration::from_secs(30))
         .retry_cap(Duration::from_secs(30))
@@ -315,12 +294,32 @@ async fn a_cancel_during_the_backoff_ends_the_call_at_once_and_it_is_not_retried
         pool.stats().retries == 1
     })
     .await;
-    assert!(pool.cancel("backing-off"));
-    let e = tokio::time::timeout(Duration::from_secs(10), call)
+    (pool, call, files)
+}
+
+/// The error `call` ended with, within 10 s.
+async fn ended(call: JoinHandle<Result<pyherd::Reply, pyherd::Error>>) -> pyherd::Error {
+    tokio::time::timeout(Duration::from_secs(10), call)
         .await
         .expect("the call ended")
         .unwrap()
-        .unwrap_err();
+        .unwrap_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_the_backoff_ends_the_call_at_once() {
+    let (pool, call, files) = backing_off().await;
+    pool.shutdown().await;
+    let e = ended(call).await;
+    assert_eq!(e.kind(), &ErrorKind::ShuttingDown, "{e}");
+    assert_eq!(files.attempts().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_the_backoff_ends_the_call_at_once_and_it_is_not_retried() {
+    let (pool, call, files) = backing_off().await;
+    assert!(pool.cancel("backing-off"));
+    let e = ended(call).await;
     assert_eq!(e.kind(), &ErrorKind::Cancelled, "{e}");
     assert_eq!(e.context().attempts, Some(1), "{e}");
     assert_eq!(files.attempts().len(), 1);

@@ -53,20 +53,17 @@ impl StartedBy {
 pub(crate) enum Ended {
     /// Its wait status (from tokio or from the zygote's report).
     Status(ExitStatus),
-    /// It is gone, but its zygote died before reporting its status.
-    Unknown,
-    /// It is gone, but waiting for it failed: it was no longer the host's child to wait
-    /// for (something else reaped it), its zygote did not report it, or the task
-    /// watching it ended with the runtime.
-    Lost(String),
+    /// It is gone, its status unknown, for the reason given: its zygote died first or
+    /// did not report it, or waiting for it failed (something else reaped it, or the
+    /// task watching it ended with the runtime).
+    Unknown(&'static str),
 }
 
 impl fmt::Display for Ended {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Status(status) => status.fmt(f),
-            Self::Unknown => f.write_str("unknown (the zygote that forked it died first)"),
-            Self::Lost(why) => write!(f, "unknown (waiting for it failed: {why})"),
+            Self::Unknown(why) => write!(f, "unknown ({why})"),
         }
     }
 }
@@ -84,17 +81,17 @@ pub(crate) enum ExitWatch {
 
 impl ExitWatch {
     /// Waits until the process has ended and been reaped (or, its zygote silent, has
-    /// ended: [`Ended::Lost`]).
+    /// ended: [`Ended::Unknown`]).
     ///
     /// # Cancel safety
     /// Cancel safe: calling it again after a timeout goes on waiting.
     pub(crate) async fn wait(&mut self) -> Ended {
         match self {
             // Waiting for a child fails once it is not one to wait for: reaped by another.
-            Self::Spawned(child) => child
-                .wait()
-                .await
-                .map_or_else(|e| Ended::Lost(e.to_string()), Ended::Status),
+            Self::Spawned(child) => child.wait().await.map_or(
+                Ended::Unknown("waiting for it failed: something else reaped it"),
+                Ended::Status,
+            ),
             Self::Forked { pid, report } => {
                 if let Some(receiver) = report {
                     let answer = tokio::select! {
@@ -103,7 +100,9 @@ impl ExitWatch {
                             let late = tokio::time::timeout(REPORT_GRACE, &mut *receiver).await;
                             let Ok(answer) = late else {
                                 *report = None;
-                                return Ended::Lost("its zygote did not report its end".into());
+                                return Ended::Unknown(
+                                    "waiting for it failed: its zygote did not report its end",
+                                );
                             };
                             answer
                         }
@@ -114,7 +113,7 @@ impl ExitWatch {
                     }
                 }
                 gone(*pid, GONE_POLL).await;
-                Ended::Unknown
+                Ended::Unknown("the zygote that forked it died first")
             }
         }
     }
@@ -146,7 +145,7 @@ impl EndReport {
         };
         let ended = receive
             .await
-            .unwrap_or_else(|_| Ended::Lost("the task watching it ended".into()));
+            .unwrap_or(Ended::Unknown("the task watching it ended"));
         self.0 = None;
         ended
     }
@@ -216,7 +215,7 @@ mod tests {
             report: Some(report),
         };
         let ended = watch.wait().await;
-        assert!(matches!(ended, Ended::Unknown));
+        assert!(matches!(ended, Ended::Unknown(_)));
         assert!(ended.to_string().contains("zygote"));
         assert_eq!(StartedBy::Fork.as_str(), "fork");
     }

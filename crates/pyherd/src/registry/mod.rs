@@ -26,8 +26,8 @@ mod sweep;
 
 use std::path::PathBuf;
 
-pub(crate) use procfs::kill_strays;
 pub(crate) use run::{Run, RunEntry};
+pub(crate) use sweep::kill_strays;
 pub use sweep::{Killed, SkipReason, Skipped, SweepReport, sweep};
 
 /// The default state directory (see [`PoolConfig::state_dir`](crate::PoolConfig::state_dir)):

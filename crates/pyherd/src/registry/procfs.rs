@@ -119,23 +119,6 @@ pub(crate) fn marked_processes() -> Vec<Marked> {
     found
 }
 
-/// Kills (SIGKILL) every running process marked as started by worker `worker_id` of run
-/// `run_id`: what the worker started outside its process group (in a session of its
-/// own) and left behind. Their pids. Reads all of `/proc`: for a worker's end, not a
-/// call's.
-pub(crate) fn kill_strays(run_id: &str, worker_id: &str) -> Vec<u32> {
-    let strays = marked_processes()
-        .into_iter()
-        .filter(|m| m.run_id == run_id && m.worker_id.as_deref() == Some(worker_id));
-    strays
-        .filter_map(|m| {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(m.pid).ok()?);
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).ok()?;
-            Some(m.pid)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

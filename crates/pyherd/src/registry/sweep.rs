@@ -268,6 +268,20 @@ fn skipped(file: &Path, run: Option<&RunRecord>, reason: SkipReason, detail: Str
     }
 }
 
+/// Kills (SIGKILL) every running process marked as started by worker `worker_id` of run
+/// `run_id`: what the worker started outside its process group (in a session of its
+/// own) and left behind. Their pids. Reads all of `/proc`: for a worker's end, not a
+/// call's.
+pub(crate) fn kill_strays(run_id: &str, worker_id: &str) -> Vec<u32> {
+    let strays = procfs::marked_processes()
+        .into_iter()
+        .filter(|m| m.run_id == run_id && m.worker_id.as_deref() == Some(worker_id));
+    strays
+        .filter(|m| kill(pid(m.pid), Signal::SIGKILL).is_ok())
+        .map(|m| m.pid)
+        .collect()
+}
+
 fn pid(pid: u32) -> Pid {
     Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
 }

@@ -6,8 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{exists, sigkill, spawn_call, testing_pool, wait_until, worker_pids};
+use futures::StreamExt;
 use nix::sys::signal::Signal;
-use pyherd::{ErrorKind, Pool, WorkerInfo, WorkerState};
+use pyherd::{CallOptions, ErrorKind, Pool, WorkerInfo, WorkerState};
 use serde_json::json;
 
 fn signal(pid: u32, signal: Signal) {
@@ -270,6 +271,40 @@ async fn workers_are_recycled_at_their_max_age() {
     })
     .await;
     assert_eq!(pool.execute("echo", json!(1)).await.unwrap(), 1);
+    pool.shutdown().await;
+}
+
+/// A duration as long as `Duration::MAX` means "never": with every timer of the pool set
+/// to it, and a call's own timeout too, the workers serve on (they used to panic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durations_too_long_to_be_reached_mean_never() {
+    let pool = testing_pool(1)
+        .min_workers(1)
+        .request_timeout(Duration::MAX)
+        .health_interval(Duration::MAX)
+        .idle_timeout(Duration::MAX)
+        .max_age(Duration::MAX)
+        .session_sweep_interval(Duration::MAX)
+        .build()
+        .await
+        .unwrap();
+    let long = CallOptions::new().timeout(Duration::MAX);
+    for i in 0..3 {
+        assert_eq!(pool.execute("echo", json!(i)).await.unwrap(), i);
+        let reply = pool.execute_with("echo", json!(i), &long).await.unwrap();
+        assert_eq!(reply.value().unwrap(), i);
+        let mut stream = pool
+            .stream_with("count", json!({"to": 2}), &long)
+            .await
+            .unwrap();
+        let mut chunks = 0;
+        while let Some(chunk) = stream.next().await {
+            chunk.unwrap();
+            chunks += 1;
+        }
+        assert_eq!(chunks, 2);
+    }
+    assert_eq!(pool.stats().restarts, 0);
     pool.shutdown().await;
 }
 

@@ -667,9 +667,20 @@ fn zygote_modules(config: &PoolConfig) -> Vec<String> {
     modules
 }
 
+/// The longest wait the pool arms a timer for: a timeout or an interval longer than this
+/// (up to `Duration::MAX`) is never reached.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `at + by`, with `by` cut to [`NEVER`] so that a duration too long to be reached means
+/// "never" instead of overflowing the clock.
+pub(crate) fn later(at: tokio::time::Instant, by: Duration) -> tokio::time::Instant {
+    at + by.min(NEVER)
+}
+
 /// Removes expired sessions every `every` until the pool closes.
 async fn sweep(store: Arc<dyn SessionStore>, every: Duration, closing: CancellationToken) {
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let every = every.min(NEVER);
+    let mut ticks = tokio::time::interval_at(later(tokio::time::Instant::now(), every), every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -5,6 +5,7 @@ use std::hash::BuildHasher;
 
 use tokio::time::Instant;
 
+use super::later;
 use super::lifecycle::RestartReason;
 use super::slot::{Ending, Slot};
 use super::stats::rss_bytes;
@@ -56,12 +57,12 @@ impl Slot {
         checked: Instant,
     ) -> Instant {
         let config = &self.shared.config;
-        let mut next = checked + config.health_interval;
+        let mut next = later(checked, config.health_interval);
         if let Some(idle) = config.idle_timeout {
-            next = next.min(idle_since + idle);
+            next = next.min(later(idle_since, idle));
         }
         if let Some(age) = config.max_age {
-            next = next.min(Instant::from_std(worker.started()) + age);
+            next = next.min(later(Instant::from_std(worker.started()), age));
         }
         next
     }
@@ -86,7 +87,7 @@ impl Slot {
         }
         if config
             .idle_timeout
-            .is_some_and(|idle| now >= *idle_since + idle)
+            .is_some_and(|idle| now >= later(*idle_since, idle))
         {
             if self.shared.life.try_park() {
                 self.retire(worker, "idle_timeout").await;
@@ -95,7 +96,7 @@ impl Slot {
             }
             *idle_since = now;
         }
-        if now >= *checked + config.health_interval {
+        if now >= later(*checked, config.health_interval) {
             let ending = self.health_check(worker).await;
             *checked = Instant::now();
             return ending;

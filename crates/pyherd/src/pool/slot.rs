@@ -246,7 +246,7 @@ impl Slot {
             .call(
                 frame,
                 job.id,
-                started + job.timeout,
+                super::later(started, job.timeout),
                 &self.shared.abort,
                 &job.flight.cancel,
             )

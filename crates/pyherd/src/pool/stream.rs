@@ -343,7 +343,7 @@ impl Slot {
     ) -> Option<Ending> {
         let chunks = job.chunks.take()?;
         let started = Instant::now();
-        let deadline = started + job.timeout;
+        let deadline = super::later(started, job.timeout);
         let abort = self.shared.abort.clone();
         let cancel = job.flight.cancel.clone();
         // The call frame is written whole (a cancel may only follow a whole frame).

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{fixture, wait_until};
+use futures::StreamExt;
 use pyherd::{BreakerInfo, BreakerState, CallOptions, Category, ErrorKind, Pool};
 use serde_json::{Value, json};
 
@@ -188,5 +189,81 @@ async fn errors_that_leave_the_worker_alive_do_not_open_the_breaker() {
     }
     let b = breaker(&pool);
     assert_eq!((b.state, b.opens), (BreakerState::Closed, 0));
+    pool.shutdown().await;
+}
+
+/// Streams go through their command's breaker as plain calls do: streams that crash
+/// their worker open it, and an open breaker refuses a stream before any worker runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_open_the_breaker_and_an_open_breaker_refuses_them() {
+    let pool = breaker_pool().await;
+    let marker = Marker::present();
+    for _ in 0..3 {
+        let mut stream = pool.stream("crash_while", marker.args()).await.unwrap();
+        let e = stream.next().await.expect("an item").unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
+    }
+    assert_eq!(breaker(&pool).state, BreakerState::Open);
+    let e = pool.stream("crash_while", marker.args()).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::CircuitOpen, "{e}");
+    assert_eq!(marker.calls(), 3, "an open breaker let a stream through");
+    marker.remove();
+    half_open(&pool).await;
+    for _ in 0..2 {
+        let mut stream = pool.stream("crash_while", marker.args()).await.unwrap();
+        while let Some(chunk) = stream.next().await {
+            chunk.unwrap();
+        }
+    }
+    assert_eq!(breaker(&pool).state, BreakerState::Closed);
+    pool.shutdown().await;
+}
+
+/// A call of `crash_while` that sleeps, cancelled while it runs (its worker is killed).
+async fn cancelled_call(pool: &Pool, marker: &Marker, id: &str) {
+    let before = marker.calls();
+    let call = {
+        let (pool, options) = (pool.clone(), CallOptions::new().request_id(id));
+        let mut args = marker.args();
+        args["sleep"] = json!(30);
+        tokio::spawn(async move { pool.execute_with("crash_while", args, &options).await })
+    };
+    wait_until(Duration::from_secs(10), "the call to run", || {
+        marker.calls() > before
+    })
+    .await;
+    assert!(pool.cancel(id));
+    let e = call.await.unwrap().unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::Cancelled, "{e}");
+}
+
+/// A cancelled call says nothing about its command: it neither clears the failures of a
+/// closed breaker nor counts as a successful trial of a half-open one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_call_is_neither_a_failure_nor_a_success() {
+    let pool = breaker_pool().await;
+    let marker = Marker::present();
+    for _ in 0..2 {
+        pool.execute("crash_while", marker.args())
+            .await
+            .unwrap_err();
+    }
+    assert_eq!(breaker(&pool).failures, 2);
+    cancelled_call(&pool, &marker, "closed").await;
+    assert_eq!(
+        breaker(&pool).failures,
+        2,
+        "the cancel cleared the failures"
+    );
+    pool.execute("crash_while", marker.args())
+        .await
+        .unwrap_err();
+    assert_eq!(breaker(&pool).state, BreakerState::Open);
+    marker.remove();
+    half_open(&pool).await;
+    for id in ["trial-1", "trial-2"] {
+        cancelled_call(&pool, &marker, id).await;
+        assert_eq!(breaker(&pool).state, BreakerState::HalfOpen, "{id}");
+    }
     pool.shutdown().await;
 }

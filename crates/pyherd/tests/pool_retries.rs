@@ -290,9 +290,11 @@ async fn backing_off() -> (
         let options = idempotent().request_id("backing-off");
         tokio::spawn(async move { pool.execute_with("crash_first", args, &options).await })
     };
-    wait_until(Duration::from_secs(10), "the first retry to wait", || {
-        pool.stats().retries == 1
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the first attempt to crash",
+        || files.attempts().len() == 1 && pool.stats().restarts == 1,
+    )
     .await;
     (pool, call, files)
 }
@@ -312,7 +314,9 @@ async fn a_shutdown_during_the_backoff_ends_the_call_at_once() {
     pool.shutdown().await;
     let e = ended(call).await;
     assert_eq!(e.kind(), &ErrorKind::ShuttingDown, "{e}");
+    assert_eq!(e.context().attempts, Some(1), "{e}");
     assert_eq!(files.attempts().len(), 1);
+    assert_eq!(pool.stats().retries, 0, "a retry never made was counted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,10 +327,37 @@ async fn a_cancel_during_the_backoff_ends_the_call_at_once_and_it_is_not_retried
     assert_eq!(e.kind(), &ErrorKind::Cancelled, "{e}");
     assert_eq!(e.context().attempts, Some(1), "{e}");
     assert_eq!(files.attempts().len(), 1);
+    assert_eq!(pool.stats().retries, 0, "a retry never made was counted");
     // The id is free again, and the pool serves on.
     assert!(!pool.cancel("backing-off"));
     let again = idempotent().request_id("backing-off");
     let reply = pool.execute_with("crash_first", files.args(), &again).await;
     assert!(reply.is_ok(), "{reply:?}");
+    pool.shutdown().await;
+}
+
+/// A call whose failure opened its command's breaker is not retried: it ends at once with
+/// the error of the attempt that ran (not `circuit_open`, as it did reach a worker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_failure_opened_the_breaker_ends_with_its_error_unretried() {
+    let pool = flaky_pool(2)
+        .retry_base(Duration::from_secs(30))
+        .retry_cap(Duration::from_secs(30))
+        .breaker_command("crash_first")
+        .breaker_failures(1)
+        .build()
+        .await
+        .unwrap();
+    let files = Files::new();
+    let options = idempotent();
+    let call = pool.execute_with("crash_first", files.args(), &options);
+    let e = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("no backoff before a retry the breaker refuses")
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::WorkerCrashed, "{e}");
+    assert_eq!(e.context().attempts, Some(1), "{e}");
+    assert_eq!(files.attempts().len(), 1);
+    assert_eq!(pool.stats().retries, 0);
     pool.shutdown().await;
 }

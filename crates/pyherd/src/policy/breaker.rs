@@ -3,7 +3,7 @@
 //! successful trial calls (one at a time), or back to open at the first harmful one.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -107,11 +107,12 @@ pub(crate) struct Breaker {
 }
 
 /// A call the breaker let through; say how it went with [`record`](Permit::record).
-/// Dropped without a record (its caller went away), it frees the trial slot.
+/// Dropped without a record (its caller went away), it frees the trial slot. It owns its
+/// breaker, so a stream can hold it until it ends.
 #[must_use]
 #[derive(Debug)]
-pub(crate) struct Permit<'a> {
-    breaker: &'a Breaker,
+pub(crate) struct Permit {
+    breaker: Arc<Breaker>,
     trial: bool,
 }
 
@@ -132,7 +133,7 @@ impl Breaker {
     }
 
     /// Lets a call through, or says why not.
-    pub(crate) fn admit(&self) -> Result<Permit<'_>, Refusal> {
+    pub(crate) fn admit(self: &Arc<Self>) -> Result<Permit, Refusal> {
         let mut core = self.lock();
         let trial = match core.state {
             State::Closed { .. } => false,
@@ -157,9 +158,18 @@ impl Breaker {
             }
         };
         Ok(Permit {
-            breaker: self,
+            breaker: self.clone(),
             trial,
         })
+    }
+
+    /// Whether a call would be refused now: open, or half-open with its trial running.
+    pub(crate) fn refuses(&self) -> bool {
+        match self.lock().state {
+            State::Closed { .. } | State::HalfOpen { trying: false, .. } => false,
+            State::Open { until } => Instant::now() < until,
+            State::HalfOpen { trying: true, .. } => true,
+        }
     }
 
     fn open(&self, core: &mut Core) {
@@ -225,7 +235,7 @@ impl Breaker {
     }
 }
 
-impl Permit<'_> {
+impl Permit {
     /// Counts the call's outcome.
     pub(crate) fn record(mut self, outcome: Outcome) {
         self.breaker.record(self.trial, outcome);
@@ -233,7 +243,7 @@ impl Permit<'_> {
     }
 }
 
-impl Drop for Permit<'_> {
+impl Drop for Permit {
     fn drop(&mut self) {
         if self.trial {
             self.breaker.record(true, Outcome::Neutral);
@@ -249,7 +259,7 @@ pub(crate) fn millis(d: Duration) -> u64 {
 /// The breakers of a pool, one per configured command.
 #[derive(Debug, Default)]
 pub(crate) struct Breakers {
-    by_command: HashMap<Box<str>, Breaker>,
+    by_command: HashMap<Box<str>, Arc<Breaker>>,
 }
 
 impl Breakers {
@@ -259,13 +269,13 @@ impl Breakers {
     ) -> Self {
         let by_command = commands
             .into_iter()
-            .map(|c| (c.as_str().into(), Breaker::new(settings)))
+            .map(|c| (c.as_str().into(), Arc::new(Breaker::new(settings))))
             .collect();
         Self { by_command }
     }
 
     /// The breaker of `command`, if it has one.
-    pub(crate) fn get(&self, command: &str) -> Option<&Breaker> {
+    pub(crate) fn get(&self, command: &str) -> Option<&Arc<Breaker>> {
         self.by_command.get(command)
     }
 
@@ -287,19 +297,19 @@ mod tests {
 
     const OPEN_FOR: Duration = Duration::from_secs(60);
 
-    fn breaker() -> Breaker {
-        Breaker::new(BreakerSettings {
+    fn breaker() -> Arc<Breaker> {
+        Arc::new(Breaker::new(BreakerSettings {
             failures: 5,
             successes: 3,
             open_for: OPEN_FOR,
-        })
+        }))
     }
 
     fn state(b: &Breaker) -> BreakerState {
         b.info("c").state
     }
 
-    fn call(b: &Breaker, outcome: Outcome) {
+    fn call(b: &Arc<Breaker>, outcome: Outcome) {
         b.admit().unwrap().record(outcome);
     }
 
@@ -316,7 +326,9 @@ mod tests {
             call(&b, Outcome::Neutral);
         }
         assert_eq!((state(&b), b.info("c").failures), (BreakerState::Closed, 4));
+        assert!(!b.refuses());
         call(&b, Outcome::Failure);
+        assert!(b.refuses());
         let info = b.info("c");
         assert_eq!((info.state, info.opens), (BreakerState::Open, 1));
         assert_eq!(info.half_open_in_ms, Some(60_000));
@@ -336,8 +348,10 @@ mod tests {
         );
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(state(&b), BreakerState::HalfOpen);
+        assert!(!b.refuses());
         for _ in 0..2 {
             let trial = b.admit().unwrap();
+            assert!(b.refuses());
             assert_eq!(b.admit().unwrap_err(), Refusal::Trying);
             trial.record(Outcome::Success);
             assert_eq!(state(&b), BreakerState::HalfOpen);

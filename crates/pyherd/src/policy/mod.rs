@@ -9,8 +9,10 @@ use std::time::Duration;
 
 pub use self::backoff::Backoff;
 pub(crate) use self::backoff::Delays;
+pub(crate) use self::breaker::{
+    Breaker, BreakerSettings, Breakers, Outcome, Permit, Refusal, millis,
+};
 pub use self::breaker::{BreakerInfo, BreakerState};
-pub(crate) use self::breaker::{BreakerSettings, Breakers, Outcome, Refusal, millis};
 pub use self::recovery::{Recovery, action};
 use crate::config::PoolConfig;
 use crate::error::{Error, ErrorKind};

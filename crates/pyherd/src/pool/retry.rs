@@ -16,7 +16,8 @@ use crate::config::PoolConfig;
 use crate::error::{Error, ErrorKind};
 use crate::metrics;
 use crate::policy::{
-    self, Backoff, BreakerInfo, BreakerSettings, BreakerState, Breakers, Delays, Outcome, Refusal,
+    self, Backoff, Breaker, BreakerInfo, BreakerSettings, BreakerState, Breakers, Delays, Outcome,
+    Permit, Refusal,
 };
 use crate::worker::WorkerState;
 
@@ -57,6 +58,18 @@ impl Resilience {
     /// Every breaker, sorted by command.
     pub(crate) fn breakers(&self) -> Vec<BreakerInfo> {
         self.breakers.infos()
+    }
+
+    /// Lets a call of `command` through its breaker, if it has one.
+    ///
+    /// # Errors
+    /// `resource/circuit_open` when the breaker refuses it.
+    pub(super) fn permit(&self, command: &str) -> Result<Option<Permit>, Error> {
+        self.breakers
+            .get(command)
+            .map(Breaker::admit)
+            .transpose()
+            .map_err(|refusal| circuit_open(command, refusal))
     }
 
     /// The call's own choice, else whether its command is listed as idempotent.
@@ -114,11 +127,13 @@ impl Resilience {
 }
 
 /// What a finished attempt tells the command's breaker: harm from the recovery table,
-/// success when a worker answered (even with an error) and lives on.
-fn outcome(result: &Result<Reply, Error>) -> Outcome {
+/// success when a worker answered (even with an error) and lives on. A cancelled call
+/// says nothing: its worker was stopped by its caller, whatever it was doing.
+pub(super) fn outcome(result: &Result<Reply, Error>) -> Outcome {
     match result {
         Ok(_) => Outcome::Success,
         Err(e) if policy::action(e.kind()).trips_breaker => Outcome::Failure,
+        Err(e) if e.kind() == &ErrorKind::Cancelled => Outcome::Neutral,
         Err(e)
             if e.context()
                 .worker_id
@@ -176,11 +191,17 @@ impl Pool {
         let mut avoid: Option<Arc<str>> = None;
         // Attempts that reached admission; the last is the one whose error is returned.
         let mut made = 0;
+        // The error of the attempt before, while a retry waits for its turn.
+        let mut last: Option<Error> = None;
         let error = loop {
-            let permit = match breaker.map(|b| b.admit()).transpose() {
+            let permit = match policy.permit(command) {
                 Ok(permit) => permit,
-                Err(refusal) => break circuit_open(command, refusal),
+                // A retry the breaker refuses: the attempt that was made tells what failed.
+                Err(open) => break last.unwrap_or(open),
             };
+            if made > 0 {
+                bump(&policy.retries);
+            }
             made += 1;
             let this = if made < attempts {
                 args.clone()
@@ -208,14 +229,17 @@ impl Pool {
                 Ok(reply) => return Ok(reply),
                 Err(e) => e,
             };
-            if made >= attempts || !policy::action(error.kind()).retry || !error.is_retryable() {
+            if made >= attempts
+                || !policy::action(error.kind()).retry
+                || !error.is_retryable()
+                || breaker.is_some_and(|b| b.refuses())
+            {
                 break error;
             }
             let wait = delays
                 .get_or_insert_with(|| Delays::seeded(policy.backoff, policy.base, policy.cap))
                 .next()
                 .unwrap_or(policy.cap);
-            bump(&policy.retries);
             tracing::info!(
                 command,
                 attempt = made,
@@ -228,9 +252,10 @@ impl Pool {
             tokio::select! {
                 biased;
                 () = flight.cancel.cancelled() => break super::cancelled(),
-                () = shared.closing.cancelled() => {}
+                () = shared.closing.cancelled() => break super::shutting_down(),
                 () = tokio::time::sleep(wait) => {}
             }
+            last = Some(error);
         };
         Err(if idempotent && made > 0 {
             error.with_context(|c| c.attempts = Some(made))
@@ -344,6 +369,7 @@ mod tests {
                 Outcome::Failure,
             ),
             (on(ErrorKind::PythonException, Some("w1")), Outcome::Success),
+            (on(ErrorKind::Cancelled, Some("w1")), Outcome::Neutral),
             (on(ErrorKind::QueueTimeout, None), Outcome::Neutral),
             (
                 on(ErrorKind::ProgramNotFound, Some(HOST_WORKER_ID)),

@@ -24,6 +24,7 @@ use tracing::Span;
 
 use super::calls::Entered;
 use super::job::Job;
+use super::retry::outcome;
 use super::slot::{Ending, Slot, on_worker};
 use super::{CallOptions, Pool, Readable, Reply, Shared, Target, cancelled};
 use crate::error::{Error, ErrorKind};
@@ -290,6 +291,13 @@ impl Pool {
             }
             None => None,
         };
+        // The command's breaker hears how the stream ended, as for a plain call.
+        let permit = self
+            .inner
+            .shared
+            .resilience
+            .permit(command)
+            .map_err(context)?;
         let (sender, chunks) = mpsc::channel(STREAM_BUFFER);
         let target = Target {
             preferred,
@@ -310,11 +318,18 @@ impl Pool {
                 )
             })
             .map_err(context)?;
+        let outcome = async move {
+            let result = admitted.wait().await;
+            if let Some(permit) = permit {
+                permit.record(outcome(&result));
+            }
+            result
+        };
         Ok(CallStream {
             request_id: entered.flight.rid.clone(),
             chunks,
             drained: false,
-            outcome: Some(Box::pin(admitted.wait())),
+            outcome: Some(Box::pin(outcome)),
             end: None,
             tally: Some(tally),
             _entered: entered,

@@ -101,6 +101,44 @@ async fn a_second_signal_ends_the_grace_period_at_once() {
     assert!(!common::running(busy));
 }
 
+/// A call still waiting for a worker when the grace period ends is answered
+/// `shutting_down`, as the running one is, before `serve` exits.
+#[tokio::test]
+async fn a_call_still_queued_when_the_grace_ends_gets_503_shutting_down() {
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--handlers",
+        "pyherd_worker.testing",
+        "--shutdown-grace-ms",
+        "300",
+        "--queue-timeout-ms",
+        "600000",
+    ]);
+    let url = server.url("/v1/execute");
+    let body = json!({"command": "sleep", "args": {"seconds": 600}});
+    let running = tokio::spawn(common::post_execute(url.clone(), body));
+    let stats = server.url("/v1/stats");
+    wait_until(Duration::from_secs(5), "the call to run", || async {
+        get_json(&stats).await["busy"] == 1
+    })
+    .await;
+    let queued = tokio::spawn(common::post_execute(url, json!({"command": "ping"})));
+    wait_until(Duration::from_secs(5), "a queued call", || async {
+        get_json(&stats).await["queued"] == 1
+    })
+    .await;
+    let status = tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+    for call in [running, queued] {
+        let (code, body) = call.await.unwrap();
+        assert_eq!(code, 503, "{body}");
+        assert_eq!(body["error"]["kind"], "shutting_down", "{body}");
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_a_stream_does_not_keep_serve_up_after_sigterm() {
     use std::io::Write;

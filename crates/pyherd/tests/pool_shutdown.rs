@@ -45,12 +45,21 @@ async fn calls_in_flight_finish_and_every_worker_is_reaped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_still_running_when_the_grace_ends_fail_and_their_workers_are_killed() {
-    let pool = testing_pool(1).build().await.unwrap();
+async fn calls_still_running_or_queued_when_the_grace_ends_fail_and_their_workers_are_killed() {
+    let pool = testing_pool(1)
+        .queue_timeout(Duration::from_secs(600))
+        .build()
+        .await
+        .unwrap();
     let pid = worker_pids(&pool)[0];
     let stuck = spawn_call(&pool, "sleep", json!({"seconds": 600}));
     wait_until(Duration::from_secs(5), "the call to run", || {
         pool.stats().busy == 1
+    })
+    .await;
+    let queued = spawn_call(&pool, "echo", json!("never served"));
+    wait_until(Duration::from_secs(5), "a queued call", || {
+        pool.stats().queued == 1
     })
     .await;
     let t = Instant::now();
@@ -61,6 +70,13 @@ async fn calls_still_running_when_the_grace_ends_fail_and_their_workers_are_kill
         "{took:?}"
     );
     let e = stuck.await.unwrap().unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::ShuttingDown);
+    // Answered by the shutdown, not by its queue timeout 10 minutes on.
+    let e = tokio::time::timeout(Duration::from_secs(5), queued)
+        .await
+        .expect("the queued call is answered when the shutdown ends")
+        .unwrap()
+        .unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::ShuttingDown);
     assert!(!exists(pid));
 }

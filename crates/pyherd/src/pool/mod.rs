@@ -294,6 +294,8 @@ impl Shared {
 struct Inner {
     shared: Arc<Shared>,
     queue: async_channel::Sender<Job>,
+    /// The queue's other end, for the calls no worker took before the last one stopped.
+    unserved: async_channel::Receiver<Job>,
     tracker: TaskTracker,
 }
 
@@ -646,6 +648,7 @@ impl PoolBuilder {
             inner: Arc::new(Inner {
                 shared,
                 queue,
+                unserved: incoming,
                 tracker,
             }),
         })
@@ -1257,8 +1260,9 @@ impl Pool {
 
     /// Stops admitting calls (new ones fail with `system/shutting_down`), lets admitted
     /// calls finish for up to `grace`, then stops every worker: EOF on its request pipe,
-    /// SIGTERM to its process group after `kill_timeout`, SIGKILL after another. Every
-    /// process is reaped before this returns. Calling it again waits for the same end.
+    /// SIGTERM to its process group after `kill_timeout`, SIGKILL after another. Calls
+    /// still waiting for a worker then get `system/shutting_down`. Every worker process
+    /// is reaped before this returns. Calling it again waits for the same end.
     pub async fn shutdown_with(&self, grace: Duration) {
         let inner = &self.inner;
         inner.queue.close();
@@ -1273,6 +1277,9 @@ impl Pool {
             );
             inner.shared.abort.cancel();
             inner.tracker.wait().await;
+        }
+        while let Ok(job) = inner.unserved.try_recv() {
+            job.answer(Err(shutting_down()));
         }
         inner.shared.launcher.stop().await;
     }

@@ -361,3 +361,40 @@ async fn a_call_whose_failure_opened_the_breaker_ends_with_its_error_unretried()
     assert_eq!(pool.stats().retries, 0);
     pool.shutdown().await;
 }
+
+/// A retry leaves the worker that failed it only for an idle one: with the other worker
+/// busy for long, it runs on the first worker free, the one that failed it, instead of
+/// waiting for the busy one until its queue timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_does_not_wait_for_a_busy_worker_while_the_one_that_failed_it_is_free() {
+    let pool = flaky_pool(2)
+        .queue_timeout(Duration::from_secs(2))
+        .retry_attempts(2)
+        .build()
+        .await
+        .unwrap();
+    let busy = Files::new();
+    let mut args = busy.args();
+    args["sleep"] = json!(30);
+    let long = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.execute("crash_while", args).await })
+    };
+    wait_until(Duration::from_secs(10), "the long call to run", || {
+        busy.attempts().len() == 1
+    })
+    .await;
+    let files = Files::new();
+    let reply = pool
+        .execute_with("busy_first", files.args(), &idempotent())
+        .await
+        .unwrap();
+    let attempts = files.attempts();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0], attempts[1], "{attempts:?}");
+    assert_ne!(attempts[0], busy.attempts()[0]);
+    assert_eq!(reply.worker_id(), attempts[0]);
+    assert_eq!(pool.stats().queue_timeouts, 0);
+    long.abort();
+    pool.shutdown_with(Duration::ZERO).await;
+}

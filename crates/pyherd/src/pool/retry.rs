@@ -266,18 +266,14 @@ impl Pool {
 }
 
 impl Shared {
-    /// Where a retry goes when the worker `avoid` failed it but still runs: an idle other
-    /// worker, else the other worker with the fewest calls waiting for it. `None` when
-    /// `avoid` is gone (any worker will do) or no other worker can take calls.
+    /// Where a retry goes when the worker `avoid` failed it but still runs: another worker
+    /// that is idle now. `None` when `avoid` is gone or every other worker is busy: the
+    /// retry then goes the usual way, to the first worker free (a retry held for a busy
+    /// worker could wait out its queue timeout while `avoid` sits idle).
     pub(super) fn elsewhere(&self, avoid: &str) -> Option<&SlotHandle> {
         self.slot_running(avoid)?;
-        let others = self.slots.iter().filter(|s| {
-            matches!(s.status.state(), WorkerState::Ready | WorkerState::Busy)
-                && !s.status.runs(avoid)
-        });
-        others.min_by_key(|s| {
-            let idle = s.status.state() == WorkerState::Ready && s.direct.is_empty();
-            (!idle, s.direct.len())
+        self.slots.iter().find(|s| {
+            s.status.state() == WorkerState::Ready && s.direct.is_empty() && !s.status.runs(avoid)
         })
     }
 }

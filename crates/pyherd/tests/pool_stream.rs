@@ -202,6 +202,29 @@ async fn a_stream_in_a_session_is_served_by_the_sessions_worker() {
     pool.shutdown_with(Duration::ZERO).await;
 }
 
+/// A session's stream that ends well makes its worker the session's last, as a plain
+/// call does, so the session's next call prefers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_ends_well_makes_its_worker_the_sessions_last() {
+    let pool = testing_pool(2).build().await.unwrap();
+    let options = CallOptions::new().session_id("s2");
+    let stream = pool
+        .stream_with("count", json!({"to": 2}), &options)
+        .await
+        .unwrap();
+    let (chunks, error, stream) = collect(stream).await;
+    assert_eq!((chunks.len(), error.map(|e| e.to_string())), (2, None));
+    let worker = stream.end().expect("an end").worker_id.clone();
+    let session = pool.sessions().get("s2").await.unwrap();
+    assert_eq!(session.last_worker.as_deref(), Some(worker.as_str()));
+    let next = pool
+        .execute_in_session("s2", "echo", json!(1), &CallOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(next.worker_id(), worker);
+    pool.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_execution_timeout_covers_the_whole_stream() {
     let pool = testing_pool(1).build().await.unwrap();

@@ -15,7 +15,9 @@ use serde_json::{Map, Value, json};
 
 use super::{CallOptions, Pool, Reply};
 use crate::error::{Error, ErrorKind};
-use crate::session::{LookedIn, Program, Session, SessionUpdate, check_id, program_not_found};
+use crate::session::{
+    LookedIn, Program, Session, SessionStore, SessionUpdate, check_id, program_not_found,
+};
 
 /// The handlers module of the DSPy adapter.
 pub(crate) const DSPY_MODULE: &str = "pyherd_worker.dspy_adapter";
@@ -355,15 +357,33 @@ impl Pool {
     ) -> Result<Reply, Error> {
         let preferred = session.last_worker.as_deref().map(Arc::from);
         let reply = self.submit(command, true, args, options, preferred).await?;
-        if session.last_worker.as_deref() != Some(reply.worker_id()) {
-            let update = SessionUpdate {
-                last_worker: Some(reply.worker_id().to_owned()),
-                ..SessionUpdate::default()
-            };
-            if let Err(e) = self.sessions().update(&session.id, update).await {
-                tracing::debug!(session = %session.id, error = %e, "last worker not recorded");
-            }
-        }
+        remember_worker(
+            &**self.sessions(),
+            &session.id,
+            session.last_worker.as_deref(),
+            reply.worker_id(),
+        )
+        .await;
         Ok(reply)
+    }
+}
+
+/// Records `worker`, which answered a call of session `id`, as the session's last worker
+/// (the one its affinity prefers), unless it already is (`last`).
+pub(super) async fn remember_worker(
+    store: &dyn SessionStore,
+    id: &str,
+    last: Option<&str>,
+    worker: &str,
+) {
+    if last == Some(worker) {
+        return;
+    }
+    let update = SessionUpdate {
+        last_worker: Some(worker.to_owned()),
+        ..SessionUpdate::default()
+    };
+    if let Err(e) = store.update(id, update).await {
+        tracing::debug!(session = id, error = %e, "last worker not recorded");
     }
 }

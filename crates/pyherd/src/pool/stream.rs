@@ -25,6 +25,7 @@ use tracing::Span;
 use super::calls::Entered;
 use super::job::Job;
 use super::retry::outcome;
+use super::sessions::remember_worker;
 use super::slot::{Ending, Slot, on_worker};
 use super::{CallOptions, Pool, Readable, Reply, Shared, Target, cancelled};
 use crate::error::{Error, ErrorKind};
@@ -298,6 +299,11 @@ impl Pool {
             .resilience
             .permit(command)
             .map_err(context)?;
+        // A session's stream, once it ends well, makes its worker the session's last.
+        let session = options.session_id.as_ref().map(|id| {
+            let last = preferred.clone();
+            (self.sessions().clone(), id.clone(), last)
+        });
         let (sender, chunks) = mpsc::channel(STREAM_BUFFER);
         let target = Target {
             preferred,
@@ -322,6 +328,9 @@ impl Pool {
             let result = admitted.wait().await;
             if let Some(permit) = permit {
                 permit.record(outcome(&result));
+            }
+            if let (Ok(reply), Some((store, id, last))) = (&result, session) {
+                remember_worker(&*store, &id, last.as_deref(), reply.worker_id()).await;
             }
             result
         };

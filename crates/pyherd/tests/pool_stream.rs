@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{testing_pool, wait_until};
 use futures::StreamExt;
-use pyherd::{CallOptions, CallStream, ErrorKind, STREAM_BUFFER};
+use pyherd::{CallOptions, CallStream, ErrorKind, STREAM_BUFFER, WorkerState};
 use serde_json::{Value, json};
 
 /// Every item of a stream: the chunks, and the error that ended it, if any.
@@ -222,6 +222,35 @@ async fn a_stream_that_ends_well_makes_its_worker_the_sessions_last() {
         .await
         .unwrap();
     assert_eq!(next.worker_id(), worker);
+    pool.shutdown().await;
+}
+
+/// A cancel that comes after the worker finished a stream, while its chunks still wait
+/// for the reader, still cancels it: the reader gets `cancelled`, not the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_after_the_worker_finished_but_before_the_reader_did_cancels_the_stream() {
+    let pool = testing_pool(1).build().await.unwrap();
+    let options = CallOptions::new().request_id("late");
+    let stream = pool
+        .stream_with("count", json!({"to": 3}), &options)
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the worker to finish the stream",
+        || {
+            let worker = &pool.workers()[0];
+            worker.requests == 1 && worker.state == WorkerState::Ready
+        },
+    )
+    .await;
+    assert!(pool.cancel("late"));
+    let (chunks, error, _) = collect(stream).await;
+    assert_eq!(chunks, Vec::<Value>::new());
+    let error = error.expect("the stream ends with an error");
+    assert_eq!(error.kind(), &ErrorKind::Cancelled, "{error}");
+    assert_eq!(error.context().request_id.as_deref(), Some("late"));
+    assert!(!pool.cancel("late"));
     pool.shutdown().await;
 }
 

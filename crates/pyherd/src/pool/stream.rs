@@ -68,7 +68,8 @@ pub struct CallStream {
     end: Option<StreamEnd>,
     /// Counts the stream once it has ended (or, dropped before, as cancelled).
     tally: Option<Tally>,
-    _entered: Entered,
+    /// The call in flight: its id stays taken, and its cancel is seen, until the end.
+    entered: Entered,
 }
 
 /// A stream's place in the stats, metrics, timeline and its `request` span, like a plain
@@ -150,6 +151,18 @@ impl Stream for CallStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if this.entered.flight.cancel.is_cancelled() {
+            // A cancel drops the chunks not yet read: the reader gets `cancelled` once the
+            // worker has stopped, even for a stream the worker had already finished.
+            let Some(outcome) = this.outcome.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let Poll::Ready(outcome) = outcome.as_mut().poll(cx) else {
+                return Poll::Pending;
+            };
+            this.drained = true;
+            return Poll::Ready(this.finish(outcome.and(Err(cancelled()))));
+        }
         if !this.drained {
             match this.chunks.poll_recv(cx) {
                 Poll::Ready(Some(chunk)) => return Poll::Ready(Some(parse(&chunk))),
@@ -341,7 +354,7 @@ impl Pool {
             outcome: Some(Box::pin(outcome)),
             end: None,
             tally: Some(tally),
-            _entered: entered,
+            entered,
         })
     }
 }

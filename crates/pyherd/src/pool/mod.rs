@@ -495,9 +495,10 @@ impl PoolBuilder {
     pub async fn build(self) -> Result<Pool, Error> {
         let config = self.config;
         config.validate()?;
-        let store = self
-            .store
-            .unwrap_or_else(|| Arc::new(MemoryStore::new(config.session_ttl, config.max_sessions)));
+        let store = match self.store {
+            Some(store) => store,
+            None => Arc::new(MemoryStore::new(config.session_ttl, config.max_sessions)?),
+        };
         let began = Instant::now();
         let python = crate::python::resolve(&config.python, config.startup_timeout).await?;
         let package = crate::python::install(config.cache_dir.as_deref())?;
@@ -1442,7 +1443,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_sweep_runs_on_its_interval_until_the_pool_closes() {
-        let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::new(Duration::from_secs(10), 100));
+        let store: Arc<dyn SessionStore> =
+            Arc::new(MemoryStore::new(Duration::from_secs(10), 100).unwrap());
         store.create(SessionSpec::new().id("a")).await.unwrap();
         let closing = CancellationToken::new();
         let sweeping = tokio::spawn(sweep(

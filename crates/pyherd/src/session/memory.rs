@@ -80,35 +80,59 @@ fn done<'a, T: Send + 'a>(result: Result<T, Error>) -> StoreFuture<'a, T> {
     Box::pin(std::future::ready(result))
 }
 
-fn check_ttl(ttl: Duration) -> Result<Duration, Error> {
-    if ttl.is_zero() || ttl > MAX_TTL {
-        // Whole seconds exactly (a float would round the largest), else with a fraction.
-        let shown = if ttl.subsec_nanos() == 0 {
-            format!("{} s", ttl.as_secs())
-        } else {
-            format!("{} s", ttl.as_secs_f64())
-        };
-        return Err(Error::new(
-            ErrorKind::MalformedRequest,
-            format!(
-                "a session TTL must be 1..={} s, not {shown}",
-                MAX_TTL.as_secs()
-            ),
-        ));
+/// Why a session may not have `ttl` (it must be more than zero and at most [`MAX_TTL`]).
+fn ttl_out_of_range(ttl: Duration) -> Option<String> {
+    if !ttl.is_zero() && ttl <= MAX_TTL {
+        return None;
     }
-    Ok(ttl)
+    // Whole seconds exactly (a float would round the largest), else with a fraction.
+    let shown = if ttl.subsec_nanos() == 0 {
+        format!("{} s", ttl.as_secs())
+    } else {
+        format!("{} s", ttl.as_secs_f64())
+    };
+    Some(format!(
+        "must be more than 0 s and at most {} s, not {shown}",
+        MAX_TTL.as_secs()
+    ))
+}
+
+fn check_ttl(ttl: Duration) -> Result<Duration, Error> {
+    match ttl_out_of_range(ttl) {
+        Some(why) => Err(Error::new(
+            ErrorKind::MalformedRequest,
+            format!("a session TTL {why}"),
+        )),
+        None => Ok(ttl),
+    }
 }
 
 impl MemoryStore {
     /// A store whose sessions live `default_ttl` after their last access (unless created
     /// with their own) and that holds at most `max_sessions` live sessions.
-    pub fn new(default_ttl: Duration, max_sessions: usize) -> Self {
-        Self {
+    ///
+    /// # Errors
+    /// `initialization/invalid_config` when `default_ttl` is zero or over [`MAX_TTL`], or
+    /// `max_sessions` is zero (no session could ever be created).
+    pub fn new(default_ttl: Duration, max_sessions: usize) -> Result<Self, Error> {
+        if let Some(why) = ttl_out_of_range(default_ttl) {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!("the default session TTL {why}"),
+            ));
+        }
+        if max_sessions == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "a session store must hold at least one session (max_sessions 0)",
+            ));
+        }
+        Ok(Self {
             state: Mutex::new(State::default()),
-            default_ttl: default_ttl.min(MAX_TTL),
+            default_ttl,
             max_sessions,
             ids: RandomState::new(),
-        }
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -236,6 +260,12 @@ impl SessionStore for MemoryStore {
     }
 
     fn list(&self, after: Option<String>, limit: usize) -> StoreFuture<'_, SessionPage> {
+        if limit == 0 {
+            return done(Err(Error::new(
+                ErrorKind::MalformedRequest,
+                "a page of sessions holds at least one (limit 0)",
+            )));
+        }
         let now = Instant::now();
         let state = self.lock();
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
@@ -394,7 +424,7 @@ mod tests {
 
     #[tokio::test]
     async fn sessions_are_created_read_changed_listed_and_deleted() {
-        let store = MemoryStore::new(HOUR, 100);
+        let store = MemoryStore::new(HOUR, 100).unwrap();
         let s = store
             .create(SessionSpec::new().id("a").metadata(json!({"user": 1})))
             .await
@@ -428,6 +458,10 @@ mod tests {
         let page = store.list(page.next_after, 10).await.unwrap();
         assert_eq!(page.sessions.len(), 3);
         assert_eq!(page.next_after, None);
+        // An empty page could only say "last page" and stop a pager early.
+        let e = store.list(None, 0).await.unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::MalformedRequest);
+        assert!(e.message().contains("limit 0"), "{e}");
         assert_eq!(store.delete("b").await.unwrap().id, "b");
         assert!(!store.exists("b").await.unwrap());
         assert_eq!(
@@ -442,9 +476,29 @@ mod tests {
         assert_eq!((stats.live, stats.created, stats.deleted), (4, 5, 1));
     }
 
+    #[test]
+    fn a_store_that_could_hold_no_session_is_refused() {
+        for (ttl, max, says) in [
+            (
+                Duration::ZERO,
+                10,
+                "the default session TTL must be more than 0 s",
+            ),
+            (MAX_TTL + Duration::from_nanos(1), 10, "at most 31536000 s"),
+            (HOUR, 0, "max_sessions 0"),
+        ] {
+            let Err(e) = MemoryStore::new(ttl, max) else {
+                panic!("a store of {ttl:?} and {max} sessions was made");
+            };
+            assert_eq!(e.kind(), &ErrorKind::InvalidConfig, "{ttl:?} {max}");
+            assert!(e.message().contains(says), "{e}");
+        }
+        assert!(MemoryStore::new(Duration::from_millis(1), 1).is_ok());
+    }
+
     #[tokio::test]
     async fn bad_ids_and_ttls_are_refused() {
-        let store = MemoryStore::new(HOUR, 100);
+        let store = MemoryStore::new(HOUR, 100).unwrap();
         let e = store
             .create(SessionSpec::new().id("../x"))
             .await
@@ -459,8 +513,9 @@ mod tests {
             let e = store.create(SessionSpec::new().ttl(ttl)).await.unwrap_err();
             assert_eq!(e.kind(), &ErrorKind::MalformedRequest, "{ttl:?}");
             assert!(
-                e.message()
-                    .ends_with(&format!("must be 1..=31536000 s, not {shown}")),
+                e.message().ends_with(&format!(
+                    "must be more than 0 s and at most 31536000 s, not {shown}"
+                )),
                 "{e}"
             );
         }
@@ -483,7 +538,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_ttl_counts_from_the_last_access_and_expired_sessions_are_never_returned() {
-        let store = MemoryStore::new(HOUR, 100);
+        let store = MemoryStore::new(HOUR, 100).unwrap();
         store
             .create(SessionSpec::new().id("short").ttl(Duration::from_secs(10)))
             .await
@@ -517,7 +572,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_session_created_over_an_expired_one_counts_the_old_one_as_expired() {
-        let store = MemoryStore::new(Duration::from_secs(10), 100);
+        let store = MemoryStore::new(Duration::from_secs(10), 100).unwrap();
         for id in ["a", "b"] {
             store.create(SessionSpec::new().id(id)).await.unwrap();
         }
@@ -531,7 +586,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_sweep_removes_what_expired_and_a_ttl_can_be_changed() {
-        let store = MemoryStore::new(Duration::from_secs(60), 100);
+        let store = MemoryStore::new(Duration::from_secs(60), 100).unwrap();
         for id in ["a", "b", "c"] {
             store.create(SessionSpec::new().id(id)).await.unwrap();
         }
@@ -550,7 +605,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_quota_counts_live_sessions_only() {
-        let store = MemoryStore::new(Duration::from_secs(60), 2);
+        let store = MemoryStore::new(Duration::from_secs(60), 2).unwrap();
         store.create(SessionSpec::new().id("a")).await.unwrap();
         store
             .create(SessionSpec::new().id("b").ttl(Duration::from_secs(5)))
@@ -569,7 +624,7 @@ mod tests {
 
     #[tokio::test]
     async fn programs_belong_to_their_session_and_globals_to_all() {
-        let store = MemoryStore::new(HOUR, 100);
+        let store = MemoryStore::new(HOUR, 100).unwrap();
         store.create(SessionSpec::new().id("s")).await.unwrap();
         store.create(SessionSpec::new().id("t")).await.unwrap();
         let qa = Program::new(

@@ -43,7 +43,8 @@ pub trait SessionStore: Send + Sync + 'static {
     fn update<'a>(&'a self, id: &'a str, update: SessionUpdate) -> StoreFuture<'a, Session>;
     /// Removes the session and returns it as it was.
     fn delete<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Session>;
-    /// Live sessions in id order, `limit` of them after the id `after`.
+    /// Live sessions in id order, `limit` (at least 1) of them after the id `after`.
+    /// Errors: `invalid_request/malformed_request` for a `limit` of 0.
     fn list(&self, after: Option<String>, limit: usize) -> StoreFuture<'_, SessionPage>;
     /// Whether a live session `id` exists (not an access).
     fn exists<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool>;

@@ -278,6 +278,65 @@ async fn a_preload_that_fails_on_reload_keeps_the_zygote_and_its_workers() {
     pool.shutdown().await;
 }
 
+/// The zygotes of run `run_id`: this process's children that run the zygote (the workers
+/// it forks are its own children).
+fn zygotes(run_id: &str) -> Vec<u32> {
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1));
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if ppid == Some(me.as_str()) && cmdline.contains("zygote") && cmdline.contains(run_id) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// A reload whose new zygote came up but whose first replacement failed keeps the zygote
+/// it had: failed reloads do not leave zygotes behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_replaced_no_worker_keeps_its_zygote_and_ends_the_new_one() {
+    let dir = handler_dir("v1");
+    let pool = pool_in(dir.path(), 2)
+        .preload("reload_version")
+        .build()
+        .await
+        .unwrap();
+    let zygote = pool.zygote_pid().unwrap();
+    assert_eq!(zygotes(pool.run_id()), [zygote]);
+    let handlers = dir.path().join("reload_handlers.py");
+    let good = std::fs::read_to_string(&handlers).unwrap();
+    std::fs::write(&handlers, "raise RuntimeError('broken handlers')\n").unwrap();
+    for _ in 0..3 {
+        let error = pool.reload().await.unwrap_err();
+        assert_eq!(error.kind(), &ErrorKind::HandlerImportFailed, "{error}");
+        assert_eq!(pool.zygote_pid(), Some(zygote));
+        assert_eq!(
+            zygotes(pool.run_id()),
+            [zygote],
+            "a failed reload left a zygote"
+        );
+    }
+    all_answer(&pool, "v1").await;
+    std::fs::write(&handlers, good).unwrap();
+    write_version(dir.path(), "v2-after");
+    pool.reload().await.unwrap();
+    let renewed = pool.zygote_pid().unwrap();
+    assert_ne!(renewed, zygote);
+    assert_eq!(zygotes(pool.run_id()), [renewed]);
+    all_answer(&pool, "v2-after").await;
+    pool.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reloads_run_one_after_the_other() {
     let dir = handler_dir("v1");

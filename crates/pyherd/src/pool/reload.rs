@@ -109,7 +109,8 @@ impl Pool {
     /// The failure of the new zygote or of a replacement (`initialization`:
     /// `handler_import_failed` with its traceback and stderr tail, `startup_failed`,
     /// `startup_timeout`, …), its message saying how many workers were replaced: the
-    /// reload stops there and the others keep serving with the code they had.
+    /// reload stops there and the others keep serving with the code they had. A reload
+    /// that replaced no worker also keeps the zygote it had (the new one is ended).
     /// `system/shutting_down` when the pool shuts down meanwhile.
     ///
     /// # Cancel safety
@@ -149,7 +150,15 @@ impl Pool {
                 started = shared.launcher.start(shared.next_worker_id()) => started,
                 () = shared.closing.cancelled() => return Err(shutting_down()),
             };
-            let worker = started.map_err(|e| failed(e, workers.len()))?;
+            let worker = match started {
+                Ok(worker) => worker,
+                Err(e) => {
+                    if renewed && workers.is_empty() {
+                        shared.launcher.restore_zygote().await;
+                    }
+                    return Err(failed(e, workers.len()));
+                }
+            };
             let (id, pid) = (worker.id().to_string(), worker.pid());
             let (done, swapped) = oneshot::channel();
             if slot.swap.send(Swap { worker, done }).await.is_err() {

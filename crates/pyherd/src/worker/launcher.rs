@@ -8,6 +8,7 @@
 //! it is unsafe), the zygote is not retried (a new one would fail the same way): the
 //! failure is logged as a warning with the Python error, and every worker is spawned.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,8 @@ pub(crate) struct Launcher {
 /// The task keeping the zygote, and the zygote it currently has.
 struct Keeper {
     current: Arc<Mutex<Option<Arc<ZygoteLink>>>>,
+    /// A worker forked from it started: ending the zygote would end that worker too.
+    forked: AtomicBool,
     /// Cancelled to end the task: it kills and reaps the zygote.
     stop: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -72,6 +75,7 @@ impl Keeper {
         let task = tokio::spawn(keep(zygotes, Arc::clone(&current), stop.clone(), first));
         let keeper = Self {
             current,
+            forked: AtomicBool::new(false),
             stop,
             task: Mutex::new(Some(task)),
         };
@@ -157,6 +161,32 @@ impl Launcher {
         Ok(true)
     }
 
+    /// Undoes the last [`renew_zygote`](Self::renew_zygote), for a reload that failed
+    /// before it replaced a worker: the new zygote is ended and the one it replaced forks
+    /// workers again, so failed reloads do not pile zygotes up. Nothing is undone once a
+    /// worker was forked from the new zygote (ending it would end that worker).
+    pub(crate) async fn restore_zygote(&self) {
+        let renewed = {
+            let (Ok(mut current), Ok(mut retired)) = (self.zygote.lock(), self.retired.lock())
+            else {
+                return;
+            };
+            if current
+                .as_ref()
+                .is_none_or(|keeper| keeper.forked.load(Ordering::Relaxed))
+            {
+                return;
+            }
+            let Some(old) = retired.pop() else {
+                return;
+            };
+            current.replace(old)
+        };
+        if let Some(renewed) = renewed {
+            renewed.stop().await;
+        }
+    }
+
     /// Ends the zygotes a reload replaced, once no worker forked from them is left.
     pub(crate) async fn end_retired_zygotes(&self) {
         let retired = self
@@ -196,9 +226,15 @@ impl Launcher {
     /// # Cancel safety
     /// Cancel safe: a process started for a dropped call is killed.
     pub(crate) async fn start(&self, id: Arc<str>) -> Result<WorkerProcess, Error> {
-        if let Some(link) = self.keeper().and_then(|keeper| keeper.link()) {
+        let keeper = self.keeper();
+        if let Some((keeper, link)) = keeper.and_then(|k| k.link().map(|link| (k, link))) {
             match fork(&self.spec, &link, id.clone()).await {
-                Ok(started) => return started,
+                Ok(started) => {
+                    if started.is_ok() {
+                        keeper.forked.store(true, Ordering::Relaxed);
+                    }
+                    return started;
+                }
                 Err(ForkError::Lost(why)) => {
                     tracing::warn!(worker = %id, why, "the zygote is lost: this worker is spawned");
                 }

@@ -23,11 +23,8 @@ pub(crate) struct ExecArgs {
 }
 
 pub(crate) async fn run(args: ExecArgs) -> anyhow::Result<u8> {
-    let mut settings = args.pool.resolve()?;
-    if args.pool.workers.is_none() {
-        // One call needs one worker unless asked otherwise.
-        settings.pool.workers = 1;
-    }
+    // One call needs one worker unless asked otherwise.
+    let settings = args.pool.resolve_with_workers(Some(1))?;
     let mut options = CallOptions::new();
     if let Some(session) = args.session {
         options = options.session_id(session);

@@ -162,6 +162,8 @@ pub(crate) struct FileSettings {
     pub(crate) server: ServerFile,
     /// The file names the interpreter (then the state directory's environment is not used).
     python_set: bool,
+    /// The file sets `workers`.
+    workers_set: bool,
 }
 
 /// Everything resolved: file, environment and flags applied.
@@ -186,10 +188,20 @@ impl PoolArgs {
     /// The file's settings with flags and environment applied. The pool runs on the state
     /// directory's environment when it exists and no interpreter is named.
     pub(crate) fn resolve(&self) -> anyhow::Result<Settings> {
+        self.resolve_with_workers(None)
+    }
+
+    /// [`resolve`](Self::resolve) for a command whose own default number of workers,
+    /// `workers`, replaces the pool's when neither the file, the environment nor a flag
+    /// sets one.
+    pub(crate) fn resolve_with_workers(&self, workers: Option<usize>) -> anyhow::Result<Settings> {
         let mut file = match self.config_file() {
             Some(path) => read_file(&path)?,
             None => FileSettings::default(),
         };
+        if let Some(workers) = workers.filter(|_| !file.workers_set) {
+            file.pool.workers = workers;
+        }
         self.apply(&mut file.pool);
         if (self.dspy || file.dspy) && !file.pool.handlers.iter().any(|h| h == DSPY_MODULE) {
             file.pool.handlers.push(DSPY_MODULE.to_owned());
@@ -387,6 +399,7 @@ fn parse_file(text: &str) -> anyhow::Result<FileSettings> {
     };
     let server = ServerFile::take(&mut table)?;
     let python_set = table.contains_key("python");
+    let workers_set = table.contains_key("workers");
     let pool: PoolConfig = toml::Value::Table(table).try_into()?;
     Ok(FileSettings {
         pool,
@@ -396,6 +409,7 @@ fn parse_file(text: &str) -> anyhow::Result<FileSettings> {
         requirements,
         server,
         python_set,
+        workers_set,
     })
 }
 
@@ -653,5 +667,28 @@ mod tests {
         args.state_dir = Some(PathBuf::new());
         let e = args.resolve().unwrap_err();
         assert!(format!("{e:#}").contains("state_dir"), "{e:#}");
+    }
+
+    /// A command's own default number of workers (`exec`: 1) gives way to the file's, and
+    /// the file's to a flag.
+    #[test]
+    fn a_commands_default_workers_give_way_to_the_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pyherd.toml");
+        let mut args = PoolArgs {
+            config: Some(file.clone()),
+            python: Some("python3".into()),
+            ..PoolArgs::default()
+        };
+        std::fs::write(&file, "max_queue = 5\n").unwrap();
+        assert_eq!(args.resolve_with_workers(Some(1)).unwrap().pool.workers, 1);
+        std::fs::write(&file, "workers = 4\nmin_workers = 2\n").unwrap();
+        let settings = args.resolve_with_workers(Some(1)).unwrap();
+        assert_eq!(
+            (settings.pool.workers, settings.pool.min_workers),
+            (4, Some(2))
+        );
+        args.workers = Some(3);
+        assert_eq!(args.resolve_with_workers(Some(1)).unwrap().pool.workers, 3);
     }
 }

@@ -97,11 +97,31 @@ pub(crate) fn warn_unknown_env() {
 }
 
 fn is_secret(arg: &clap::Arg) -> bool {
-    let id = arg.get_id().as_str();
-    arg.is_hide_env_values_set()
-        || ["token", "secret", "password"]
-            .iter()
-            .any(|s| id.contains(s))
+    arg.is_hide_env_values_set() || secret_name(arg.get_id().as_str())
+}
+
+/// A setting or a worker's environment variable named like a secret: a token, secret,
+/// password, credential or key (`OPENAI_API_KEY`, `HF_TOKEN`, `DB_PASSWORD`).
+fn secret_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["token", "secret", "password", "passwd", "credential"]
+        .iter()
+        .any(|s| name.contains(s))
+        || name
+            .split(['_', '-', '.'])
+            .any(|part| part == "key" || part.ends_with("apikey"))
+}
+
+/// The workers' environment (the `env` setting) with the values of variables named like
+/// secrets replaced by [`REDACTED`].
+fn redact_env(env: &mut Value) {
+    if let Value::Object(vars) = env {
+        for (name, value) in vars.iter_mut() {
+            if secret_name(name) {
+                *value = REDACTED.into();
+            }
+        }
+    }
 }
 
 /// The settings' effective values by key: the resolved pool configuration and the
@@ -187,7 +207,10 @@ fn entries(
             origin,
         });
     }
-    for (key, value) in values {
+    for (key, mut value) in values {
+        if key == "env" {
+            redact_env(&mut value);
+        }
         let (source, origin) = if table.contains_key(&key) {
             (Source::File, file_origin.clone())
         } else {
@@ -313,6 +336,30 @@ mod tests {
         let secret: Vec<bool> = cmd.get_arguments().map(is_secret).collect();
         assert_eq!(secret, [true, true, false]);
         assert_eq!(raw_values(&matches, "api"), "k");
+    }
+
+    #[test]
+    fn the_workers_secret_variables_are_shown_redacted() {
+        let mut env = serde_json::json!({
+            "HF_TOKEN": "hf_1", "DB_PASSWORD": "p", "OPENAI_API_KEY": "sk", "AWS_SECRET_ACCESS_KEY": "s",
+            "MY_APIKEY": "k", "GCP_CREDENTIALS": "c", "LANG": "C", "KEYBOARD": "us", "MONKEY_ID": "7",
+        });
+        redact_env(&mut env);
+        let shown: Vec<&str> = ["LANG", "KEYBOARD", "MONKEY_ID"]
+            .iter()
+            .map(|k| env[k].as_str().unwrap())
+            .collect();
+        assert_eq!(shown, ["C", "us", "7"]);
+        for k in [
+            "HF_TOKEN",
+            "DB_PASSWORD",
+            "OPENAI_API_KEY",
+            "AWS_SECRET_ACCESS_KEY",
+            "MY_APIKEY",
+            "GCP_CREDENTIALS",
+        ] {
+            assert_eq!(env[k], REDACTED, "{k}");
+        }
     }
 
     #[test]

@@ -33,7 +33,12 @@ pub(crate) struct PoolArgs {
     #[arg(long, env = "PYHERD_WORKERS")]
     pub(crate) workers: Option<usize>,
     /// Handler module to load, `pkg.module` or `path/to/file.py` (repeatable; env: comma-separated)
-    #[arg(long = "handlers", env = "PYHERD_HANDLERS", value_delimiter = ',')]
+    #[arg(
+        long = "handlers",
+        env = "PYHERD_HANDLERS",
+        value_delimiter = ',',
+        value_parser = list_item
+    )]
     pub(crate) handlers: Vec<String>,
     /// Python interpreter, a name on PATH or a path [default: python3]
     #[arg(long, env = "PYHERD_PYTHON")]
@@ -110,14 +115,16 @@ pub(crate) struct PoolArgs {
     #[arg(
         long = "idempotent-commands",
         env = "PYHERD_IDEMPOTENT_COMMANDS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = list_item
     )]
     pub(crate) idempotent_commands: Vec<String>,
     /// Command guarded by a circuit breaker (repeatable; env: comma-separated)
     #[arg(
         long = "breaker-commands",
         env = "PYHERD_BREAKER_COMMANDS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = list_item
     )]
     pub(crate) breaker_commands: Vec<String>,
     /// Consecutive calls that crash or time out their worker before a breaker opens
@@ -136,7 +143,8 @@ pub(crate) struct PoolArgs {
         long = "preload",
         value_name = "MODULE",
         env = "PYHERD_PRELOAD",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = list_item
     )]
     pub(crate) preload: Vec<String>,
     /// Where pyherd keeps its state: the Python environment of `pyherd setup` and the run
@@ -177,6 +185,16 @@ pub(crate) struct Settings {
     pub(crate) server: ServerFile,
     /// The interpreter of the state directory's environment, when the pool uses it.
     pub(crate) venv_python: Option<PathBuf>,
+}
+
+/// One item of a list setting (`--handlers a.py,b.py`, `PYHERD_PRELOAD="os, json"`): the
+/// spaces around it are not part of it, and it may not be empty.
+fn list_item(item: &str) -> Result<String, String> {
+    let item = item.trim();
+    if item.is_empty() {
+        return Err("an empty item in a comma-separated list".into());
+    }
+    Ok(item.to_owned())
 }
 
 /// The interpreter of the environment `pyherd setup` makes in `state_dir`.
@@ -667,6 +685,30 @@ mod tests {
         args.state_dir = Some(PathBuf::new());
         let e = args.resolve().unwrap_err();
         assert!(format!("{e:#}").contains("state_dir"), "{e:#}");
+    }
+
+    #[test]
+    fn list_items_lose_their_spaces_and_may_not_be_empty() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            pool: PoolArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "x",
+            "--idempotent-commands",
+            "ping, crash ",
+            "--preload",
+            " os",
+        ])
+        .unwrap();
+        assert_eq!(cli.pool.idempotent_commands, ["ping", "crash"]);
+        assert_eq!(cli.pool.preload, ["os"]);
+        let Err(e) = Cli::try_parse_from(["x", "--handlers", "a.py, ,b.py"]) else {
+            panic!("an empty item was taken");
+        };
+        assert!(e.to_string().contains("empty item"), "{e}");
     }
 
     /// A command's own default number of workers (`exec`: 1) gives way to the file's, and

@@ -39,9 +39,17 @@ pub(crate) struct ServerArgs {
     /// File whose content (surrounding whitespace trimmed) is the token
     #[arg(long, env = "PYHERD_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// Listen on a non-loopback address without a token (something else guards the port)
-    #[arg(long, env = "PYHERD_INSECURE")]
-    insecure: bool,
+    /// Listen on a non-loopback address without a token (something else guards the port);
+    /// `--insecure=false` (or PYHERD_INSECURE=false) turns off `insecure = true` in the file
+    #[arg(
+        long,
+        env = "PYHERD_INSECURE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
+    insecure: Option<bool>,
     /// Largest request head (request line and headers), bytes; larger is a 431 [default: 16384]
     #[arg(long, env = "PYHERD_MAX_HEADER_BYTES")]
     max_header_bytes: Option<usize>,
@@ -149,7 +157,7 @@ impl ServerArgs {
 
     /// Whether `insecure` is on: by the flag (or its variable) or the file; off by default.
     pub(crate) fn insecure(&self, file: &ServerFile) -> bool {
-        self.insecure || file.insecure.unwrap_or(false)
+        self.insecure.or(file.insecure).unwrap_or(false)
     }
 
     /// The limits: flags over the file over the defaults, checked.

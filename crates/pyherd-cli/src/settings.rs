@@ -61,9 +61,17 @@ pub(crate) struct PoolArgs {
     /// Largest frame either side may send, bytes [default: 67108864]
     #[arg(long, env = "PYHERD_MAX_FRAME_BYTES")]
     pub(crate) max_frame_bytes: Option<usize>,
-    /// Load the DSPy adapter (the handlers module pyherd_worker.dspy_adapter)
-    #[arg(long, env = "PYHERD_DSPY")]
-    pub(crate) dspy: bool,
+    /// Load the DSPy adapter (the handlers module pyherd_worker.dspy_adapter);
+    /// `--dspy=false` (or PYHERD_DSPY=false) turns off `dspy = true` in the file
+    #[arg(
+        long,
+        env = "PYHERD_DSPY",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
+    pub(crate) dspy: Option<bool>,
     /// Session affinity: hint, strict_queue or strict_fail_fast [default: hint]
     #[arg(long, env = "PYHERD_AFFINITY")]
     pub(crate) affinity: Option<Affinity>,
@@ -221,7 +229,7 @@ impl PoolArgs {
             file.pool.workers = workers;
         }
         self.apply(&mut file.pool);
-        if (self.dspy || file.dspy) && !file.pool.handlers.iter().any(|h| h == DSPY_MODULE) {
+        if self.dspy.unwrap_or(file.dspy) && !file.pool.handlers.iter().any(|h| h == DSPY_MODULE) {
             file.pool.handlers.push(DSPY_MODULE.to_owned());
         }
         let state_dir = self

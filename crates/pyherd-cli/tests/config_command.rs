@@ -45,9 +45,11 @@ fn flags_of(subcommand: &str) -> BTreeSet<String> {
     assert_eq!(code, Some(0));
     help.split_whitespace()
         .filter_map(|word| word.strip_prefix("--"))
-        .map(|flag| {
-            flag.trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
-                .to_owned()
+        // `--workers`, `--workers,` or `--dspy[=<DSPY>]`: the name is what comes first.
+        .filter_map(|flag| {
+            flag.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                .next()
+                .map(|name| name.trim_end_matches('-').to_owned())
         })
         .filter(|flag| !flag.is_empty() && flag != "help")
         .collect()
@@ -159,6 +161,36 @@ fn each_value_is_reported_with_the_source_that_won() {
     assert_eq!(entry(&report, "max_sessions")["value"], 5);
     assert_eq!(entry(&report, "workers")["source"], "default");
     assert_eq!(entry(&report, "config")["source"], "flag");
+}
+
+/// A switch turned on in the file is turned off by its variable set to false (or by
+/// `--switch=false`): the environment beats the file for switches too.
+#[test]
+fn a_switch_on_in_the_file_is_turned_off_by_the_environment_or_a_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("pyherd.toml"),
+        "dspy = true\ninsecure = true\n",
+    )
+    .unwrap();
+    let on = report(dir.path(), &[], &[]);
+    for key in ["dspy", "insecure"] {
+        assert_eq!(entry(&on, key)["value"], true, "{key}");
+    }
+    let env = [("PYHERD_DSPY", "false"), ("PYHERD_INSECURE", "0")];
+    let off = report(dir.path(), &env, &[]);
+    for key in ["dspy", "insecure"] {
+        assert_eq!(entry(&off, key)["value"], false, "{key}");
+        assert_eq!(entry(&off, key)["source"], "env", "{key}");
+    }
+    assert_eq!(entry(&off, "handlers")["value"], json!([]));
+    let flags = report(dir.path(), &[], &["--dspy=false", "--insecure=false"]);
+    for key in ["dspy", "insecure"] {
+        assert_eq!(entry(&flags, key)["value"], false, "{key}");
+        assert_eq!(entry(&flags, key)["source"], "flag", "{key}");
+    }
+    let on = report(dir.path(), &[("PYHERD_DSPY", "false")], &["--dspy"]);
+    assert_eq!(entry(&on, "dspy")["value"], true);
 }
 
 #[test]

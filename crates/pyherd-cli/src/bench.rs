@@ -89,9 +89,9 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     pool.shutdown().await;
     let report = report?;
     if args.json {
-        println!("{}", report.json());
+        crate::print_line(report.json())?;
     } else {
-        report.print(&args, workers);
+        crate::print_line(report.text(&args, workers))?;
     }
     Ok(if report.errors == 0 { 0 } else { 1 })
 }
@@ -197,32 +197,28 @@ impl Report {
         })
     }
 
-    fn print(&self, args: &BenchArgs, workers: usize) {
+    fn text(&self, args: &BenchArgs, workers: usize) -> String {
         let q = |p: f64| self.latency.value_at_quantile(p);
         let plural = |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
-        println!(
-            "{} × {} with {} on {} (ready in {:.0} ms)",
+        let mut text = format!(
+            "{} × {} with {} on {} (ready in {:.0} ms)\n  {:.2} s, {:.0} calls/s, {} errors\n  \
+             latency µs: p50 {}  p90 {}  p99 {}  max {}",
             self.requests,
             args.command,
             plural(args.concurrency, "caller"),
             plural(workers as u64, "worker"),
-            self.startup.as_secs_f64() * 1e3
-        );
-        println!(
-            "  {:.2} s, {:.0} calls/s, {} errors",
+            self.startup.as_secs_f64() * 1e3,
             self.seconds,
             self.throughput(),
-            self.errors
-        );
-        println!(
-            "  latency µs: p50 {}  p90 {}  p99 {}  max {}",
+            self.errors,
             q(0.5),
             q(0.9),
             q(0.99),
             self.latency.max()
         );
         if let Some(e) = &self.first_error {
-            println!("  first error: {e}");
+            text.push_str(&format!("\n  first error: {e}"));
         }
+        text
     }
 }

@@ -28,9 +28,9 @@ pub(crate) async fn run(config: PoolConfig, respawns: u64, json: bool) -> anyhow
     pool.shutdown().await;
     let report = report?;
     if json {
-        println!("{report}");
+        crate::print_line(report)?;
     } else {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::print_line(serde_json::to_string_pretty(&report)?)?;
     }
     Ok(0)
 }

@@ -35,7 +35,7 @@ pub(crate) async fn run(args: ExecArgs) -> anyhow::Result<u8> {
     let outcome = call(settings.pool, &args.command, args.args.as_deref(), &options).await;
     match outcome {
         Ok(result) => {
-            println!("{}", result.get());
+            crate::print_line(result.get())?;
             Ok(0)
         }
         Err(error) => {

@@ -69,6 +69,16 @@ pub(crate) fn exit_code(category: Category) -> u8 {
     }
 }
 
+/// Writes `text` and a newline to stdout and flushes it. A stdout that is closed (`pyherd
+/// exec … | true`) is an error to report, not a panic as with `println!`.
+pub(crate) fn print_line(text: impl std::fmt::Display) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")
+        .and_then(|()| out.flush())
+        .map_err(|e| anyhow::anyhow!("cannot write to stdout: {e}"))
+}
+
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());

@@ -2,7 +2,6 @@
 //! and a zero-downtime reload of the handler code on SIGHUP. A non-loopback address
 //! without a token (or `--insecure`) is refused with exit code 2.
 
-use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -58,10 +57,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         .local_addr()
         .context("cannot read the bound address")?;
     tracing::info!(%local, workers, "serving");
-    println!("pyherd: listening on http://{local} with {workers} workers");
-    std::io::stdout()
-        .flush()
-        .context("cannot write to stdout")?;
+    crate::print_line(format_args!(
+        "pyherd: listening on http://{local} with {workers} workers"
+    ))?;
 
     let stop = tokio_util::sync::CancellationToken::new();
     let mut server = tokio::spawn(http::serve(

@@ -112,7 +112,7 @@ pub(crate) async fn run(args: SetupArgs) -> anyhow::Result<u8> {
         .output()
         .await
         .with_context(|| format!("cannot run {}", python.display()))?;
-    println!(
+    crate::print_line(format_args!(
         "pyherd: environment ready at {} (Python {}, {}); serve, exec and bench use it",
         venv.display(),
         String::from_utf8_lossy(&version.stdout).trim(),
@@ -121,7 +121,7 @@ pub(crate) async fn run(args: SetupArgs) -> anyhow::Result<u8> {
         } else {
             requirements.join(", ")
         }
-    );
+    ))?;
     Ok(0)
 }
 

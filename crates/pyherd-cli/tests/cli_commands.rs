@@ -16,6 +16,32 @@ fn exec_prints_the_result_on_stdout() {
     assert!(stdout.contains("\"pong\":true"), "{stdout}");
 }
 
+/// A stdout closed before the result is written (`pyherd exec … | true`) is a plain
+/// failure (exit 1, said on stderr), for `exec` and `serve` alike, not a panic.
+#[test]
+fn a_closed_stdout_is_an_error_not_a_panic() {
+    for args in [
+        &["exec", "ping"][..],
+        &["serve", "--bind", "127.0.0.1:0", "--workers", "1"],
+    ] {
+        let mut child = common::pyherd(None)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("cannot write to stdout"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn exec_prints_errors_as_json_on_stderr_with_an_exit_code_per_category() {
     let cases: [(&[&str], i32, &str); 4] = [

@@ -42,6 +42,62 @@ fn a_closed_stdout_is_an_error_not_a_panic() {
     }
 }
 
+/// Relative paths (the interpreter, the state and cache directories) are the host's, even
+/// when the workers run in another `working_dir`; a `working_dir` that is not a directory
+/// is refused by name.
+#[test]
+fn relative_paths_are_the_hosts_whatever_the_workers_working_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .unwrap();
+    let python = String::from_utf8(out.stdout).unwrap();
+    std::fs::create_dir(dir.path().join("bin")).unwrap();
+    std::os::unix::fs::symlink(python.trim(), dir.path().join("bin/py")).unwrap();
+    std::fs::write(
+        dir.path().join("pyherd.toml"),
+        format!(
+            "working_dir = {:?}\n",
+            elsewhere.path().display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = common::pyherd(Some(dir.path()))
+        .args([
+            "exec",
+            "--python",
+            "bin/py",
+            "--state-dir",
+            "st",
+            "--cache-dir",
+            "cache",
+            "ping",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pong"));
+    assert!(dir.path().join("cache").is_dir() && dir.path().join("st").is_dir());
+    std::fs::write(
+        dir.path().join("pyherd.toml"),
+        "working_dir = \"/nonexistent-dir\"\n",
+    )
+    .unwrap();
+    let out = common::pyherd(Some(dir.path()))
+        .args(["exec", "ping"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("working_dir must name an existing directory"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn exec_prints_errors_as_json_on_stderr_with_an_exit_code_per_category() {
     let cases: [(&[&str], i32, &str); 4] = [

@@ -316,6 +316,21 @@ impl PoolConfig {
         if self.python.as_os_str().is_empty() {
             return invalid("python must name an interpreter".into());
         }
+        if let Some(dir) = &self.working_dir
+            && !dir.is_dir()
+        {
+            return invalid(format!(
+                "working_dir must name an existing directory, not {:?}",
+                dir.display().to_string()
+            ));
+        }
+        if self
+            .cache_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return invalid("cache_dir must name a directory".into());
+        }
         if self
             .state_dir
             .as_ref()

@@ -506,6 +506,8 @@ impl PoolBuilder {
             .state_dir
             .clone()
             .unwrap_or_else(crate::registry::default_state_dir);
+        // Absolute: the guardian and the workers run in `working_dir`.
+        let state_dir = std::path::absolute(&state_dir).unwrap_or(state_dir);
         crate::registry::sweep_at_start(state_dir.clone()).await;
         let run = Arc::new(Run::open(&state_dir));
         let launch = LaunchSpec {

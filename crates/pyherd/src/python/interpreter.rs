@@ -58,13 +58,17 @@ pub(crate) async fn resolve(python: &Path, timeout: Duration) -> Result<PathBuf,
     Ok(if real.is_absolute() { real } else { found })
 }
 
+/// The interpreter `python` names, as an absolute path: a relative one is taken from the
+/// host's working directory, not the workers' (`working_dir`), where it is started.
 fn find(python: &Path, path_var: Option<&OsStr>) -> Option<PathBuf> {
-    if python.components().count() > 1 || python.is_absolute() {
-        return is_executable(python).then(|| python.to_path_buf());
-    }
-    std::env::split_paths(path_var?)
-        .map(|dir| dir.join(python))
-        .find(|candidate| is_executable(candidate))
+    let found = if python.components().count() > 1 || python.is_absolute() {
+        is_executable(python).then(|| python.to_path_buf())
+    } else {
+        std::env::split_paths(path_var?)
+            .map(|dir| dir.join(python))
+            .find(|candidate| is_executable(candidate))
+    };
+    std::path::absolute(found?).ok()
 }
 
 fn is_executable(path: &Path) -> bool {

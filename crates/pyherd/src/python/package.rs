@@ -58,6 +58,13 @@ fn default_cache_dir() -> PathBuf {
 /// `initialization/spawn_failed` when the directory cannot be written.
 pub(crate) fn install(cache_dir: Option<&Path>) -> Result<PathBuf, Error> {
     let root = cache_dir.map_or_else(default_cache_dir, Path::to_path_buf);
+    // Absolute: the workers find the package from their own working directory.
+    let root = std::path::absolute(&root).map_err(|e| {
+        Error::new(
+            ErrorKind::SpawnFailed,
+            format!("cannot resolve the cache directory {}: {e}", root.display()),
+        )
+    })?;
     let target = root.join(format!("worker-{:016x}", content_hash()));
     if target.join("pyherd_worker").join("__main__.py").is_file() {
         return Ok(target);

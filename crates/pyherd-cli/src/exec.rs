@@ -24,7 +24,7 @@ pub(crate) struct ExecArgs {
 
 pub(crate) async fn run(args: ExecArgs) -> anyhow::Result<u8> {
     // One call needs one worker unless asked otherwise.
-    let settings = args.pool.resolve_with_workers(Some(1))?;
+    let settings = args.pool.resolve_with_workers(1)?;
     let mut options = CallOptions::new();
     if let Some(session) = args.session {
         options = options.session_id(session);

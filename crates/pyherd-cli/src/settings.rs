@@ -193,6 +193,17 @@ pub(crate) struct Settings {
     pub(crate) server: ServerFile,
     /// The interpreter of the state directory's environment, when the pool uses it.
     pub(crate) venv_python: Option<PathBuf>,
+    /// The file names the interpreter, so the state directory's environment is not used.
+    pub(crate) python_in_file: bool,
+}
+
+/// Written into the environment by `pyherd setup` once everything is installed: an
+/// environment without it (its setup failed or was cut short) is not used.
+const VENV_READY: &str = "pyherd-ready";
+
+/// The mark of a finished `pyherd setup` in `state_dir`'s environment.
+pub(crate) fn venv_ready(state_dir: &Path) -> PathBuf {
+    state_dir.join("venv").join(VENV_READY)
 }
 
 /// One item of a list setting (`--handlers a.py,b.py`, `PYHERD_PRELOAD="os, json"`): the
@@ -212,15 +223,26 @@ pub(crate) fn venv_python(state_dir: &Path) -> PathBuf {
 
 impl PoolArgs {
     /// The file's settings with flags and environment applied. The pool runs on the state
-    /// directory's environment when it exists and no interpreter is named.
+    /// directory's environment when it exists and no interpreter is named; one whose
+    /// `pyherd setup` did not finish is an error.
     pub(crate) fn resolve(&self) -> anyhow::Result<Settings> {
-        self.resolve_with_workers(None)
+        self.resolve_with(None, true)
     }
 
     /// [`resolve`](Self::resolve) for a command whose own default number of workers,
     /// `workers`, replaces the pool's when neither the file, the environment nor a flag
     /// sets one.
-    pub(crate) fn resolve_with_workers(&self, workers: Option<usize>) -> anyhow::Result<Settings> {
+    pub(crate) fn resolve_with_workers(&self, workers: usize) -> anyhow::Result<Settings> {
+        self.resolve_with(Some(workers), true)
+    }
+
+    /// [`resolve`](Self::resolve) for `pyherd setup`, which makes the environment: the
+    /// interpreter is the one named, or the default, whatever the environment holds.
+    pub(crate) fn resolve_for_setup(&self) -> anyhow::Result<Settings> {
+        self.resolve_with(None, false)
+    }
+
+    fn resolve_with(&self, workers: Option<usize>, use_venv: bool) -> anyhow::Result<Settings> {
         let mut file = match self.config_file() {
             Some(path) => read_file(&path)?,
             None => FileSettings::default(),
@@ -239,9 +261,17 @@ impl PoolArgs {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         file.pool.state_dir = Some(state_dir.clone());
         let mut venv = None;
-        if self.python.is_none() && !file.python_set {
+        if use_venv && self.python.is_none() && !file.python_set {
             let python = venv_python(&state_dir);
             if python.is_file() {
+                if !venv_ready(&state_dir).is_file() {
+                    bail!(
+                        "the environment {} is not ready: its `pyherd setup` failed or was cut \
+                         short; run `pyherd setup` again, remove the directory, or name an \
+                         interpreter with --python",
+                        state_dir.join("venv").display()
+                    );
+                }
                 file.pool.python.clone_from(&python);
                 venv = Some(python);
             }
@@ -257,6 +287,7 @@ impl PoolArgs {
             requirements,
             server: file.server,
             venv_python: venv,
+            python_in_file: file.python_set,
         })
     }
 
@@ -731,14 +762,14 @@ mod tests {
             ..PoolArgs::default()
         };
         std::fs::write(&file, "max_queue = 5\n").unwrap();
-        assert_eq!(args.resolve_with_workers(Some(1)).unwrap().pool.workers, 1);
+        assert_eq!(args.resolve_with_workers(1).unwrap().pool.workers, 1);
         std::fs::write(&file, "workers = 4\nmin_workers = 2\n").unwrap();
-        let settings = args.resolve_with_workers(Some(1)).unwrap();
+        let settings = args.resolve_with_workers(1).unwrap();
         assert_eq!(
             (settings.pool.workers, settings.pool.min_workers),
             (4, Some(2))
         );
         args.workers = Some(3);
-        assert_eq!(args.resolve_with_workers(Some(1)).unwrap().pool.workers, 3);
+        assert_eq!(args.resolve_with_workers(1).unwrap().pool.workers, 3);
     }
 }

@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
-use crate::settings::{PoolArgs, venv_python};
+use crate::settings::{PoolArgs, venv_python, venv_ready};
 
 /// Lines of pip's output kept to explain a failure.
 const TAIL_LINES: usize = 30;
@@ -63,7 +63,7 @@ impl Progress {
 }
 
 pub(crate) async fn run(args: SetupArgs) -> anyhow::Result<u8> {
-    let settings = args.pool.resolve()?;
+    let settings = args.pool.resolve_for_setup()?;
     let requirements = if args.requirements.is_empty() {
         settings.requirements
     } else {
@@ -71,6 +71,14 @@ pub(crate) async fn run(args: SetupArgs) -> anyhow::Result<u8> {
     };
     let venv = settings.state_dir.join("venv");
     let python = venv_python(&settings.state_dir);
+    // Not ready while it changes: a setup that fails or is cut short leaves it unused.
+    let ready = venv_ready(&settings.state_dir);
+    match std::fs::remove_file(&ready) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot remove {}", ready.display()));
+        }
+        _ => {}
+    }
     let progress = Progress::new();
     if !python.is_file() {
         std::fs::create_dir_all(&settings.state_dir).with_context(|| {
@@ -112,8 +120,14 @@ pub(crate) async fn run(args: SetupArgs) -> anyhow::Result<u8> {
         .output()
         .await
         .with_context(|| format!("cannot run {}", python.display()))?;
+    std::fs::write(&ready, "").with_context(|| format!("cannot write {}", ready.display()))?;
+    let used = if settings.python_in_file {
+        "the configuration file names another interpreter (`python`), so serve, exec and bench do not use it"
+    } else {
+        "serve, exec and bench use it"
+    };
     crate::print_line(format_args!(
-        "pyherd: environment ready at {} (Python {}, {}); serve, exec and bench use it",
+        "pyherd: environment ready at {} (Python {}, {}); {used}",
         venv.display(),
         String::from_utf8_lossy(&version.stdout).trim(),
         if requirements.is_empty() {

@@ -84,10 +84,16 @@ fn setup_installs_the_requirements_of_the_configuration_file() {
         "state_dir = {:?}\nrequirements = [{wheel:?}]\n",
         state.to_str().unwrap()
     );
-    std::fs::write(&config, text).unwrap();
-    let (code, _, stderr) = run(&["setup", "--config", config.to_str().unwrap()]);
+    std::fs::write(&config, &text).unwrap();
+    let (code, stdout, stderr) = run(&["setup", "--config", config.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains(&format!("installing {wheel}")), "{stderr}");
+    assert!(stdout.contains("serve, exec and bench use it"), "{stdout}");
+    // A file that names the interpreter: the environment is made, and said to be unused.
+    std::fs::write(&config, format!("{text}python = \"python3\"\n")).unwrap();
+    let (code, stdout, stderr) = run(&["setup", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("do not use it"), "{stdout}");
     let probe = Command::new(state.join("venv/bin/python"))
         .args(["-c", "import pyherd_probe; print(pyherd_probe.VALUE)"])
         .output()
@@ -111,6 +117,18 @@ fn setup_failures_say_what_failed() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("installing"), "{stderr}");
     assert!(stderr.contains("missing-1.0-py3-none-any.whl"), "{stderr}");
+    // The environment it left (made, but without its requirements) is not used...
+    assert!(Path::new(state).join("venv/bin/python").is_file());
+    let (code, _, stderr) = run(&["exec", "--state-dir", state, "info"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("is not ready"), "{stderr}");
+    // ...until a setup finishes there.
+    let wheel = probe_wheel(dir.path());
+    let (code, _, stderr) = run(&["setup", "--state-dir", state, "--requirement", &wheel]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stdout, stderr) = run(&["exec", "--state-dir", state, "info"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(state), "{stdout}");
     let (code, _, stderr) = run(&[
         "setup",
         "--state-dir",

@@ -206,6 +206,40 @@ async fn spawn_recycle_exit_and_state_changes_are_events_with_worker_and_pid() {
     .await;
 }
 
+/// A worker that stops because it failed (here: crashed, or ran past a call's timeout)
+/// says so at WARN; one recycled, as planned, at INFO.
+#[tokio::test]
+async fn a_failed_workers_stop_is_a_warning_and_a_recycled_ones_is_not() {
+    let (captured, _guard) = capture();
+    let pool = testing_pool(1).max_requests(2).build().await.unwrap();
+    pool.execute("crash", json!({})).await.unwrap_err();
+    let options = pyherd::CallOptions::new().timeout(std::time::Duration::from_millis(200));
+    pool.execute_with("sleep", json!({"seconds": 30}), &options)
+        .await
+        .unwrap_err();
+    pool.execute("echo", json!(1)).await.unwrap();
+    pool.execute("echo", json!(2)).await.unwrap();
+    wait_until(WAIT, "the recycled worker's replacement", || {
+        pool.stats().restarts == 3 && pool.is_ready()
+    })
+    .await;
+    let stops: Vec<(String, tracing::Level)> = captured
+        .with_message("worker state")
+        .iter()
+        .filter(|e| e.get("to") == Some("stopped"))
+        .map(|e| (e.get("reason").unwrap().to_owned(), e.level))
+        .collect();
+    assert_eq!(
+        stops,
+        [
+            ("crashed".to_owned(), tracing::Level::WARN),
+            ("execution_timeout".to_owned(), tracing::Level::WARN),
+            ("max_requests".to_owned(), tracing::Level::INFO),
+        ]
+    );
+    pool.shutdown().await;
+}
+
 #[tokio::test]
 async fn sessions_created_and_expired_are_events() {
     let (captured, _guard) = capture();

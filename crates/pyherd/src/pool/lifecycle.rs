@@ -65,7 +65,7 @@ impl RestartReason {
         }
     }
 
-    pub(crate) fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             Self::Crashed => "crashed",
             Self::Timeout => "execution_timeout",

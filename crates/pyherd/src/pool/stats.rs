@@ -6,10 +6,18 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::lifecycle::Lifecycle;
+use super::lifecycle::{Lifecycle, RestartReason};
 use crate::policy::BreakerInfo;
 use crate::session::SessionStats;
 use crate::worker::{StartedBy, WorkerState};
+
+/// Why a worker stops when it failed: it died, ran past a call's timeout or stopped
+/// answering its health checks. Its `worker state` event is a warning.
+const FAILURES: [&str; 3] = [
+    RestartReason::Crashed.as_str(),
+    RestartReason::Timeout.as_str(),
+    "health_check_failed",
+];
 
 /// A snapshot of the pool, from [`Pool::stats`](crate::Pool::stats).
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -170,6 +178,9 @@ impl SlotStatus {
             }
             (_, WorkerState::Degraded)
             | (WorkerState::Degraded | WorkerState::Starting, WorkerState::Stopped) => {
+                event!(tracing::Level::WARN);
+            }
+            (_, WorkerState::Stopped) if FAILURES.contains(&reason) => {
                 event!(tracing::Level::WARN);
             }
             _ => event!(tracing::Level::INFO),

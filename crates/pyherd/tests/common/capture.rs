@@ -23,6 +23,7 @@ pub struct Seen {
     pub fields: Fields,
     /// For an event: the name and fields of the span it happened in, if any.
     pub parent: Option<(String, Fields)>,
+    pub level: tracing::Level,
 }
 
 impl Seen {
@@ -119,6 +120,7 @@ where
             name: event.metadata().target().to_owned(),
             fields,
             parent,
+            level: *event.metadata().level(),
         });
     }
 
@@ -133,6 +135,7 @@ where
                 name: span.name().to_owned(),
                 fields,
                 parent: None,
+                level: *span.metadata().level(),
             });
         }
     }

@@ -138,7 +138,8 @@ fn effective(args: &ServeArgs, file: Option<&Path>) -> anyhow::Result<Map<String
         "insecure".into(),
         args.server.insecure(&settings.server).into(),
     );
-    let limits = args.server.limits(&settings.server)?;
+    // Checked as `serve` checks them: the token and the bind rule too.
+    let limits = args.server.resolve(&settings.server, bind)?.limits;
     let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     values.insert("max_header_bytes".into(), limits.max_header_bytes.into());
     values.insert("max_connections".into(), limits.max_connections.into());

@@ -316,6 +316,25 @@ fn a_bad_value_is_refused_by_name() {
     let (code, _, stderr) = pyherd(dir.path(), &[], &["config", "--bind", "nowhere"]);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("nowhere"), "{stderr}");
+    // What `serve` refuses, `config` refuses too: a short token, a missing token file,
+    // a non-loopback address without a token.
+    for (env, args, says) in [
+        (&[("PYHERD_TOKEN", "short")][..], &["config"][..], "token"),
+        (
+            &[],
+            &["config", "--token-file", "/nonexistent/token"],
+            "/nonexistent/token",
+        ),
+        (
+            &[],
+            &["config", "--bind", "0.0.0.0:7878"],
+            "refusing to listen",
+        ),
+    ] {
+        let (code, _, stderr) = pyherd(dir.path(), env, args);
+        assert_ne!(code, Some(0), "{args:?}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
 }
 
 #[test]

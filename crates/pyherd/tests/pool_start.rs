@@ -208,6 +208,19 @@ async fn a_missing_interpreter_or_module_is_a_typed_error() {
         .unwrap();
     assert_eq!(e.kind(), &ErrorKind::SpawnFailed);
     assert!(began.elapsed() < RETRY_BACKOFF, "not retried");
+    // A program that is not Python at all: its guardian's end is said in plain words.
+    let e = Pool::builder()
+        .python("/bin/false")
+        .build()
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind(), &ErrorKind::SpawnFailed);
+    assert!(
+        e.message()
+            .contains("/bin/false -m pyherd_worker.guardian ended with exit status: 1"),
+        "{e}"
+    );
     let e = start_failure("no_such_module_anywhere", Duration::from_secs(20), false).await;
     assert_eq!(e.kind(), &ErrorKind::HandlerImportFailed);
     assert_eq!(

@@ -121,7 +121,11 @@ impl Run {
         };
         match status {
             Ok(status) if status.success() => Ok(()),
-            other => Err(failed(format!("it ended with {other:?}"))),
+            Ok(status) => Err(failed(format!(
+                "{} -m pyherd_worker.guardian ended with {status} before it detached",
+                python.display()
+            ))),
+            Err(e) => Err(failed(format!("waiting for it failed: {e}"))),
         }
     }
 

@@ -109,3 +109,35 @@ async fn dropping_the_last_handle_stops_every_worker() {
     })
     .await;
 }
+
+/// The processes whose command line holds all of `words`.
+fn processes_with(words: &[&str]) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if words.iter().all(|w| cmdline.contains(w)) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// A pool that shut down leaves no process of its own, its guardian included, even while
+/// a handle to it is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guardian_exits_with_the_shutdown_while_a_handle_is_kept() {
+    let pool = testing_pool(1).build().await.unwrap();
+    let guardian = ["pyherd_worker.guardian", pool.run_id()];
+    assert_eq!(processes_with(&guardian).len(), 1, "one guardian runs");
+    pool.shutdown().await;
+    wait_until(Duration::from_secs(10), "the guardian to exit", || {
+        processes_with(&guardian).is_empty()
+    })
+    .await;
+    let e = pool.execute("echo", json!(1)).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::ShuttingDown);
+}

@@ -1265,7 +1265,8 @@ impl Pool {
     /// calls finish for up to `grace`, then stops every worker: EOF on its request pipe,
     /// SIGTERM to its process group after `kill_timeout`, SIGKILL after another. Calls
     /// still waiting for a worker then get `system/shutting_down`. Every worker process
-    /// is reaped before this returns. Calling it again waits for the same end.
+    /// is reaped before this returns, and the run's guardian (see [`crate::registry`]) is
+    /// told to exit. Calling it again waits for the same end.
     pub async fn shutdown_with(&self, grace: Duration) {
         let inner = &self.inner;
         inner.queue.close();
@@ -1285,6 +1286,7 @@ impl Pool {
             job.answer(Err(shutting_down()));
         }
         inner.shared.launcher.stop().await;
+        inner.shared.launcher.spec().run.end();
     }
 }
 

@@ -129,6 +129,17 @@ impl Run {
         }
     }
 
+    /// Ends the run once its workers are gone: its guardian sees its lifeline close, finds
+    /// nothing left to kill, removes the registry and exits.
+    pub(crate) fn end(&self) {
+        drop(
+            self.lifeline
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+    }
+
     /// Records a worker that was just spawned; the entry goes when the returned guard is
     /// dropped (after the worker was ended).
     pub(crate) fn enter(self: &Arc<Self>, worker_id: &str, pid: u32) -> RunEntry {
@@ -162,7 +173,10 @@ impl Run {
 impl Drop for Run {
     fn drop(&mut self) {
         if let Some(file) = &self.file {
-            if let Err(e) = std::fs::remove_file(file) {
+            // Gone already when the guardian ended with the run (see `end`).
+            if let Err(e) = std::fs::remove_file(file)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
                 tracing::warn!(run_id = %self.id, path = %file.display(), error = %e,
                     "cannot remove the run registry");
             }

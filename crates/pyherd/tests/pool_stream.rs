@@ -119,6 +119,7 @@ async fn errors_found_before_the_stream_starts_come_at_once() {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::InvalidRequestId);
+    assert_eq!(e.context().command.as_deref(), Some("count"));
     let bad_session = CallOptions::new().session_id("a/b");
     let e = pool
         .stream_with("count", json!({}), &bad_session)
@@ -161,6 +162,7 @@ async fn request_ids_reach_the_handler_and_the_reply() {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::InvalidRequestId);
+    assert_eq!(e.context().command.as_deref(), Some("echo"));
     let stream = pool
         .stream_with(
             "stubborn_stream",

@@ -268,7 +268,9 @@ impl Pool {
         readable: Readable,
     ) -> Result<CallStream, Error> {
         let started = std::time::Instant::now();
-        let entered = self.enter(options.request_id.as_deref())?;
+        let entered = self
+            .enter(options.request_id.as_deref())
+            .map_err(|e| e.with_context(|c| c.command = Some(command.to_owned())))?;
         let rid = entered.flight.rid.clone();
         let known = self.inner.shared.handlers.contains(command);
         let tally = Tally {

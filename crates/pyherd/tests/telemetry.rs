@@ -240,6 +240,36 @@ async fn a_failed_workers_stop_is_a_warning_and_a_recycled_ones_is_not() {
     pool.shutdown().await;
 }
 
+/// A command named in `breaker_commands` or `idempotent_commands` that no handler has
+/// (a typo, say) is warned about when the pool starts.
+#[tokio::test]
+async fn a_setting_naming_no_handler_is_warned_about() {
+    let (captured, _guard) = capture();
+    let pool = testing_pool(1)
+        .breaker_command("crahs")
+        .idempotent_command("echo")
+        .idempotent_command("pnig")
+        .build()
+        .await
+        .unwrap();
+    let warned: Vec<String> = captured
+        .with_message("no handler has this name: the setting does nothing for it")
+        .iter()
+        .map(|e| {
+            let (setting, command) = (e.get("setting").unwrap(), e.get("command").unwrap());
+            format!("{} {setting} {command}", e.level)
+        })
+        .collect();
+    assert_eq!(
+        warned,
+        [
+            "WARN idempotent_commands pnig",
+            "WARN breaker_commands crahs"
+        ]
+    );
+    pool.shutdown().await;
+}
+
 #[tokio::test]
 async fn sessions_created_and_expired_are_events() {
     let (captured, _guard) = capture();

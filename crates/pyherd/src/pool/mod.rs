@@ -571,6 +571,15 @@ impl PoolBuilder {
             registry = %run.file().map_or_else(|| "none".into(), |f| f.display().to_string()),
             "pool ready"
         );
+        for (setting, commands) in [
+            ("idempotent_commands", &config.idempotent_commands),
+            ("breaker_commands", &config.breaker_commands),
+        ] {
+            for command in commands.iter().filter(|c| !hello.handlers.contains(c)) {
+                tracing::warn!(setting, command = %command,
+                    "no handler has this name: the setting does nothing for it");
+            }
+        }
         // Admission bounds the calls waiting (`queued`), so the channels need no bound.
         let (queue, incoming) = async_channel::unbounded();
         // `max_workers` slots: those past the first `workers` are parked until needed.

@@ -69,7 +69,7 @@ pub(crate) struct PoolArgs {
         num_args = 0..=1,
         require_equals = true,
         default_missing_value = "true",
-        value_parser = clap::builder::FalseyValueParser::new()
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub(crate) dspy: Option<bool>,
     /// Session affinity: hint, strict_queue or strict_fail_fast [default: hint]
@@ -197,13 +197,14 @@ pub(crate) struct Settings {
     pub(crate) python_in_file: bool,
 }
 
-/// Written into the environment by `pyherd setup` once everything is installed: an
-/// environment without it (its setup failed or was cut short) is not used.
-const VENV_READY: &str = "pyherd-ready";
+/// Written into the environment by `pyherd setup` before it changes anything there and
+/// removed once everything is installed: an environment that has it (its setup failed or
+/// was cut short) is not used.
+const VENV_INCOMPLETE: &str = "pyherd-setup-incomplete";
 
-/// The mark of a finished `pyherd setup` in `state_dir`'s environment.
-pub(crate) fn venv_ready(state_dir: &Path) -> PathBuf {
-    state_dir.join("venv").join(VENV_READY)
+/// The mark of an unfinished `pyherd setup` in `state_dir`'s environment.
+pub(crate) fn venv_incomplete(state_dir: &Path) -> PathBuf {
+    state_dir.join("venv").join(VENV_INCOMPLETE)
 }
 
 /// One item of a list setting (`--handlers a.py,b.py`, `PYHERD_PRELOAD="os, json"`): the
@@ -247,10 +248,11 @@ impl PoolArgs {
             Some(path) => read_file(&path)?,
             None => FileSettings::default(),
         };
-        if let Some(workers) = workers.filter(|_| !file.workers_set) {
-            file.pool.workers = workers;
-        }
         self.apply(&mut file.pool);
+        if let Some(workers) = workers.filter(|_| !file.workers_set && self.workers.is_none()) {
+            // As many as `min_workers` asks for, if more.
+            file.pool.workers = workers.max(file.pool.min_workers.unwrap_or(workers));
+        }
         if self.dspy.unwrap_or(file.dspy) && !file.pool.handlers.iter().any(|h| h == DSPY_MODULE) {
             file.pool.handlers.push(DSPY_MODULE.to_owned());
         }
@@ -262,16 +264,16 @@ impl PoolArgs {
         file.pool.state_dir = Some(state_dir.clone());
         let mut venv = None;
         if use_venv && self.python.is_none() && !file.python_set {
+            if venv_incomplete(&state_dir).exists() {
+                bail!(
+                    "the environment {} is not ready: its `pyherd setup` failed or was cut \
+                     short; run `pyherd setup` again, remove the directory, or name an \
+                     interpreter with --python",
+                    state_dir.join("venv").display()
+                );
+            }
             let python = venv_python(&state_dir);
             if python.is_file() {
-                if !venv_ready(&state_dir).is_file() {
-                    bail!(
-                        "the environment {} is not ready: its `pyherd setup` failed or was cut \
-                         short; run `pyherd setup` again, remove the directory, or name an \
-                         interpreter with --python",
-                        state_dir.join("venv").display()
-                    );
-                }
                 file.pool.python.clone_from(&python);
                 venv = Some(python);
             }
@@ -763,6 +765,8 @@ mod tests {
         };
         std::fs::write(&file, "max_queue = 5\n").unwrap();
         assert_eq!(args.resolve_with_workers(1).unwrap().pool.workers, 1);
+        std::fs::write(&file, "min_workers = 2\n").unwrap();
+        assert_eq!(args.resolve_with_workers(1).unwrap().pool.workers, 2);
         std::fs::write(&file, "workers = 4\nmin_workers = 2\n").unwrap();
         let settings = args.resolve_with_workers(1).unwrap();
         assert_eq!(

@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
-use crate::settings::{PoolArgs, venv_python, venv_ready};
+use crate::settings::{PoolArgs, venv_incomplete, venv_python};
 
 /// Lines of pip's output kept to explain a failure.
 const TAIL_LINES: usize = 30;
@@ -71,22 +71,15 @@ pub(crate) async fn run(args: SetupArgs) -> anyhow::Result<u8> {
     };
     let venv = settings.state_dir.join("venv");
     let python = venv_python(&settings.state_dir);
-    // Not ready while it changes: a setup that fails or is cut short leaves it unused.
-    let ready = venv_ready(&settings.state_dir);
-    match std::fs::remove_file(&ready) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("cannot remove {}", ready.display()));
-        }
-        _ => {}
-    }
+    // Marked incomplete while it changes: a setup that fails or is cut short leaves it
+    // unused.
+    std::fs::create_dir_all(&venv)
+        .with_context(|| format!("cannot create the environment {}", venv.display()))?;
+    let incomplete = venv_incomplete(&settings.state_dir);
+    std::fs::write(&incomplete, "")
+        .with_context(|| format!("cannot write {}", incomplete.display()))?;
     let progress = Progress::new();
     if !python.is_file() {
-        std::fs::create_dir_all(&settings.state_dir).with_context(|| {
-            format!(
-                "cannot create the state directory {}",
-                settings.state_dir.display()
-            )
-        })?;
         progress.step(&format!("creating the environment {}", venv.display()));
         let base = settings.pool.python.as_os_str();
         run_step(
@@ -120,7 +113,8 @@ pub(crate) async fn run(args: SetupArgs) -> anyhow::Result<u8> {
         .output()
         .await
         .with_context(|| format!("cannot run {}", python.display()))?;
-    std::fs::write(&ready, "").with_context(|| format!("cannot write {}", ready.display()))?;
+    std::fs::remove_file(&incomplete)
+        .with_context(|| format!("cannot remove {}", incomplete.display()))?;
     let used = if settings.python_in_file {
         "the configuration file names another interpreter (`python`), so serve, exec and bench do not use it"
     } else {

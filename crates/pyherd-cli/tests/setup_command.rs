@@ -139,3 +139,25 @@ fn setup_failures_say_what_failed() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("/nonexistent/python3"), "{stderr}");
 }
+
+/// An environment made another way (by hand, or by an older pyherd) has no mark of an
+/// unfinished setup: it is used.
+#[test]
+fn an_environment_made_by_hand_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let status = Command::new("python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(state.join("venv"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let state = state.to_str().unwrap();
+    let (code, stdout, stderr) = run(&["exec", "--state-dir", state, "info"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let info: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(
+        info["executable"].as_str().unwrap().starts_with(state),
+        "{info}"
+    );
+}

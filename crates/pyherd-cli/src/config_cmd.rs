@@ -5,8 +5,8 @@
 //! definition, with their environment variables) plus the file-only keys of the pool's
 //! configuration and `requirements`. A setting added as a flag or a `PoolConfig` field
 //! is shown without a change to this file. A secret flag is marked
-//! `hide_env_values = true` (or has `token`, `secret` or `password` in its name) and is
-//! printed as `***`.
+//! `hide_env_values = true` or named like a secret (see `secret_name`), and is printed as
+//! `***`, as are the values of the workers' variables (`env`) named like one.
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;

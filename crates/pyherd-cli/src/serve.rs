@@ -38,6 +38,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
             return Ok(2);
         }
     };
+    if server.token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "--insecure: serving without a token beyond loopback");
+    }
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;

@@ -47,7 +47,7 @@ pub(crate) struct ServerArgs {
         num_args = 0..=1,
         require_equals = true,
         default_missing_value = "true",
-        value_parser = clap::builder::FalseyValueParser::new()
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     insecure: Option<bool>,
     /// Largest request head (request line and headers), bytes; larger is a 431 [default: 16384]
@@ -148,9 +148,6 @@ impl ServerArgs {
             .map_err(anyhow::Error::msg)?;
         let insecure = self.insecure(file);
         check_bind(addr, token.is_some(), insecure).map_err(anyhow::Error::msg)?;
-        if insecure && token.is_none() && !addr.ip().is_loopback() {
-            tracing::warn!(%addr, "--insecure: serving without a token beyond loopback");
-        }
         let limits = self.limits(file)?;
         Ok(ServerSettings { token, limits })
     }

@@ -191,6 +191,18 @@ fn a_switch_on_in_the_file_is_turned_off_by_the_environment_or_a_flag() {
     }
     let on = report(dir.path(), &[("PYHERD_DSPY", "false")], &["--dspy"]);
     assert_eq!(entry(&on, "dspy")["value"], true);
+    // A word that is neither yes nor no is refused, not taken as on.
+    for (env, args) in [
+        (&[][..], &["config", "--insecure=disable"][..]),
+        (&[("PYHERD_DSPY", "nope")], &["config"]),
+    ] {
+        let (code, _, stderr) = pyherd(dir.path(), env, args);
+        assert_eq!(code, Some(2), "{args:?} {env:?}: {stderr}");
+    }
+    // `config` serves nothing, so it does not warn about serving without a token.
+    let (code, _, stderr) = pyherd(dir.path(), &[], &["config", "--bind", "0.0.0.0:7878"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("serving without a token"), "{stderr}");
 }
 
 #[test]

@@ -1,6 +1,5 @@
 //! `pyherd cleanup`: the registry sweep a pool runs at start, by hand, with a report.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -45,8 +44,7 @@ pub(crate) fn run(args: &CleanupArgs) -> anyhow::Result<u8> {
     } else {
         render(&report)
     };
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}").context("cannot write to stdout")?;
+    crate::print_line(text)?;
     Ok(0)
 }
 

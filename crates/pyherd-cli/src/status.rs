@@ -2,7 +2,6 @@
 //! JSON, once or refreshed every second (`--watch`).
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -42,7 +41,7 @@ pub(crate) async fn run(args: StatusArgs) -> anyhow::Result<u8> {
     let fetch = || fetch(&client, base, args.token.as_deref());
     if !args.watch {
         let (stats, workers) = fetch().await?;
-        print(&render(&args, base, &stats, &workers))?;
+        crate::print_line(render(&args, base, &stats, &workers))?;
         return Ok(0);
     }
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
@@ -55,18 +54,11 @@ pub(crate) async fn run(args: StatusArgs) -> anyhow::Result<u8> {
         };
         let text = render(&args, base, &stats, &workers);
         if args.json {
-            print(&text)?;
+            crate::print_line(&text)?;
         } else {
-            print(&format!("{CLEAR}{text}"))?;
+            crate::print_line(format_args!("{CLEAR}{text}"))?;
         }
     }
-}
-
-fn print(text: &str) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}")
-        .and_then(|()| out.flush())
-        .context("cannot write to stdout")
 }
 
 /// `/v1/stats` and the `workers` array of `/v1/workers`.

@@ -267,3 +267,24 @@ async fn a_cancelled_call_is_neither_a_failure_nor_a_success() {
     }
     pool.shutdown().await;
 }
+
+/// A stream whose worker crashed counts for the breaker even when its reader leaves
+/// without reading on: the crash is not lost with the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_dropped_after_its_worker_crashed_still_counts() {
+    let pool = breaker_pool().await;
+    let marker = Marker::present();
+    let stream = pool.stream("crash_while", marker.args()).await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the worker to crash and be replaced",
+        || marker.calls() == 1 && pool.stats().restarts == 1,
+    )
+    .await;
+    drop(stream);
+    wait_until(Duration::from_secs(10), "the crash to be counted", || {
+        breaker(&pool).failures == 1
+    })
+    .await;
+    pool.shutdown().await;
+}

@@ -398,3 +398,64 @@ async fn a_retry_does_not_wait_for_a_busy_worker_while_the_one_that_failed_it_is
     long.abort();
     pool.shutdown_with(Duration::ZERO).await;
 }
+
+/// A long call of `crash_while` (no marker: it sleeps, then answers), logged in `files`.
+fn sleeping(pool: &Pool, files: &Files, seconds: f64) -> JoinHandle<Result<Value, pyherd::Error>> {
+    let mut args = files.args();
+    args["sleep"] = json!(seconds);
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.execute("crash_while", args).await })
+}
+
+/// A session's retry does not go back to its own worker that failed it, even under
+/// `strict_queue`: with that worker taken meanwhile, it runs on the first worker free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_retry_waits_for_the_first_worker_free_not_the_one_that_failed_it() {
+    let pool = flaky_pool(2)
+        .queue_timeout(Duration::from_secs(5))
+        .retry_attempts(2)
+        .retry_base(Duration::from_millis(600))
+        .retry_cap(Duration::from_millis(600))
+        .build()
+        .await
+        .unwrap();
+    let short = Files::new();
+    let _short = sleeping(&pool, &short, 1.5);
+    wait_until(Duration::from_secs(10), "the short call to run", || {
+        short.attempts().len() == 1
+    })
+    .await;
+    let other = short.attempts()[0].clone();
+    let options = idempotent()
+        .session_id("s")
+        .affinity(pyherd::Affinity::StrictQueue);
+    let home = pool
+        .execute_with("echo", json!(1), &options)
+        .await
+        .unwrap()
+        .worker_id()
+        .to_owned();
+    assert_ne!(home, other);
+    let files = Files::new();
+    let call = {
+        let (pool, args, options) = (pool.clone(), files.args(), options.clone());
+        tokio::spawn(async move { pool.execute_with("busy_first", args, &options).await })
+    };
+    wait_until(Duration::from_secs(10), "the first attempt", || {
+        files.attempts().len() == 1
+    })
+    .await;
+    // The session's worker takes a long call while the retry waits out its backoff.
+    let long = Files::new();
+    let long_call = sleeping(&pool, &long, 30.0);
+    wait_until(Duration::from_secs(10), "the long call to run", || {
+        long.attempts().len() == 1
+    })
+    .await;
+    assert_eq!(long.attempts()[0], home);
+    let reply = call.await.unwrap().unwrap();
+    assert_eq!(files.attempts(), [home.clone(), other.clone()]);
+    assert_eq!(reply.worker_id(), other);
+    long_call.abort();
+    pool.shutdown_with(Duration::ZERO).await;
+}

@@ -506,7 +506,7 @@ impl PoolBuilder {
             .state_dir
             .clone()
             .unwrap_or_else(crate::registry::default_state_dir);
-        // Absolute: the guardian and the workers run in `working_dir`.
+        // Absolute: the workers run in `working_dir`.
         let state_dir = std::path::absolute(&state_dir).unwrap_or(state_dir);
         crate::registry::sweep_at_start(state_dir.clone()).await;
         let run = Arc::new(Run::open(&state_dir));
@@ -1032,7 +1032,9 @@ impl Pool {
         let affinity = options.affinity.unwrap_or(shared.config.affinity);
         // A retry leaves the worker that failed it, whatever the session's affinity.
         let elsewhere = avoid.and_then(|w| shared.elsewhere(w));
-        let session_slot = preferred.as_deref().filter(|_| elsewhere.is_none());
+        let session_slot = preferred
+            .as_deref()
+            .filter(|w| elsewhere.is_none() && avoid != Some(*w));
         let target = match session_slot.and_then(|w| shared.slot_running(w)) {
             Some(slot) => {
                 let idle = slot.status.state() == WorkerState::Ready && slot.direct.is_empty();

@@ -191,16 +191,24 @@ impl Pool {
         let mut avoid: Option<Arc<str>> = None;
         // Attempts that reached admission; the last is the one whose error is returned.
         let mut made = 0;
-        // The error of the attempt before, while a retry waits for its turn.
-        let mut last: Option<Error> = None;
+        // The error of the attempt before and the wait since, while a retry comes.
+        let mut last: Option<(Error, Duration)> = None;
         let error = loop {
             let permit = match policy.permit(command) {
                 Ok(permit) => permit,
                 // A retry the breaker refuses: the attempt that was made tells what failed.
-                Err(open) => break last.unwrap_or(open),
+                Err(open) => break last.map_or(open, |(error, _)| error),
             };
-            if made > 0 {
+            if let Some((error, waited)) = &last {
                 bump(&policy.retries);
+                tracing::info!(
+                    command,
+                    attempt = made + 1,
+                    error = %error.kind(),
+                    worker = error.context().worker_id.as_deref().unwrap_or("-"),
+                    waited_ms = waited.as_millis() as u64,
+                    "retrying an idempotent call"
+                );
             }
             made += 1;
             let this = if made < attempts {
@@ -240,14 +248,6 @@ impl Pool {
                 .get_or_insert_with(|| Delays::seeded(policy.backoff, policy.base, policy.cap))
                 .next()
                 .unwrap_or(policy.cap);
-            tracing::info!(
-                command,
-                attempt = made,
-                error = %error.kind(),
-                worker = error.context().worker_id.as_deref().unwrap_or("-"),
-                wait_ms = wait.as_millis() as u64,
-                "retrying an idempotent call"
-            );
             avoid = error.context().worker_id.as_deref().map(Arc::from);
             tokio::select! {
                 biased;
@@ -255,7 +255,7 @@ impl Pool {
                 () = shared.closing.cancelled() => break super::shutting_down(),
                 () = tokio::time::sleep(wait) => {}
             }
-            last = Some(error);
+            last = Some((error, wait));
         };
         Err(if idempotent && made > 0 {
             error.with_context(|c| c.attempts = Some(made))

@@ -93,6 +93,14 @@ impl Drop for CallStream {
         if let Some(tally) = self.tally.take() {
             tally.record(Some(&cancelled()));
         }
+        // How the call ended still reaches its command's breaker (a worker that crashed
+        // before the reader left counts): the outcome is awaited in the background, where
+        // it ends at once or once the worker has stopped the cancelled stream.
+        if let Some(outcome) = self.outcome.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(outcome);
+        }
     }
 }
 
@@ -229,7 +237,8 @@ impl Pool {
     /// `invalid_request/malformed_request` (args that cannot be serialised, or a DSPy
     /// session command, which cannot be streamed), `invalid_request/payload_too_large`,
     /// `invalid_request/invalid_request_id`, `invalid_request/invalid_id` (session),
-    /// `resource/pool_saturated`, `initialization/spawn_failing`, `system/shutting_down`.
+    /// `resource/pool_saturated`, `resource/circuit_open` (the command's breaker is open),
+    /// `initialization/spawn_failing`, `system/shutting_down`.
     /// In the stream: what [`execute_with`](Self::execute_with) can fail with once
     /// admitted, and `invalid_request/cancelled`.
     ///

@@ -8,7 +8,7 @@
 //! it is unsafe), the zygote is not retried (a new one would fail the same way): the
 //! failure is logged as a warning with the Python error, and every worker is spawned.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,8 +45,10 @@ pub(crate) struct Launcher {
 /// The task keeping the zygote, and the zygote it currently has.
 struct Keeper {
     current: Arc<Mutex<Option<Arc<ZygoteLink>>>>,
-    /// A worker forked from it started: ending the zygote would end that worker too.
-    forked: AtomicBool,
+    /// Workers forked from it, or being forked: ending the zygote would end them too
+    /// (counted up before a fork, down when the fork fails; never down for a worker that
+    /// started).
+    forks: AtomicUsize,
     /// Cancelled to end the task: it kills and reaps the zygote.
     stop: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -75,7 +77,7 @@ impl Keeper {
         let task = tokio::spawn(keep(zygotes, Arc::clone(&current), stop.clone(), first));
         let keeper = Self {
             current,
-            forked: AtomicBool::new(false),
+            forks: AtomicUsize::new(0),
             stop,
             task: Mutex::new(Some(task)),
         };
@@ -164,7 +166,7 @@ impl Launcher {
     /// Undoes the last [`renew_zygote`](Self::renew_zygote), for a reload that failed
     /// before it replaced a worker: the new zygote is ended and the one it replaced forks
     /// workers again, so failed reloads do not pile zygotes up. Nothing is undone once a
-    /// worker was forked from the new zygote (ending it would end that worker).
+    /// worker was, or is being, forked from the new zygote (ending it would end that worker).
     pub(crate) async fn restore_zygote(&self) {
         let renewed = {
             let (Ok(mut current), Ok(mut retired)) = (self.zygote.lock(), self.retired.lock())
@@ -173,7 +175,7 @@ impl Launcher {
             };
             if current
                 .as_ref()
-                .is_none_or(|keeper| keeper.forked.load(Ordering::Relaxed))
+                .is_none_or(|keeper| keeper.forks.load(Ordering::Relaxed) > 0)
             {
                 return;
             }
@@ -228,13 +230,13 @@ impl Launcher {
     pub(crate) async fn start(&self, id: Arc<str>) -> Result<WorkerProcess, Error> {
         let keeper = self.keeper();
         if let Some((keeper, link)) = keeper.and_then(|k| k.link().map(|link| (k, link))) {
-            match fork(&self.spec, &link, id.clone()).await {
-                Ok(started) => {
-                    if started.is_ok() {
-                        keeper.forked.store(true, Ordering::Relaxed);
-                    }
-                    return started;
-                }
+            keeper.forks.fetch_add(1, Ordering::Relaxed);
+            let forked = fork(&self.spec, &link, id.clone()).await;
+            if !matches!(forked, Ok(Ok(_))) {
+                keeper.forks.fetch_sub(1, Ordering::Relaxed);
+            }
+            match forked {
+                Ok(started) => return started,
                 Err(ForkError::Lost(why)) => {
                     tracing::warn!(worker = %id, why, "the zygote is lost: this worker is spawned");
                 }

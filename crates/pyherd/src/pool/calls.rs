@@ -144,11 +144,16 @@ impl Drop for Entered {
 }
 
 impl Pool {
-    /// Enters a call with the request id of `options` (or a generated one).
-    pub(crate) fn enter(&self, requested: Option<&str>) -> Result<Entered, Error> {
+    /// Enters a call of `command` under the request id `requested` (or a generated one);
+    /// a refused id is an error that names the command.
+    pub(crate) fn enter(&self, command: &str, requested: Option<&str>) -> Result<Entered, Error> {
         let shared = &self.inner.shared;
+        let flight = shared
+            .calls
+            .enter(requested)
+            .map_err(|e| e.with_context(|c| c.command = Some(command.to_owned())))?;
         Ok(Entered {
-            flight: shared.calls.enter(requested)?,
+            flight,
             shared: shared.clone(),
         })
     }

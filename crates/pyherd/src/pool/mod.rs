@@ -859,9 +859,7 @@ impl Pool {
         readable: Readable,
     ) -> Result<Reply, Error> {
         let started = Instant::now();
-        let entered = self
-            .enter(options.request_id.as_deref())
-            .map_err(|e| e.with_context(|c| c.command = Some(command.to_owned())))?;
+        let entered = self.enter(command, options.request_id.as_deref())?;
         let rid = entered.flight.rid.clone();
         let options = &CallOptions {
             request_id: Some(rid.to_string()),

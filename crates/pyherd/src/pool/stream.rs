@@ -277,9 +277,7 @@ impl Pool {
         readable: Readable,
     ) -> Result<CallStream, Error> {
         let started = std::time::Instant::now();
-        let entered = self
-            .enter(options.request_id.as_deref())
-            .map_err(|e| e.with_context(|c| c.command = Some(command.to_owned())))?;
+        let entered = self.enter(command, options.request_id.as_deref())?;
         let rid = entered.flight.rid.clone();
         let known = self.inner.shared.handlers.contains(command);
         let tally = Tally {

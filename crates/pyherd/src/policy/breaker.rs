@@ -135,20 +135,19 @@ impl Breaker {
     /// Lets a call through, or says why not.
     pub(crate) fn admit(self: &Arc<Self>) -> Result<Permit, Refusal> {
         let mut core = self.lock();
+        if let Some(refusal) = refusal(core.state) {
+            return Err(refusal);
+        }
         let trial = match core.state {
             State::Closed { .. } => false,
-            State::Open { until } => {
-                let now = Instant::now();
-                if now < until {
-                    return Err(Refusal::Open(until - now));
-                }
+            // Open with its time over, or half-open with no trial running: a trial.
+            State::Open { .. } => {
                 core.state = State::HalfOpen {
                     successes: 0,
                     trying: true,
                 };
                 true
             }
-            State::HalfOpen { trying: true, .. } => return Err(Refusal::Trying),
             State::HalfOpen { successes, .. } => {
                 core.state = State::HalfOpen {
                     successes,
@@ -165,11 +164,7 @@ impl Breaker {
 
     /// Whether a call would be refused now: open, or half-open with its trial running.
     pub(crate) fn refuses(&self) -> bool {
-        match self.lock().state {
-            State::Closed { .. } | State::HalfOpen { trying: false, .. } => false,
-            State::Open { until } => Instant::now() < until,
-            State::HalfOpen { trying: true, .. } => true,
-        }
+        refusal(self.lock().state).is_some()
     }
 
     fn open(&self, core: &mut Core) {
@@ -248,6 +243,18 @@ impl Drop for Permit {
         if self.trial {
             self.breaker.record(true, Outcome::Neutral);
         }
+    }
+}
+
+/// Why a breaker in `state` refuses a call now, if it does.
+fn refusal(state: State) -> Option<Refusal> {
+    match state {
+        State::Open { until } => {
+            let now = Instant::now();
+            (now < until).then(|| Refusal::Open(until - now))
+        }
+        State::HalfOpen { trying: true, .. } => Some(Refusal::Trying),
+        State::Closed { .. } | State::HalfOpen { trying: false, .. } => None,
     }
 }
 

@@ -65,11 +65,7 @@ impl Resilience {
     /// # Errors
     /// `resource/circuit_open` when the breaker refuses it.
     pub(super) fn permit(&self, command: &str) -> Result<Option<Permit>, Error> {
-        self.breakers
-            .get(command)
-            .map(Breaker::admit)
-            .transpose()
-            .map_err(|refusal| circuit_open(command, refusal))
+        admit(self.breakers.get(command), command)
     }
 
     /// The call's own choice, else whether its command is listed as idempotent.
@@ -146,6 +142,14 @@ pub(super) fn outcome(result: &Result<Reply, Error>) -> Outcome {
     }
 }
 
+/// Lets a call of `command` through `breaker`, its breaker if it has one.
+fn admit(breaker: Option<&Arc<Breaker>>, command: &str) -> Result<Option<Permit>, Error> {
+    breaker
+        .map(Breaker::admit)
+        .transpose()
+        .map_err(|refusal| circuit_open(command, refusal))
+}
+
 fn circuit_open(command: &str, refusal: Refusal) -> Error {
     match refusal {
         Refusal::Open(left) => {
@@ -194,7 +198,7 @@ impl Pool {
         // The error of the attempt before and the wait since, while a retry comes.
         let mut last: Option<(Error, Duration)> = None;
         let error = loop {
-            let permit = match policy.permit(command) {
+            let permit = match admit(breaker, command) {
                 Ok(permit) => permit,
                 // A retry the breaker refuses: the attempt that was made tells what failed.
                 Err(open) => break last.map_or(open, |(error, _)| error),

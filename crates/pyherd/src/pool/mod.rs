@@ -695,7 +695,7 @@ pub(crate) fn later(at: tokio::time::Instant, by: Duration) -> tokio::time::Inst
 /// Removes expired sessions every `every` until the pool closes.
 async fn sweep(store: Arc<dyn SessionStore>, every: Duration, closing: CancellationToken) {
     let every = every.min(NEVER);
-    let mut ticks = tokio::time::interval_at(later(tokio::time::Instant::now(), every), every);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

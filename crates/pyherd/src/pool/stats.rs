@@ -11,12 +11,12 @@ use crate::policy::BreakerInfo;
 use crate::session::SessionStats;
 use crate::worker::{StartedBy, WorkerState};
 
-/// Why a worker stops when it failed: it died, ran past a call's timeout or stopped
-/// answering its health checks. Its `worker state` event is a warning.
-const FAILURES: [&str; 3] = [
+/// Why a busy or idle worker stops when it failed: it died or ran past a call's timeout.
+/// Its `worker state` event is a warning, as a degraded worker's end already is (one
+/// that stops answering its health checks is degraded first).
+const FAILURES: [&str; 2] = [
     RestartReason::Crashed.as_str(),
     RestartReason::Timeout.as_str(),
-    "health_check_failed",
 ];
 
 /// A snapshot of the pool, from [`Pool::stats`](crate::Pool::stats).

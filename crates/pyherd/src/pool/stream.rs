@@ -322,10 +322,10 @@ impl Pool {
             .permit(command)
             .map_err(context)?;
         // A session's stream, once it ends well, makes its worker the session's last.
-        let session = options.session_id.as_ref().map(|id| {
-            let last = preferred.clone();
-            (self.sessions().clone(), id.clone(), last)
-        });
+        let session = options
+            .session_id
+            .as_ref()
+            .map(|id| (self.sessions().clone(), id.clone(), preferred.clone()));
         let (sender, chunks) = mpsc::channel(STREAM_BUFFER);
         let target = Target {
             preferred,

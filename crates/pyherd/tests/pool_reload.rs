@@ -47,6 +47,19 @@ fn pool_in(dir: &Path, workers: usize) -> PoolBuilder {
         .queue_timeout(Duration::from_secs(30))
 }
 
+/// A pool of 2 workers forked from a zygote that preloads `reload_version` (v1): its
+/// handler directory, the pool and the zygote's pid.
+async fn preloaded() -> (tempfile::TempDir, Pool, u32) {
+    let dir = handler_dir("v1");
+    let pool = pool_in(dir.path(), 2)
+        .preload("reload_version")
+        .build()
+        .await
+        .unwrap();
+    let zygote = pool.zygote_pid().unwrap();
+    (dir, pool, zygote)
+}
+
 /// Calls `version` from several tasks (one of them in a session) until stopped.
 struct Load {
     stop: Arc<AtomicBool>,
@@ -253,13 +266,7 @@ async fn new_code_that_fails_to_import_stops_the_reload_and_old_workers_keep_ser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preload_that_fails_on_reload_keeps_the_zygote_and_its_workers() {
-    let dir = handler_dir("v1");
-    let pool = pool_in(dir.path(), 2)
-        .preload("reload_version")
-        .build()
-        .await
-        .unwrap();
-    let zygote = pool.zygote_pid().unwrap();
+    let (dir, pool, zygote) = preloaded().await;
     let old = worker_pids(&pool);
     let load = Load::start(&pool, 2);
     std::fs::write(
@@ -305,13 +312,7 @@ fn zygotes(run_id: &str) -> Vec<u32> {
 /// it had: failed reloads do not leave zygotes behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_replaced_no_worker_keeps_its_zygote_and_ends_the_new_one() {
-    let dir = handler_dir("v1");
-    let pool = pool_in(dir.path(), 2)
-        .preload("reload_version")
-        .build()
-        .await
-        .unwrap();
-    let zygote = pool.zygote_pid().unwrap();
+    let (dir, pool, zygote) = preloaded().await;
     assert_eq!(zygotes(pool.run_id()), [zygote]);
     let handlers = dir.path().join("reload_handlers.py");
     let good = std::fs::read_to_string(&handlers).unwrap();

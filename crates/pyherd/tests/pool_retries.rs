@@ -374,12 +374,7 @@ async fn a_retry_does_not_wait_for_a_busy_worker_while_the_one_that_failed_it_is
         .await
         .unwrap();
     let busy = Files::new();
-    let mut args = busy.args();
-    args["sleep"] = json!(30);
-    let long = {
-        let pool = pool.clone();
-        tokio::spawn(async move { pool.execute("crash_while", args).await })
-    };
+    let long = sleeping(&pool, &busy, 30.0);
     wait_until(Duration::from_secs(10), "the long call to run", || {
         busy.attempts().len() == 1
     })
@@ -420,7 +415,8 @@ async fn a_sessions_retry_waits_for_the_first_worker_free_not_the_one_that_faile
         .await
         .unwrap();
     let short = Files::new();
-    let _short = sleeping(&pool, &short, 1.5);
+    // Long enough to still run when the retry comes, 600 ms after the first attempt.
+    let _short = sleeping(&pool, &short, 3.0);
     wait_until(Duration::from_secs(10), "the short call to run", || {
         short.attempts().len() == 1
     })

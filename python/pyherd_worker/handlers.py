@@ -277,6 +277,7 @@ def _info(args: Any, ctx: Context) -> Dict[str, Any]:
         "python": sys.version.split()[0],
         "executable": sys.executable,
         "json": runtime.codec_name(),
+        "idle_spin_us": runtime.idle_spin_us(),
         "handlers": handlers,
         "uptime_s": round(time.time() - _STARTED, 3),
     }

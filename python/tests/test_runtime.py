@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import sys
+import time
 
 import pytest
 
@@ -529,14 +530,115 @@ def test_serve_raises_on_a_truncated_request(codec):
 
 def test_worker_options_are_parsed_strictly():
     assert runtime._parse_args([]) == {
-        "worker_id": "w0", "handlers": [], "max_frame_bytes": 64 * 1024 * 1024, "parent_pid": None, "run_id": None}
+        "worker_id": "w0", "handlers": [], "max_frame_bytes": 64 * 1024 * 1024, "idle_spin_us": 0, "parent_pid": None,
+        "run_id": None}
     opts = runtime._parse_args(
         ["--worker-id", "w5", "--handlers", "a", "--handlers", "b.py", "--max-frame-bytes", "2048", "--parent-pid", "42",
-         "--run-id", "0123456789abcdef"]
+         "--run-id", "0123456789abcdef", "--idle-spin-us", "250"]
     )
-    assert opts == {"worker_id": "w5", "handlers": ["a", "b.py"], "max_frame_bytes": 2048, "parent_pid": 42,
-                    "run_id": "0123456789abcdef"}
+    assert opts == {"worker_id": "w5", "handlers": ["a", "b.py"], "max_frame_bytes": 2048, "idle_spin_us": 250,
+                    "parent_pid": 42, "run_id": "0123456789abcdef"}
     with pytest.raises(SystemExit):
         runtime._parse_args(["--bogus", "1"])
     with pytest.raises(SystemExit):
         runtime._parse_args(["--worker-id"])
+
+
+@pytest.mark.parametrize("spin", ["-1", "10001", "1e3", ""])
+def test_an_idle_spin_out_of_range_is_refused(spin):
+    with pytest.raises((SystemExit, ValueError)):
+        runtime._parse_args(["--idle-spin-us", spin])
+
+
+# --- the idle spin ----------------------------------------------------------
+
+
+class Pipe:
+    """A real pipe read through a buffered reader, as the worker's request pipe is."""
+
+    def __init__(self, codec):
+        read_fd, self.write_fd = os.pipe()
+        self.requests = os.fdopen(read_fd, "rb", buffering=1 << 16)
+        self.dumps = codec[1]
+
+    def send(self, *messages):
+        data = io.BytesIO()
+        for message in messages:
+            protocol.write_frame(data, self.dumps(message))
+        os.write(self.write_fd, data.getvalue())
+
+    def close(self):
+        if self.write_fd is not None:
+            os.close(self.write_fd)
+            self.write_fd = None
+        self.requests.close()
+
+
+@pytest.fixture
+def pipe(codec):
+    made = Pipe(codec)
+    yield made
+    made.close()
+
+
+def spinning(pipe, codec, monkeypatch, on_yield=None, spin_us=runtime.MAX_IDLE_SPIN_US):
+    """A worker on `pipe` with the longest spin, and the count of the CPU yields its spins
+    make (each calls `on_yield(count)` first, when given)."""
+    yields = []
+
+    def pause():
+        yields.append(1)
+        if on_yield is not None:
+            on_yield(len(yields))
+
+    monkeypatch.setattr(runtime.os, "sched_yield", pause)
+    return runtime.Worker(pipe.requests, io.BytesIO(), "w1", LIMIT, codec, idle_spin_us=spin_us), yields
+
+
+def test_a_frame_already_read_ahead_ends_the_spin_at_once(pipe, codec, monkeypatch):
+    worker, yields = spinning(pipe, codec, monkeypatch)
+    pipe.send({"t": "call", "id": 1, "cmd": "echo"}, {"t": "call", "id": 2, "cmd": "echo"})
+    assert json.loads(protocol.read_frame(pipe.requests))["id"] == 1  # the second is now in the reader's buffer
+    worker.await_call()
+    assert yields == []
+    assert json.loads(protocol.read_frame(pipe.requests))["id"] == 2
+    assert os.get_blocking(pipe.requests.fileno())
+
+
+def test_a_frame_that_comes_during_the_spin_ends_it(pipe, codec, monkeypatch):
+    worker, yields = spinning(pipe, codec, monkeypatch, lambda n: n == 3 and pipe.send({"t": "call", "id": 5}))
+    worker.await_call()
+    assert len(yields) == 3
+    assert json.loads(protocol.read_frame(pipe.requests))["id"] == 5
+    assert os.get_blocking(pipe.requests.fileno())
+
+
+def test_with_nothing_to_read_the_spin_lasts_its_time_then_the_read_blocks(pipe, codec, monkeypatch):
+    worker, yields = spinning(pipe, codec, monkeypatch, spin_us=2000)
+    started = time.perf_counter()
+    worker.await_call()
+    assert time.perf_counter() - started >= 0.002
+    assert yields  # it gave the CPU away while it waited
+    assert os.get_blocking(pipe.requests.fileno())
+
+
+def test_a_closed_pipe_ends_the_spin_and_the_serve_loop(pipe, codec, monkeypatch):
+    worker, _ = spinning(pipe, codec, monkeypatch)
+    pipe.send({"t": "call", "id": 1, "cmd": "echo", "args": "x"})
+    os.close(pipe.write_fd)
+    pipe.write_fd = None
+    replies = io.BytesIO()
+    worker.replies = replies
+    assert worker.serve() is None
+    assert read_all(replies) == [{"t": "ok", "id": 1, "result": "x"}]
+
+
+def test_without_a_spin_the_worker_never_polls(pipe, codec, monkeypatch):
+    worker, yields = spinning(pipe, codec, monkeypatch, spin_us=0)
+    pipe.send({"t": "call", "id": 1, "cmd": "echo", "args": 1})
+    os.close(pipe.write_fd)
+    pipe.write_fd = None
+    worker.replies = io.BytesIO()
+    worker.serve()
+    assert yields == []
+    assert read_all(worker.replies) == [{"t": "ok", "id": 1, "result": 1}]

@@ -61,6 +61,10 @@ pub(crate) struct PoolArgs {
     /// Largest frame either side may send, bytes [default: 67108864]
     #[arg(long, env = "PYHERD_MAX_FRAME_BYTES")]
     pub(crate) max_frame_bytes: Option<usize>,
+    /// How long a worker that has just answered polls for its next call before it
+    /// sleeps, µs; 0 = off [default: 100]
+    #[arg(long, env = "PYHERD_IDLE_SPIN_US")]
+    pub(crate) idle_spin_us: Option<u64>,
     /// Load the DSPy adapter (the handlers module pyherd_worker.dspy_adapter);
     /// `--dspy=false` (or PYHERD_DSPY=false) turns off `dspy = true` in the file
     #[arg(
@@ -330,6 +334,9 @@ impl PoolArgs {
         if let Some(v) = self.max_frame_bytes {
             pool.max_frame_bytes = v;
         }
+        if let Some(v) = self.idle_spin_us {
+            pool.idle_spin_us = v;
+        }
         if let Some(v) = self.affinity {
             pool.affinity = v;
         }
@@ -593,10 +600,11 @@ mod tests {
         let mut file = parse_file(
             "workers = 2\nmin_workers = 1\nmax_workers = 4\nhealth_interval_ms = 500\n\
              health_timeout_ms = 100\nmax_requests = 1000\nmax_rss_mb = 512\nmax_age_s = 3600\n\
-             idle_timeout_s = 60\n",
+             idle_timeout_s = 60\nidle_spin_us = 0\n",
         )
         .unwrap();
         assert_eq!(file.pool.worker_bounds(), (1, 4));
+        assert_eq!(file.pool.idle_spin_us, 0);
         assert_eq!(file.pool.health_interval, Duration::from_millis(500));
         assert_eq!(file.pool.idle_timeout, Some(Duration::from_secs(60)));
         let args = PoolArgs {
@@ -606,10 +614,12 @@ mod tests {
             max_rss_mb: Some(100),
             max_age_s: Some(5),
             idle_timeout_s: Some(2),
+            idle_spin_us: Some(400),
             ..PoolArgs::default()
         };
         args.apply(&mut file.pool);
         let pool = &file.pool;
+        assert_eq!(pool.idle_spin_us, 400);
         assert_eq!(pool.worker_bounds(), (1, 6));
         assert_eq!(pool.health_timeout, Duration::from_millis(250));
         assert_eq!((pool.max_requests, pool.max_rss_mb), (Some(10), Some(100)));

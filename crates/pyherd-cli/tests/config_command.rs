@@ -112,6 +112,7 @@ fn each_value_is_reported_with_the_source_that_won() {
     check("affinity", "hint".into(), "default", None);
     check("requirements", json!(["dspy==3.4.1"]), "default", None);
     check("max_requests", Value::Null, "default", None);
+    check("idle_spin_us", 100.into(), "default", None);
     // The server's settings, resolved like the pool's; the token never shown.
     check(
         "body_timeout_ms",

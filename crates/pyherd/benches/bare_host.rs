@@ -15,7 +15,8 @@
 //!
 //! Usage: `bare_host [--threads | --in-flight N] CALLS CALLERS` (run from the
 //! repository's root, with dspy installed). The workers run `$PYHERD_PYTHON`, as the
-//! pool's do, else `python3`. Prints `{"throughput_rps": …}`.
+//! pool's do, else `python3`, with the pool's idle spin (`$PYHERD_IDLE_SPIN_US`, else its
+//! default of 100 µs). Prints `{"throughput_rps": …}`.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -33,7 +34,8 @@ use tokio::sync::oneshot;
 const TRAMPOLINE: &str = "import os, sys
 os.dup2(0, 3); os.dup2(1, 4)
 os.dup2(os.open(os.devnull, os.O_RDWR), 0); os.dup2(2, 1)
-os.execvp(sys.executable, [sys.executable, '-m', 'pyherd_worker', '--handlers', 'pyherd_worker.dspy_adapter'])";
+spin = os.environ.get('PYHERD_IDLE_SPIN_US', '100')
+os.execvp(sys.executable, [sys.executable, '-m', 'pyherd_worker', '--handlers', 'pyherd_worker.dspy_adapter', '--idle-spin-us', spin])";
 
 /// One call: the frame to send and where its reply goes.
 type Job = (Arc<[u8]>, oneshot::Sender<Vec<u8>>);

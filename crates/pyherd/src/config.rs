@@ -15,6 +15,8 @@ pub const MIN_FRAME_BYTES: usize = 1024;
 pub const MAX_FRAME_BYTES: usize = 1 << 30;
 /// Largest accepted worker count.
 pub const MAX_WORKERS: usize = 1024;
+/// Largest accepted idle spin, µs.
+pub const MAX_IDLE_SPIN_US: u64 = 10_000;
 
 /// Everything a [`Pool`](crate::Pool) needs. Durations are written in TOML/JSON as
 /// milliseconds under the `_ms` names shown on each field.
@@ -54,6 +56,11 @@ pub struct PoolConfig {
     pub kill_timeout: Duration,
     /// Largest frame either side may send, in bytes. Default: 64 MiB.
     pub max_frame_bytes: usize,
+    /// How long a worker that has just answered keeps polling for its next call before
+    /// it sleeps, in µs (it yields the CPU between polls); 0 turns the spin off. A call
+    /// that comes within the spin finds the worker awake, and its CPU warm. At most
+    /// [`MAX_IDLE_SPIN_US`]. Default: 100.
+    pub idle_spin_us: u64,
     /// Extra environment variables for the workers. Default: none.
     pub env: BTreeMap<String, String>,
     /// Working directory of the workers (where `pkg.module` handlers are found).
@@ -206,6 +213,7 @@ impl Default for PoolConfig {
             shutdown_grace: Duration::from_secs(30),
             kill_timeout: Duration::from_secs(5),
             max_frame_bytes: 64 * 1024 * 1024,
+            idle_spin_us: 100,
             env: BTreeMap::new(),
             working_dir: None,
             cache_dir: None,
@@ -297,6 +305,12 @@ impl PoolConfig {
             return invalid(format!(
                 "max_frame_bytes must be {MIN_FRAME_BYTES}..={MAX_FRAME_BYTES}, not {}",
                 self.max_frame_bytes
+            ));
+        }
+        if self.idle_spin_us > MAX_IDLE_SPIN_US {
+            return invalid(format!(
+                "idle_spin_us must be 0..={MAX_IDLE_SPIN_US}, not {}",
+                self.idle_spin_us
             ));
         }
         for (name, value) in [
@@ -406,6 +420,7 @@ mod tests {
         assert_eq!(c.queue_timeout, Duration::from_secs(5));
         assert_eq!(c.request_timeout, Duration::from_secs(30));
         assert_eq!(c.max_frame_bytes, 64 << 20);
+        assert_eq!(c.idle_spin_us, 100);
         assert_eq!(c.session_ttl, Duration::from_secs(3600));
         assert_eq!(c.session_sweep_interval, Duration::from_secs(60));
         assert_eq!(c.max_sessions, 10_000);
@@ -430,6 +445,10 @@ mod tests {
                 .contains("max_frame_bytes")
         );
         c.max_frame_bytes = MIN_FRAME_BYTES;
+        c.idle_spin_us = MAX_IDLE_SPIN_US + 1;
+        assert!(c.validate().unwrap_err().message().contains("idle_spin_us"));
+        c.idle_spin_us = 0;
+        c.validate().unwrap();
         c.queue_timeout = Duration::ZERO;
         assert!(
             c.validate()

@@ -159,3 +159,31 @@ async fn a_pythonpath_given_to_the_workers_is_added_to_the_package_path() {
     );
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_spin_reaches_spawned_and_forked_workers() {
+    let pool = testing_pool(1).build().await.unwrap();
+    let info = pool.execute("info", json!({})).await.unwrap();
+    assert_eq!(info["idle_spin_us"], 100, "the default: {info}");
+    pool.shutdown().await;
+    for (spin, preload) in [(0, None), (2500, None), (2500, Some("json"))] {
+        let mut builder = testing_pool(1).idle_spin_us(spin);
+        if let Some(module) = preload {
+            builder = builder.preload(module);
+        }
+        let pool = builder.build().await.unwrap();
+        assert_eq!(pool.zygote_pid().is_some(), preload.is_some());
+        let info = pool.execute("info", json!({})).await.unwrap();
+        assert_eq!(info["idle_spin_us"], spin, "{info}");
+        // Calls keep coming and going whatever the spin.
+        for n in 0..20 {
+            assert_eq!(pool.execute("echo", json!(n)).await.unwrap(), json!(n));
+        }
+        pool.shutdown().await;
+    }
+    let Err(refused) = testing_pool(1).idle_spin_us(10_001).build().await else {
+        panic!("a spin over the limit was taken");
+    };
+    assert_eq!(refused.kind(), &ErrorKind::InvalidConfig);
+    assert!(refused.message().contains("idle_spin_us"), "{refused}");
+}

@@ -443,6 +443,13 @@ impl PoolBuilder {
         self
     }
 
+    /// How long a worker that has just answered polls for its next call before it sleeps
+    /// (see [`PoolConfig::idle_spin_us`](crate::PoolConfig::idle_spin_us)), µs; 0 = off.
+    pub fn idle_spin_us(mut self, us: u64) -> Self {
+        self.config.idle_spin_us = us;
+        self
+    }
+
     /// Sets an environment variable for the workers.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.config.env.insert(key.into(), value.into());
@@ -516,6 +523,7 @@ impl PoolBuilder {
             pythonpath: python_path(package, &config),
             handlers: config.handlers.clone(),
             max_frame_bytes: config.max_frame_bytes,
+            idle_spin_us: config.idle_spin_us,
             working_dir: config.working_dir.clone(),
             startup_timeout: config.startup_timeout,
             run: run.clone(),

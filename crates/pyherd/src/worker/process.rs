@@ -48,6 +48,7 @@ pub(crate) struct LaunchSpec {
     pub(crate) pythonpath: OsString,
     pub(crate) handlers: Vec<String>,
     pub(crate) max_frame_bytes: usize,
+    pub(crate) idle_spin_us: u64,
     pub(crate) env: BTreeMap<String, String>,
     pub(crate) working_dir: Option<PathBuf>,
     pub(crate) startup_timeout: Duration,
@@ -146,6 +147,8 @@ pub(crate) fn worker_args(spec: &LaunchSpec, id: &str) -> Vec<String> {
         id.to_owned(),
         "--max-frame-bytes".to_owned(),
         spec.max_frame_bytes.to_string(),
+        "--idle-spin-us".to_owned(),
+        spec.idle_spin_us.to_string(),
         "--run-id".to_owned(),
         spec.run.id().to_string(),
     ];

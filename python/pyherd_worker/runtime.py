@@ -271,7 +271,7 @@ class Worker:
         sleeps as soon as it answers lets its CPU idle, and on a virtual machine the next
         call then runs a good deal slower (see the README's "Idle spin"); a call that comes
         within the spin finds the worker awake. Returns at once when a frame (or the end of
-        the pipe, after the spin) is there; never reads more than it peeks."""
+        the pipe, after the spin) is there; consumes nothing from the pipe."""
         spin = self.idle_spin_s
         if not spin:
             return

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from pyherd_worker import PROTOCOL_VERSION, HandlerError, handler, handlers, protocol, runtime
+from worker_pipe import Pipe
 
 CODECS = ["stdlib", "orjson"]
 
@@ -553,35 +554,14 @@ def test_an_idle_spin_out_of_range_is_refused(spin):
 # --- the idle spin ----------------------------------------------------------
 
 
-class Pipe:
-    """A real pipe read through a buffered reader, as the worker's request pipe is."""
-
-    def __init__(self, codec):
-        read_fd, self.write_fd = os.pipe()
-        self.requests = os.fdopen(read_fd, "rb", buffering=1 << 16)
-        self.dumps = codec[1]
-
-    def send(self, *messages):
-        data = io.BytesIO()
-        for message in messages:
-            protocol.write_frame(data, self.dumps(message))
-        os.write(self.write_fd, data.getvalue())
-
-    def close(self):
-        if self.write_fd is not None:
-            os.close(self.write_fd)
-            self.write_fd = None
-        self.requests.close()
-
-
 @pytest.fixture
 def pipe(codec):
-    made = Pipe(codec)
+    made = Pipe(codec, LIMIT)
     yield made
     made.close()
 
 
-def spinning(pipe, codec, monkeypatch, on_yield=None, spin_us=runtime.MAX_IDLE_SPIN_US):
+def spinning(pipe, monkeypatch, on_yield=None, spin_us=runtime.MAX_IDLE_SPIN_US):
     """A worker on `pipe` with the longest spin, and the count of the CPU yields its spins
     make (each calls `on_yield(count)` first, when given)."""
     yields = []
@@ -592,11 +572,12 @@ def spinning(pipe, codec, monkeypatch, on_yield=None, spin_us=runtime.MAX_IDLE_S
             on_yield(len(yields))
 
     monkeypatch.setattr(runtime.os, "sched_yield", pause)
-    return runtime.Worker(pipe.requests, io.BytesIO(), "w1", LIMIT, codec, idle_spin_us=spin_us), yields
+    pipe.worker.idle_spin_s = spin_us / 1e6
+    return pipe.worker, yields
 
 
-def test_a_frame_already_read_ahead_ends_the_spin_at_once(pipe, codec, monkeypatch):
-    worker, yields = spinning(pipe, codec, monkeypatch)
+def test_a_frame_already_read_ahead_ends_the_spin_at_once(pipe, monkeypatch):
+    worker, yields = spinning(pipe, monkeypatch)
     pipe.send({"t": "call", "id": 1, "cmd": "echo"}, {"t": "call", "id": 2, "cmd": "echo"})
     assert json.loads(protocol.read_frame(pipe.requests))["id"] == 1  # the second is now in the reader's buffer
     worker.await_call()
@@ -605,16 +586,16 @@ def test_a_frame_already_read_ahead_ends_the_spin_at_once(pipe, codec, monkeypat
     assert os.get_blocking(pipe.requests.fileno())
 
 
-def test_a_frame_that_comes_during_the_spin_ends_it(pipe, codec, monkeypatch):
-    worker, yields = spinning(pipe, codec, monkeypatch, lambda n: n == 3 and pipe.send({"t": "call", "id": 5}))
+def test_a_frame_that_comes_during_the_spin_ends_it(pipe, monkeypatch):
+    worker, yields = spinning(pipe, monkeypatch, lambda n: n == 3 and pipe.send({"t": "call", "id": 5}))
     worker.await_call()
     assert len(yields) == 3
     assert json.loads(protocol.read_frame(pipe.requests))["id"] == 5
     assert os.get_blocking(pipe.requests.fileno())
 
 
-def test_with_nothing_to_read_the_spin_lasts_its_time_then_the_read_blocks(pipe, codec, monkeypatch):
-    worker, yields = spinning(pipe, codec, monkeypatch, spin_us=2000)
+def test_with_nothing_to_read_the_spin_lasts_its_time_then_the_read_blocks(pipe, monkeypatch):
+    worker, yields = spinning(pipe, monkeypatch, spin_us=2000)
     started = time.perf_counter()
     worker.await_call()
     assert time.perf_counter() - started >= 0.002
@@ -622,23 +603,18 @@ def test_with_nothing_to_read_the_spin_lasts_its_time_then_the_read_blocks(pipe,
     assert os.get_blocking(pipe.requests.fileno())
 
 
-def test_a_closed_pipe_ends_the_spin_and_the_serve_loop(pipe, codec, monkeypatch):
-    worker, _ = spinning(pipe, codec, monkeypatch)
+def test_a_closed_pipe_ends_the_spin_and_the_serve_loop(pipe, monkeypatch):
+    worker, _ = spinning(pipe, monkeypatch)
     pipe.send({"t": "call", "id": 1, "cmd": "echo", "args": "x"})
-    os.close(pipe.write_fd)
-    pipe.write_fd = None
-    replies = io.BytesIO()
-    worker.replies = replies
+    pipe.close_writer()
     assert worker.serve() is None
-    assert read_all(replies) == [{"t": "ok", "id": 1, "result": "x"}]
+    assert pipe.frames() == [{"t": "ok", "id": 1, "result": "x"}]
 
 
-def test_without_a_spin_the_worker_never_polls(pipe, codec, monkeypatch):
-    worker, yields = spinning(pipe, codec, monkeypatch, spin_us=0)
+def test_without_a_spin_the_worker_never_polls(pipe, monkeypatch):
+    worker, yields = spinning(pipe, monkeypatch, spin_us=0)
     pipe.send({"t": "call", "id": 1, "cmd": "echo", "args": 1})
-    os.close(pipe.write_fd)
-    pipe.write_fd = None
-    worker.replies = io.BytesIO()
+    pipe.close_writer()
     worker.serve()
     assert yields == []
-    assert read_all(worker.replies) == [{"t": "ok", "id": 1, "result": 1}]
+    assert pipe.frames() == [{"t": "ok", "id": 1, "result": 1}]

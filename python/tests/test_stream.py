@@ -12,6 +12,7 @@ import os
 import pytest
 
 from pyherd_worker import HandlerError, handler, protocol, runtime
+from worker_pipe import Pipe
 
 CODECS = ["stdlib", "orjson"]
 LIMIT = 4096
@@ -91,36 +92,9 @@ def codec(request):
     return protocol.select_codec(request.param)
 
 
-class Pipe:
-    """A worker whose request stream is a real pipe and whose replies are in memory."""
-
-    def __init__(self, codec):
-        self.codec = codec
-        read_end, self.write_end = os.pipe()
-        self.requests = os.fdopen(read_end, "rb", buffering=1 << 16)
-        self.replies = io.BytesIO()
-        self.worker = runtime.Worker(self.requests, self.replies, "w1", LIMIT, codec)
-
-    def send(self, msg):
-        os.write(self.write_end, len(self.codec[1](msg)).to_bytes(4, "big") + self.codec[1](msg))
-
-    def frames(self):
-        self.replies.seek(0)
-        out = []
-        while (body := protocol.read_frame(self.replies)) is not None:
-            out.append(json.loads(body))
-        self.replies.seek(0)
-        self.replies.truncate()
-        return out
-
-    def close(self):
-        os.close(self.write_end)
-        self.requests.close()
-
-
 @pytest.fixture
 def pipe(codec):
-    p = Pipe(codec)
+    p = Pipe(codec, LIMIT)
     yield p
     p.close()
 

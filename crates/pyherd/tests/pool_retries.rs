@@ -374,11 +374,7 @@ async fn a_retry_does_not_wait_for_a_busy_worker_while_the_one_that_failed_it_is
         .await
         .unwrap();
     let busy = Files::new();
-    let long = sleeping(&pool, &busy, 30.0);
-    wait_until(Duration::from_secs(10), "the long call to run", || {
-        busy.attempts().len() == 1
-    })
-    .await;
+    let long = sleeping(&pool, &busy, 30.0).await;
     let files = Files::new();
     let reply = pool
         .execute_with("busy_first", files.args(), &idempotent())
@@ -394,12 +390,22 @@ async fn a_retry_does_not_wait_for_a_busy_worker_while_the_one_that_failed_it_is
     pool.shutdown_with(Duration::ZERO).await;
 }
 
-/// A long call of `crash_while` (no marker: it sleeps, then answers), logged in `files`.
-fn sleeping(pool: &Pool, files: &Files, seconds: f64) -> JoinHandle<Result<Value, pyherd::Error>> {
+/// A long call of `crash_while` (no marker: it sleeps, then answers), logged in `files`,
+/// once it runs on a worker.
+async fn sleeping(
+    pool: &Pool,
+    files: &Files,
+    seconds: f64,
+) -> JoinHandle<Result<Value, pyherd::Error>> {
     let mut args = files.args();
     args["sleep"] = json!(seconds);
-    let pool = pool.clone();
-    tokio::spawn(async move { pool.execute("crash_while", args).await })
+    let caller = pool.clone();
+    let call = tokio::spawn(async move { caller.execute("crash_while", args).await });
+    wait_until(Duration::from_secs(10), "the long call to run", || {
+        files.attempts().len() == 1
+    })
+    .await;
+    call
 }
 
 /// A session's retry does not go back to its own worker that failed it, even under
@@ -416,11 +422,7 @@ async fn a_sessions_retry_waits_for_the_first_worker_free_not_the_one_that_faile
         .unwrap();
     let short = Files::new();
     // Long enough to still run when the retry comes, 600 ms after the first attempt.
-    let _short = sleeping(&pool, &short, 3.0);
-    wait_until(Duration::from_secs(10), "the short call to run", || {
-        short.attempts().len() == 1
-    })
-    .await;
+    let _short = sleeping(&pool, &short, 3.0).await;
     let other = short.attempts()[0].clone();
     let options = idempotent()
         .session_id("s")
@@ -443,11 +445,7 @@ async fn a_sessions_retry_waits_for_the_first_worker_free_not_the_one_that_faile
     .await;
     // The session's worker takes a long call while the retry waits out its backoff.
     let long = Files::new();
-    let long_call = sleeping(&pool, &long, 30.0);
-    wait_until(Duration::from_secs(10), "the long call to run", || {
-        long.attempts().len() == 1
-    })
-    .await;
+    let long_call = sleeping(&pool, &long, 30.0).await;
     assert_eq!(long.attempts()[0], home);
     let reply = call.await.unwrap().unwrap();
     assert_eq!(files.attempts(), [home.clone(), other.clone()]);

@@ -555,66 +555,68 @@ def test_an_idle_spin_out_of_range_is_refused(spin):
 
 
 @pytest.fixture
-def pipe(codec):
-    made = Pipe(codec, LIMIT)
-    yield made
-    made.close()
+def spinning(codec, monkeypatch):
+    """Makes a worker on a real pipe with an idle spin (the longest by default), and the
+    count of the CPU yields its spins make (each calls `on_yield(count)` first, when
+    given)."""
+    made = []
+
+    def make(spin_us=runtime.MAX_IDLE_SPIN_US, on_yield=None):
+        yields = []
+
+        def pause():
+            yields.append(1)
+            if on_yield is not None:
+                on_yield(len(yields))
+
+        monkeypatch.setattr(runtime.os, "sched_yield", pause)
+        made.append(Pipe(codec, LIMIT, idle_spin_us=spin_us))
+        return made[-1], yields
+
+    yield make
+    for pipe in made:
+        pipe.close()
 
 
-def spinning(pipe, monkeypatch, on_yield=None, spin_us=runtime.MAX_IDLE_SPIN_US):
-    """A worker on `pipe` with the longest spin, and the count of the CPU yields its spins
-    make (each calls `on_yield(count)` first, when given)."""
-    yields = []
-
-    def pause():
-        yields.append(1)
-        if on_yield is not None:
-            on_yield(len(yields))
-
-    monkeypatch.setattr(runtime.os, "sched_yield", pause)
-    pipe.worker.idle_spin_s = spin_us / 1e6
-    return pipe.worker, yields
-
-
-def test_a_frame_already_read_ahead_ends_the_spin_at_once(pipe, monkeypatch):
-    worker, yields = spinning(pipe, monkeypatch)
+def test_a_frame_already_read_ahead_ends_the_spin_at_once(spinning):
+    pipe, yields = spinning()
     pipe.send({"t": "call", "id": 1, "cmd": "echo"}, {"t": "call", "id": 2, "cmd": "echo"})
     assert json.loads(protocol.read_frame(pipe.requests))["id"] == 1  # the second is now in the reader's buffer
-    worker.await_call()
+    pipe.worker.await_call()
     assert yields == []
     assert json.loads(protocol.read_frame(pipe.requests))["id"] == 2
     assert os.get_blocking(pipe.requests.fileno())
 
 
-def test_a_frame_that_comes_during_the_spin_ends_it(pipe, monkeypatch):
-    worker, yields = spinning(pipe, monkeypatch, lambda n: n == 3 and pipe.send({"t": "call", "id": 5}))
-    worker.await_call()
+def test_a_frame_that_comes_during_the_spin_ends_it(spinning):
+    pipe, yields = spinning(on_yield=lambda n: n == 3 and pipe.send({"t": "call", "id": 5}))
+    pipe.worker.await_call()
     assert len(yields) == 3
     assert json.loads(protocol.read_frame(pipe.requests))["id"] == 5
     assert os.get_blocking(pipe.requests.fileno())
 
 
-def test_with_nothing_to_read_the_spin_lasts_its_time_then_the_read_blocks(pipe, monkeypatch):
-    worker, yields = spinning(pipe, monkeypatch, spin_us=2000)
+def test_with_nothing_to_read_the_spin_lasts_its_time_then_the_read_blocks(spinning):
+    pipe, yields = spinning(spin_us=2000)
     started = time.perf_counter()
-    worker.await_call()
+    pipe.worker.await_call()
     assert time.perf_counter() - started >= 0.002
     assert yields  # it gave the CPU away while it waited
     assert os.get_blocking(pipe.requests.fileno())
 
 
-def test_a_closed_pipe_ends_the_spin_and_the_serve_loop(pipe, monkeypatch):
-    worker, _ = spinning(pipe, monkeypatch)
+def test_a_closed_pipe_ends_the_spin_and_the_serve_loop(spinning):
+    pipe, _ = spinning()
     pipe.send({"t": "call", "id": 1, "cmd": "echo", "args": "x"})
     pipe.close_writer()
-    assert worker.serve() is None
+    assert pipe.worker.serve() is None
     assert pipe.frames() == [{"t": "ok", "id": 1, "result": "x"}]
 
 
-def test_without_a_spin_the_worker_never_polls(pipe, monkeypatch):
-    worker, yields = spinning(pipe, monkeypatch, spin_us=0)
+def test_without_a_spin_the_worker_never_polls(spinning):
+    pipe, yields = spinning(spin_us=0)
     pipe.send({"t": "call", "id": 1, "cmd": "echo", "args": 1})
     pipe.close_writer()
-    worker.serve()
+    pipe.worker.serve()
     assert yields == []
     assert pipe.frames() == [{"t": "ok", "id": 1, "result": 1}]

@@ -7,7 +7,6 @@ The request pipe is a real pipe: the worker checks it for a cancel without block
 
 import io
 import json
-import os
 
 import pytest
 

@@ -288,3 +288,67 @@ async fn a_stream_dropped_after_its_worker_crashed_still_counts() {
     .await;
     pool.shutdown().await;
 }
+
+/// A plain call whose worker crashed counts for the breaker even when its caller leaves
+/// before it hears back: the crash is recorded where it is seen, not by the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_dropped_after_its_worker_crashed_still_counts() {
+    let pool = breaker_pool().await;
+    let marker = Marker::present();
+    let mut call = Box::pin(pool.execute("crash_while", marker.args()));
+    // Polled once: the call is admitted and waits for its answer, which is never read.
+    assert!(futures::poll!(call.as_mut()).is_pending());
+    wait_until(
+        Duration::from_secs(10),
+        "the worker to crash and be replaced",
+        || marker.calls() == 1 && pool.stats().restarts == 1,
+    )
+    .await;
+    drop(call);
+    assert_eq!(breaker(&pool).failures, 1, "the crash was not counted");
+    pool.shutdown().await;
+}
+
+/// A half-open breaker's trial call that gives up waiting in the queue frees the trial
+/// at once, though it stays queued until a worker reaches it: the next call is a trial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trial_that_gave_up_in_the_queue_frees_the_trial() {
+    let pool = Pool::builder()
+        .workers(1)
+        .handlers(fixture("flaky.py"))
+        .handlers("pyherd_worker.testing")
+        .startup_timeout(Duration::from_secs(20))
+        .breaker_command("crash_while")
+        .breaker_failures(1)
+        .breaker_open(OPEN_FOR)
+        .build()
+        .await
+        .unwrap();
+    let marker = Marker::present();
+    pool.execute("crash_while", marker.args())
+        .await
+        .unwrap_err();
+    assert_eq!(breaker(&pool).state, BreakerState::Open);
+    marker.remove();
+    half_open(&pool).await;
+    let busy = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.execute("sleep", json!({"seconds": 3})).await })
+    };
+    wait_until(Duration::from_secs(10), "the worker to be busy", || {
+        pool.stats().busy == 1
+    })
+    .await;
+    let quick = CallOptions::new().queue_timeout(Duration::from_millis(100));
+    for attempt in ["the first trial", "the trial after it"] {
+        let e = pool
+            .execute_with("crash_while", marker.args(), &quick)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::QueueTimeout, "{attempt}: {e}");
+    }
+    assert_eq!(breaker(&pool).state, BreakerState::HalfOpen);
+    busy.await.unwrap().unwrap();
+    assert_eq!(marker.calls(), 1, "a call that gave up ran");
+    pool.shutdown().await;
+}

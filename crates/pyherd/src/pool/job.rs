@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
 use crate::error::Error;
+use crate::policy::Permit;
 use crate::pool::Reply;
 
 const QUEUED: u8 = 0;
@@ -56,12 +57,15 @@ pub(crate) struct Ticket {
 /// dropped, or its wait over because the job was refused or dropped unserved). Leaving
 /// takes the job out of the pool's count of calls waiting, so that count is of live
 /// calls only; a job given up also drops its arguments then, so that what it leaves in
-/// the queue until a worker skips it is small.
+/// the queue until a worker skips it is small, and its breaker permit, so that a trial
+/// slot is not held by a call that will never run.
 struct Place {
     state: AtomicU8,
     waiting: Arc<AtomicUsize>,
     /// The call's arguments, until a worker takes them or the job is given up.
     args: Mutex<Option<Box<RawValue>>>,
+    /// The command's breaker permit, until the job is answered or given up.
+    permit: Mutex<Option<Permit>>,
 }
 
 impl Place {
@@ -75,14 +79,19 @@ impl Place {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             if to == ABANDONED {
                 self.args().take();
+                lock(&self.permit).take();
             }
         }
         left
     }
 
     fn args(&self) -> std::sync::MutexGuard<'_, Option<Box<RawValue>>> {
-        self.args.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.args)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Counts a new call among the calls `waiting`, unless `max` wait already: true if it
@@ -112,6 +121,7 @@ impl Job {
             state: AtomicU8::new(QUEUED),
             waiting,
             args: Mutex::new(Some(args)),
+            permit: Mutex::default(),
         });
         let (reply, answer) = oneshot::channel();
         let job = Self {
@@ -130,6 +140,12 @@ impl Job {
         (job, Ticket { place }, answer)
     }
 
+    /// Makes the command's breaker, through `permit`, hear how the call ends when it is
+    /// answered, whether or not its caller still waits.
+    pub(crate) fn guard(&self, permit: Option<Permit>) {
+        *lock(&self.place.permit) = permit;
+    }
+
     /// A worker claims the job: its arguments, or `None` if its caller has gone or gave
     /// up waiting.
     pub(crate) fn take(&self) -> Option<Box<RawValue>> {
@@ -144,8 +160,12 @@ impl Job {
         }
     }
 
-    /// Hands the outcome to the caller (ignored if the caller has gone).
+    /// Tells the command's breaker how the call ended, then hands the outcome to the
+    /// caller (ignored if the caller has gone: the breaker still counts it).
     pub(crate) fn answer(self, outcome: Result<Reply, Error>) {
+        if let Some(permit) = lock(&self.place.permit).take() {
+            permit.record(super::retry::outcome(&outcome));
+        }
         let _ = self.reply.send(outcome);
     }
 }

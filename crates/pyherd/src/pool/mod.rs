@@ -46,6 +46,7 @@ pub use self::timeline::{RecentError, Timeline, TimelineSample};
 use crate::config::{Affinity, PoolConfig};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::{self, Metrics, UNKNOWN_COMMAND};
+use crate::policy::Permit;
 use crate::protocol::{self, CALL_ENVELOPE_BYTES};
 use crate::registry::Run;
 use crate::session::{MemoryStore, SessionStore};
@@ -980,6 +981,7 @@ impl Pool {
             preferred,
             avoid,
             chunks,
+            permit,
         } = target;
         let shared = &self.inner.shared;
         let queue = &self.inner.queue;
@@ -1035,6 +1037,7 @@ impl Pool {
             timeout,
         );
         job.chunks = chunks;
+        job.guard(permit);
         let affinity = options.affinity.unwrap_or(shared.config.affinity);
         // A retry leaves the worker that failed it, whatever the session's affinity.
         let elsewhere = avoid.and_then(|w| shared.elsewhere(w));
@@ -1364,6 +1367,8 @@ struct Target<'a> {
     preferred: Option<Arc<str>>,
     avoid: Option<&'a str>,
     chunks: Option<tokio::sync::mpsc::Sender<Box<RawValue>>>,
+    /// The command's breaker permit: the job records its outcome (see [`Job::answer`]).
+    permit: Option<Permit>,
 }
 
 /// A call in a queue, waiting for its answer.

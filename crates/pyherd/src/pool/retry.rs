@@ -231,12 +231,10 @@ impl Pool {
                         preferred: preferred.clone(),
                         avoid: avoid.as_deref(),
                         chunks: None,
+                        permit,
                     },
                 )
                 .await;
-            if let Some(permit) = permit {
-                permit.record(outcome(&result));
-            }
             let error = match result {
                 Ok(reply) => return Ok(reply),
                 Err(e) => e,

@@ -24,7 +24,6 @@ use tracing::Span;
 
 use super::calls::Entered;
 use super::job::Job;
-use super::retry::outcome;
 use super::sessions::remember_worker;
 use super::slot::{Ending, Slot, on_worker};
 use super::{CallOptions, Pool, Readable, Reply, Shared, Target, cancelled};
@@ -92,14 +91,6 @@ impl Drop for CallStream {
     fn drop(&mut self) {
         if let Some(tally) = self.tally.take() {
             tally.record(Some(&cancelled()));
-        }
-        // How the call ended still reaches its command's breaker (a worker that crashed
-        // before the reader left counts): the outcome is awaited in the background, where
-        // it ends at once or once the worker has stopped the cancelled stream.
-        if let Some(outcome) = self.outcome.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(outcome);
         }
     }
 }
@@ -314,7 +305,8 @@ impl Pool {
             }
             None => None,
         };
-        // The command's breaker hears how the stream ended, as for a plain call.
+        // The command's breaker hears how the stream ended, as for a plain call: its job
+        // records it, whether or not the reader is still there.
         let permit = self
             .inner
             .shared
@@ -331,6 +323,7 @@ impl Pool {
             preferred,
             avoid: None,
             chunks: Some(sender),
+            permit,
         };
         // Admitted inside its span: the job carries it to the worker that takes it.
         let admitted = tally
@@ -348,9 +341,6 @@ impl Pool {
             .map_err(context)?;
         let outcome = async move {
             let result = admitted.wait().await;
-            if let Some(permit) = permit {
-                permit.record(outcome(&result));
-            }
             if let (Ok(reply), Some((store, id, last))) = (&result, session) {
                 remember_worker(&*store, &id, last.as_deref(), reply.worker_id()).await;
             }

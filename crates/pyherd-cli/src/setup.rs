@@ -117,6 +117,8 @@ pub(crate) async fn run(args: SetupArgs) -> anyhow::Result<u8> {
         .with_context(|| format!("cannot remove {}", incomplete.display()))?;
     let used = if settings.python_in_file {
         "the configuration file names another interpreter (`python`), so serve, exec and bench do not use it"
+    } else if std::env::var_os("PYHERD_PYTHON").is_some() {
+        "PYHERD_PYTHON names another interpreter, so serve, exec and bench do not use it while it is set"
     } else {
         "serve, exec and bench use it"
     };

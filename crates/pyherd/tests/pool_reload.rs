@@ -338,6 +338,63 @@ async fn a_reload_that_replaced_no_worker_keeps_its_zygote_and_ends_the_new_one(
     pool.shutdown().await;
 }
 
+/// A reload that replaced some workers and then failed keeps both zygotes while workers
+/// forked from the old one still serve, and ends the old one with the last of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_partial_reload_the_old_zygote_ends_with_its_last_worker() {
+    let dir = handler_dir("v1");
+    // The fourth worker to load the handlers fails: the reload's second replacement.
+    let handlers = r#"
+import os, reload_version
+from pyherd_worker import handler
+
+starts = os.path.join(os.path.dirname(__file__), "starts")
+with open(starts, "a") as f:
+    f.write("x")
+if os.path.getsize(starts) == 4:
+    raise RuntimeError("the fourth start fails")
+
+
+@handler
+def version(args, ctx):
+    return reload_version.VERSION
+"#;
+    std::fs::write(dir.path().join("reload_handlers.py"), handlers).unwrap();
+    let pool = pool_in(dir.path(), 2)
+        .preload("reload_version")
+        .build()
+        .await
+        .unwrap();
+    let old_zygote = pool.zygote_pid().unwrap();
+    let old = worker_pids(&pool);
+    let error = pool.reload().await.unwrap_err();
+    assert!(
+        error
+            .message()
+            .contains("reload stopped after 1 of 2 workers"),
+        "{error}"
+    );
+    let new_zygote = pool.zygote_pid().unwrap();
+    assert_ne!(new_zygote, old_zygote);
+    let mut both = zygotes(pool.run_id());
+    both.sort_unstable();
+    let mut expected = vec![old_zygote, new_zygote];
+    expected.sort_unstable();
+    assert_eq!(both, expected, "the old zygote's worker still serves");
+    let still = worker_pids(&pool)
+        .into_iter()
+        .find(|pid| old.contains(pid))
+        .expect("a worker the reload did not replace");
+    common::sigkill(still);
+    wait_until(Duration::from_secs(20), "the old zygote to end", || {
+        !running(old_zygote)
+    })
+    .await;
+    assert_eq!(zygotes(pool.run_id()), [new_zygote]);
+    all_answer(&pool, "v1").await;
+    pool.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reloads_run_one_after_the_other() {
     let dir = handler_dir("v1");

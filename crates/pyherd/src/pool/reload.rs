@@ -7,7 +7,8 @@
 //! the preload modules anew before any replacement is forked from it; the old zygote
 //! ends once the workers forked from it are all replaced. When a replacement cannot
 //! start (a handler module raises at import, say), the reload stops there: the workers
-//! not yet replaced keep serving, and the error says why.
+//! not yet replaced keep serving, and the error says why; the old zygote then ends with
+//! the last worker forked from it.
 
 use std::time::{Duration, Instant};
 
@@ -109,8 +110,9 @@ impl Pool {
     /// The failure of the new zygote or of a replacement (`initialization`:
     /// `handler_import_failed` with its traceback and stderr tail, `startup_failed`,
     /// `startup_timeout`, …), its message saying how many workers were replaced: the
-    /// reload stops there and the others keep serving with the code they had. A reload
-    /// that replaced no worker also keeps the zygote it had (the new one is ended).
+    /// reload stops there and the others keep serving with the code they had (their zygote
+    /// ends once the last of them does). A reload that replaced no worker also keeps the
+    /// zygote it had (the new one is ended).
     /// `system/shutting_down` when the pool shuts down meanwhile.
     ///
     /// # Cancel safety
@@ -155,6 +157,8 @@ impl Pool {
                 Err(e) => {
                     if renewed && workers.is_empty() {
                         shared.launcher.restore_zygote().await;
+                    } else {
+                        shared.launcher.end_retired_zygotes().await;
                     }
                     return Err(failed(e, workers.len()));
                 }

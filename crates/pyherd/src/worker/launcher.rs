@@ -8,7 +8,7 @@
 //! it is unsafe), the zygote is not retried (a new one would fail the same way): the
 //! failure is logged as a warning with the Python error, and every worker is spawned.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,8 @@ pub(crate) struct Launcher {
     preload: Vec<String>,
     /// The zygote workers are forked from (`None` without `preload`).
     zygote: Mutex<Option<Arc<Keeper>>>,
-    /// Zygotes a reload replaced, kept while workers forked from them may still run.
+    /// Zygotes a reload replaced, kept while workers forked from them still run: each
+    /// ends with the last of them.
     retired: Mutex<Vec<Arc<Keeper>>>,
 }
 
@@ -46,9 +47,11 @@ pub(crate) struct Launcher {
 struct Keeper {
     current: Arc<Mutex<Option<Arc<ZygoteLink>>>>,
     /// Workers forked from it, or being forked: ending the zygote would end them too
-    /// (counted up before a fork, down when the fork fails; never down for a worker that
-    /// started).
+    /// (each holds a [`ForkHold`]: counted up before a fork, down when the fork fails or
+    /// the worker is dropped).
     forks: AtomicUsize,
+    /// A reload replaced it: it ends once no worker forked from it is left.
+    retired: AtomicBool,
     /// Cancelled to end the task: it kills and reaps the zygote.
     stop: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -78,6 +81,7 @@ impl Keeper {
         let keeper = Self {
             current,
             forks: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
             stop,
             task: Mutex::new(Some(task)),
         };
@@ -89,6 +93,35 @@ impl Keeper {
     fn link(&self) -> Option<Arc<ZygoteLink>> {
         let current = self.current.lock().ok()?;
         current.as_ref().filter(|link| link.is_up()).cloned()
+    }
+
+    /// One worker forked from it, or being forked, is gone (its hold dropped): a retired
+    /// zygote with none left ends.
+    fn release(self: &Arc<Self>) {
+        // SeqCst here and in `retire`: one of the two sees the other's change.
+        if self.forks.fetch_sub(1, Ordering::SeqCst) == 1 && self.retired.load(Ordering::SeqCst) {
+            self.stop_soon();
+        }
+    }
+
+    /// A reload replaced it.
+    fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether it is retired and no worker forked from it is left.
+    fn unused(&self) -> bool {
+        self.retired.load(Ordering::SeqCst) && self.forks.load(Ordering::SeqCst) == 0
+    }
+
+    /// Ends the task in the background (from a drop, which cannot wait). Without a
+    /// runtime, the zygote ends with the keeper.
+    fn stop_soon(self: &Arc<Self>) {
+        self.stop.cancel();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let keeper = self.clone();
+            runtime.spawn(async move { keeper.stop().await });
+        }
     }
 
     /// Ends the task: the zygote is killed and reaped (and with it any worker it forked).
@@ -133,8 +166,8 @@ impl Launcher {
     }
 
     /// With `preload`, starts a new zygote (which imports the preload modules anew) and
-    /// forks later workers from it; the old one is retired, kept until
-    /// [`end_retired_zygotes`](Self::end_retired_zygotes) since its workers still serve.
+    /// forks later workers from it; the old one is retired, kept until the last worker
+    /// forked from it is gone (see [`end_retired_zygotes`](Self::end_retired_zygotes)).
     /// Returns whether a zygote was renewed.
     ///
     /// # Errors
@@ -158,6 +191,7 @@ impl Launcher {
             .ok()
             .and_then(|mut current| current.replace(Arc::new(keeper)));
         if let (Some(old), Ok(mut retired)) = (old, self.retired.lock()) {
+            old.retire();
             retired.push(old);
         }
         Ok(true)
@@ -166,7 +200,8 @@ impl Launcher {
     /// Undoes the last [`renew_zygote`](Self::renew_zygote), for a reload that failed
     /// before it replaced a worker: the new zygote is ended and the one it replaced forks
     /// workers again, so failed reloads do not pile zygotes up. Nothing is undone once a
-    /// worker was, or is being, forked from the new zygote (ending it would end that worker).
+    /// worker was, or is being, forked from the new zygote (ending it would end that
+    /// worker), or once the old one ended (its last worker gone meanwhile).
     pub(crate) async fn restore_zygote(&self) {
         let renewed = {
             let (Ok(mut current), Ok(mut retired)) = (self.zygote.lock(), self.retired.lock())
@@ -175,13 +210,17 @@ impl Launcher {
             };
             if current
                 .as_ref()
-                .is_none_or(|keeper| keeper.forks.load(Ordering::Relaxed) > 0)
+                .is_none_or(|keeper| keeper.forks.load(Ordering::SeqCst) > 0)
             {
+                return;
+            }
+            if retired.last().is_none_or(|old| old.stop.is_cancelled()) {
                 return;
             }
             let Some(old) = retired.pop() else {
                 return;
             };
+            old.retired.store(false, Ordering::SeqCst);
             current.replace(old)
         };
         if let Some(renewed) = renewed {
@@ -189,22 +228,33 @@ impl Launcher {
         }
     }
 
-    /// Ends the zygotes a reload replaced, once no worker forked from them is left.
+    /// Ends the zygotes a reload replaced that no worker forked from them uses any more;
+    /// the others end with their last worker.
     pub(crate) async fn end_retired_zygotes(&self) {
+        let unused = self.retired.lock().map_or_else(
+            |_| Vec::new(),
+            |mut retired| {
+                let (unused, kept) = std::mem::take(&mut *retired)
+                    .into_iter()
+                    .partition(|keeper| keeper.unused() || keeper.stop.is_cancelled());
+                *retired = kept;
+                unused
+            },
+        );
+        for keeper in unused {
+            keeper.stop().await;
+        }
+    }
+
+    /// Ends the zygote and those a reload replaced (killed and reaped) for good; workers
+    /// started later are spawned.
+    pub(crate) async fn stop(&self) {
         let retired = self
             .retired
             .lock()
             .map(|mut r| std::mem::take(&mut *r))
             .unwrap_or_default();
-        for keeper in retired {
-            keeper.stop().await;
-        }
-    }
-
-    /// Ends the zygote (killed and reaped) for good; workers started later are spawned.
-    pub(crate) async fn stop(&self) {
-        self.end_retired_zygotes().await;
-        if let Some(keeper) = self.keeper() {
+        for keeper in retired.iter().chain(self.keeper().as_ref()) {
             keeper.stop().await;
         }
     }
@@ -230,13 +280,14 @@ impl Launcher {
     pub(crate) async fn start(&self, id: Arc<str>) -> Result<WorkerProcess, Error> {
         let keeper = self.keeper();
         if let Some((keeper, link)) = keeper.and_then(|k| k.link().map(|link| (k, link))) {
-            keeper.forks.fetch_add(1, Ordering::Relaxed);
-            let forked = fork(&self.spec, &link, id.clone()).await;
-            if !matches!(forked, Ok(Ok(_))) {
-                keeper.forks.fetch_sub(1, Ordering::Relaxed);
-            }
-            match forked {
-                Ok(started) => return started,
+            // Dropped with the fork that failed (or the call), it releases the zygote.
+            let hold = ForkHold::new(keeper);
+            match fork(&self.spec, &link, id.clone()).await {
+                Ok(Ok(mut worker)) => {
+                    worker.forked_from(hold);
+                    return Ok(worker);
+                }
+                Ok(Err(e)) => return Err(e),
                 Err(ForkError::Lost(why)) => {
                     tracing::warn!(worker = %id, why, "the zygote is lost: this worker is spawned");
                 }
@@ -246,6 +297,23 @@ impl Launcher {
             }
         }
         WorkerProcess::start(&self.spec, &self.spawner, id).await
+    }
+}
+
+/// A worker forked from a zygote, or being forked, holds it while it lives: the zygote
+/// reaps it, so a retired zygote ends only once its last worker is dropped.
+pub(crate) struct ForkHold(Arc<Keeper>);
+
+impl ForkHold {
+    fn new(keeper: Arc<Keeper>) -> Self {
+        keeper.forks.fetch_add(1, Ordering::SeqCst);
+        Self(keeper)
+    }
+}
+
+impl Drop for ForkHold {
+    fn drop(&mut self) {
+        self.0.release();
     }
 }
 

@@ -25,6 +25,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 use super::exit::{EndReport, Ended, ExitWatch, StartedBy};
+use super::launcher::ForkHold;
 use super::spawner::Spawner;
 use super::stderr::{self, StderrTail};
 use crate::error::{Error, ErrorKind};
@@ -178,6 +179,8 @@ pub(crate) struct WorkerProcess {
     exit_told: bool,
     /// Its line in the run registry, removed when the worker is dropped (after its end).
     registered: RunEntry,
+    /// The zygote it was forked from, kept while the worker lives (released on drop).
+    _zygote: Option<ForkHold>,
 }
 
 pub(crate) fn spawn_error(message: String) -> Error {
@@ -266,6 +269,7 @@ impl WorkerProcess {
             signalled: false,
             exit_told: false,
             registered,
+            _zygote: None,
         };
         match tokio::time::timeout(spec.startup_timeout, worker.next_reply()).await {
             Ok(Ok(frame)) => match protocol::decode(&frame) {
@@ -341,6 +345,11 @@ impl WorkerProcess {
     /// When its start began (the spawn, or the fork request).
     pub(crate) fn started(&self) -> Instant {
         self.started
+    }
+
+    /// Keeps the zygote it was forked from while it lives.
+    pub(crate) fn forked_from(&mut self, zygote: ForkHold) {
+        self._zygote = Some(zygote);
     }
 
     /// Whether it was spawned or forked from the zygote.

@@ -90,32 +90,26 @@ fn setup_installs_the_requirements_of_the_configuration_file() {
     assert!(stderr.contains(&format!("installing {wheel}")), "{stderr}");
     assert!(stdout.contains("serve, exec and bench use it"), "{stdout}");
     // PYHERD_PYTHON set: serve, exec and bench would run that interpreter, and it says so.
-    let out = common::pyherd(None)
-        .env("PYHERD_PYTHON", "python3")
-        .args(["setup", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let with_python_set = |args: &[&str]| {
+        let out = common::pyherd(None)
+            .env("PYHERD_PYTHON", "python3")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let config_arg = config.to_str().unwrap();
+    let stdout = with_python_set(&["setup", "--config", config_arg]);
     assert!(
         stdout.contains("PYHERD_PYTHON names another interpreter"),
         "{stdout}"
     );
-    let out = common::pyherd(None)
-        .env("PYHERD_PYTHON", "python3")
-        .args(["exec", "--config", config.to_str().unwrap(), "info"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = with_python_set(&["exec", "--config", config_arg, "info"]);
     assert!(!stdout.contains(state.to_str().unwrap()), "{stdout}");
     // A file that names the interpreter: the environment is made, and said to be unused.
     std::fs::write(&config, format!("{text}python = \"python3\"\n")).unwrap();

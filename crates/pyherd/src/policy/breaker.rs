@@ -107,8 +107,9 @@ pub(crate) struct Breaker {
 }
 
 /// A call the breaker let through; say how it went with [`record`](Permit::record).
-/// Dropped without a record (its caller went away), it frees the trial slot. It owns its
-/// breaker, so a stream can hold it until it ends.
+/// Dropped without a record (the call never reached a worker, or was given up in the
+/// queue), it frees the trial slot. It owns its breaker, so the call's job can hold it
+/// until the call ends.
 #[must_use]
 #[derive(Debug)]
 pub(crate) struct Permit {

@@ -124,12 +124,21 @@ impl Resilience {
 
 /// What a finished attempt tells the command's breaker: harm from the recovery table,
 /// success when a worker answered (even with an error) and lives on. A cancelled call
-/// says nothing: its worker was stopped by its caller, whatever it was doing.
+/// says nothing: its worker was stopped by its caller, whatever it was doing. Nor do the
+/// answers the host gives in a worker's name: the pool shutting down under a call, or no
+/// worker able to start (the context is then the last failed start's).
 pub(super) fn outcome(result: &Result<Reply, Error>) -> Outcome {
     match result {
         Ok(_) => Outcome::Success,
         Err(e) if policy::action(e.kind()).trips_breaker => Outcome::Failure,
-        Err(e) if e.kind() == &ErrorKind::Cancelled => Outcome::Neutral,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::Cancelled | ErrorKind::ShuttingDown | ErrorKind::SpawnFailing
+            ) =>
+        {
+            Outcome::Neutral
+        }
         Err(e)
             if e.context()
                 .worker_id
@@ -368,6 +377,8 @@ mod tests {
             ),
             (on(ErrorKind::PythonException, Some("w1")), Outcome::Success),
             (on(ErrorKind::Cancelled, Some("w1")), Outcome::Neutral),
+            (on(ErrorKind::ShuttingDown, Some("w1")), Outcome::Neutral),
+            (on(ErrorKind::SpawnFailing, Some("w3")), Outcome::Neutral),
             (on(ErrorKind::QueueTimeout, None), Outcome::Neutral),
             (
                 on(ErrorKind::ProgramNotFound, Some(HOST_WORKER_ID)),

@@ -395,6 +395,36 @@ def version(args, ctx):
     pool.shutdown().await;
 }
 
+/// A worker forked from the old zygote that stopped for being idle (its slot parked)
+/// does not keep that zygote once a reload has replaced the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_slot_does_not_keep_the_old_zygote_after_a_reload() {
+    let dir = handler_dir("v1");
+    let pool = pool_in(dir.path(), 2)
+        .min_workers(1)
+        .idle_timeout(Duration::from_secs(1))
+        .preload("reload_version")
+        .build()
+        .await
+        .unwrap();
+    let old_zygote = pool.zygote_pid().unwrap();
+    wait_until(Duration::from_secs(10), "a slot to park", || {
+        pool.stats().workers == 1
+    })
+    .await;
+    write_version(dir.path(), "v2-new");
+    let report = pool.reload().await.unwrap();
+    assert_eq!(report.workers.len(), 1, "{report:?}");
+    let new_zygote = report.zygote_pid.unwrap();
+    wait_until(Duration::from_secs(10), "the old zygote to end", || {
+        !running(old_zygote)
+    })
+    .await;
+    assert_eq!(zygotes(pool.run_id()), [new_zygote]);
+    all_answer(&pool, "v2-new").await;
+    pool.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reloads_run_one_after_the_other() {
     let dir = handler_dir("v1");

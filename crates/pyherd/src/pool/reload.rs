@@ -157,9 +157,9 @@ impl Pool {
                 Err(e) => {
                     if renewed && workers.is_empty() {
                         shared.launcher.restore_zygote().await;
-                    } else {
-                        shared.launcher.end_retired_zygotes().await;
                     }
+                    // What the undone or partial reload left retired, that no worker uses.
+                    shared.launcher.end_retired_zygotes().await;
                     return Err(failed(e, workers.len()));
                 }
             };

@@ -8,7 +8,7 @@
 //! it is unsafe), the zygote is not retried (a new one would fail the same way): the
 //! failure is logged as a warning with the Python error, and every worker is spawned.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,25 +43,35 @@ pub(crate) struct Launcher {
     retired: Mutex<Vec<Arc<Keeper>>>,
 }
 
+/// A keeper's part in the pool: the zygote workers are forked from...
+const IN_USE: u8 = 0;
+/// ...one a reload replaced, kept while workers forked from it live...
+const RETIRED: u8 = 1;
+/// ...or one being ended. Retired to ending, or back in use (a reload undone), is decided
+/// by one compare-and-swap, so only one of the two happens.
+const ENDING: u8 = 2;
+
 /// The task keeping the zygote, and the zygote it currently has.
 struct Keeper {
     current: Arc<Mutex<Option<Arc<ZygoteLink>>>>,
     /// Workers forked from it, or being forked: ending the zygote would end them too
     /// (each holds a [`ForkHold`]: counted up before a fork, down when the fork fails or
-    /// the worker is dropped).
+    /// the worker has ended).
     forks: AtomicUsize,
-    /// A reload replaced it: it ends once no worker forked from it is left.
-    retired: AtomicBool,
+    /// `IN_USE`, `RETIRED` or `ENDING`.
+    role: AtomicU8,
     /// Cancelled to end the task: it kills and reaps the zygote.
     stop: CancellationToken,
-    task: Mutex<Option<JoinHandle<()>>>,
+    /// Taken by the first [`stop`](Keeper::stop), which holds the lock until the task
+    /// has ended: a later one waits for it.
+    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Drop for Keeper {
     fn drop(&mut self) {
         // Without `stop` (the pool was dropped): dropping the task drops the zygote, which
         // kills it.
-        if let Some(task) = self.task.get_mut().ok().and_then(Option::take) {
+        if let Some(task) = self.task.get_mut().take() {
             task.abort();
         }
     }
@@ -81,9 +91,9 @@ impl Keeper {
         let keeper = Self {
             current,
             forks: AtomicUsize::new(0),
-            retired: AtomicBool::new(false),
+            role: AtomicU8::new(IN_USE),
             stop,
-            task: Mutex::new(Some(task)),
+            task: tokio::sync::Mutex::new(Some(task)),
         };
         let failure = first_over.await.ok().flatten();
         (keeper, failure)
@@ -95,23 +105,20 @@ impl Keeper {
         current.as_ref().filter(|link| link.is_up()).cloned()
     }
 
-    /// One worker forked from it, or being forked, is gone (its hold dropped): a retired
-    /// zygote with none left ends.
+    /// One worker forked from it, or being forked, is gone (its hold released): a
+    /// retired zygote with none left ends. One retired while this runs is ended by the
+    /// reload's [`Launcher::end_retired_zygotes`] instead.
     fn release(self: &Arc<Self>) {
-        // SeqCst here and in `retire`: one of the two sees the other's change.
-        if self.forks.fetch_sub(1, Ordering::SeqCst) == 1 && self.retired.load(Ordering::SeqCst) {
+        if self.forks.fetch_sub(1, Ordering::SeqCst) == 1 && self.to(RETIRED, ENDING) {
             self.stop_soon();
         }
     }
 
-    /// A reload replaced it.
-    fn retire(&self) {
-        self.retired.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether it is retired and no worker forked from it is left.
-    fn unused(&self) -> bool {
-        self.retired.load(Ordering::SeqCst) && self.forks.load(Ordering::SeqCst) == 0
+    /// Moves it from role `from` to `to`; false if it was not in `from`.
+    fn to(&self, from: u8, to: u8) -> bool {
+        self.role
+            .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     }
 
     /// Ends the task in the background (from a drop, which cannot wait). Without a
@@ -125,11 +132,13 @@ impl Keeper {
     }
 
     /// Ends the task: the zygote is killed and reaped (and with it any worker it forked).
+    /// Returns once it has, whoever asked first.
     async fn stop(&self) {
         self.stop.cancel();
-        let task = self.task.lock().ok().and_then(|mut task| task.take());
-        if let Some(task) = task {
-            let _ = task.await;
+        let mut task = self.task.lock().await;
+        if let Some(running) = task.as_mut() {
+            let _ = running.await;
+            *task = None;
         }
     }
 }
@@ -191,7 +200,7 @@ impl Launcher {
             .ok()
             .and_then(|mut current| current.replace(Arc::new(keeper)));
         if let (Some(old), Ok(mut retired)) = (old, self.retired.lock()) {
-            old.retire();
+            old.role.store(RETIRED, Ordering::SeqCst);
             retired.push(old);
         }
         Ok(true)
@@ -199,9 +208,9 @@ impl Launcher {
 
     /// Undoes the last [`renew_zygote`](Self::renew_zygote), for a reload that failed
     /// before it replaced a worker: the new zygote is ended and the one it replaced forks
-    /// workers again, so failed reloads do not pile zygotes up. Nothing is undone once a
-    /// worker was, or is being, forked from the new zygote (ending it would end that
-    /// worker), or once the old one ended (its last worker gone meanwhile).
+    /// workers again, so failed reloads do not pile zygotes up. Nothing is undone while a
+    /// worker forked from the new zygote lives or is being forked (ending it would end
+    /// that worker), or once the old one is ending (its last worker gone meanwhile).
     pub(crate) async fn restore_zygote(&self) {
         let renewed = {
             let (Ok(mut current), Ok(mut retired)) = (self.zygote.lock(), self.retired.lock())
@@ -214,13 +223,12 @@ impl Launcher {
             {
                 return;
             }
-            if retired.last().is_none_or(|old| old.stop.is_cancelled()) {
+            if retired.last().is_none_or(|old| !old.to(RETIRED, IN_USE)) {
                 return;
             }
             let Some(old) = retired.pop() else {
                 return;
             };
-            old.retired.store(false, Ordering::SeqCst);
             current.replace(old)
         };
         if let Some(renewed) = renewed {
@@ -231,17 +239,22 @@ impl Launcher {
     /// Ends the zygotes a reload replaced that no worker forked from them uses any more;
     /// the others end with their last worker.
     pub(crate) async fn end_retired_zygotes(&self) {
-        let unused = self.retired.lock().map_or_else(
+        let ending = self.retired.lock().map_or_else(
             |_| Vec::new(),
             |mut retired| {
-                let (unused, kept) = std::mem::take(&mut *retired)
-                    .into_iter()
-                    .partition(|keeper| keeper.unused() || keeper.stop.is_cancelled());
+                let (ending, kept) =
+                    std::mem::take(&mut *retired)
+                        .into_iter()
+                        .partition(|keeper: &Arc<Keeper>| {
+                            let unused = keeper.forks.load(Ordering::SeqCst) == 0;
+                            (unused && keeper.to(RETIRED, ENDING))
+                                || keeper.role.load(Ordering::SeqCst) == ENDING
+                        });
                 *retired = kept;
-                unused
+                ending
             },
         );
-        for keeper in unused {
+        for keeper in ending {
             keeper.stop().await;
         }
     }

@@ -179,8 +179,8 @@ pub(crate) struct WorkerProcess {
     exit_told: bool,
     /// Its line in the run registry, removed when the worker is dropped (after its end).
     registered: RunEntry,
-    /// The zygote it was forked from, kept while the worker lives (released on drop).
-    _zygote: Option<ForkHold>,
+    /// The zygote it was forked from, held until the worker has ended and been reaped.
+    zygote: Option<ForkHold>,
 }
 
 pub(crate) fn spawn_error(message: String) -> Error {
@@ -269,7 +269,7 @@ impl WorkerProcess {
             signalled: false,
             exit_told: false,
             registered,
-            _zygote: None,
+            zygote: None,
         };
         match tokio::time::timeout(spec.startup_timeout, worker.next_reply()).await {
             Ok(Ok(frame)) => match protocol::decode(&frame) {
@@ -349,7 +349,7 @@ impl WorkerProcess {
 
     /// Keeps the zygote it was forked from while it lives.
     pub(crate) fn forked_from(&mut self, zygote: ForkHold) {
-        self._zygote = Some(zygote);
+        self.zygote = Some(zygote);
     }
 
     /// Whether it was spawned or forked from the zygote.
@@ -550,6 +550,10 @@ impl WorkerProcess {
             self.signal(Signal::SIGKILL);
             self.signalled = true;
             self.kill_strays().await;
+        }
+        // Reaped: its zygote has nothing more to do for it (a retired one may end now).
+        if self.exit.is_some() {
+            self.zygote = None;
         }
         stderr::finish(&mut self.stderr_task, STDERR_FLUSH).await;
         let status = self.exit.as_ref().map(ToString::to_string);

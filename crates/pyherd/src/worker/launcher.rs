@@ -114,6 +114,13 @@ impl Keeper {
         }
     }
 
+    /// Whether a retired zygote ends now: no worker forked from it is left (it is then
+    /// moved to ending), or it is ending already.
+    fn ends(&self) -> bool {
+        let unused = self.forks.load(Ordering::SeqCst) == 0;
+        (unused && self.to(RETIRED, ENDING)) || self.role.load(Ordering::SeqCst) == ENDING
+    }
+
     /// Moves it from role `from` to `to`; false if it was not in `from`.
     fn to(&self, from: u8, to: u8) -> bool {
         self.role
@@ -223,13 +230,10 @@ impl Launcher {
             {
                 return;
             }
-            if retired.last().is_none_or(|old| !old.to(RETIRED, IN_USE)) {
+            if !retired.last().is_some_and(|old| old.to(RETIRED, IN_USE)) {
                 return;
             }
-            let Some(old) = retired.pop() else {
-                return;
-            };
-            current.replace(old)
+            retired.pop().and_then(|old| current.replace(old))
         };
         if let Some(renewed) = renewed {
             renewed.stop().await;
@@ -242,14 +246,9 @@ impl Launcher {
         let ending = self.retired.lock().map_or_else(
             |_| Vec::new(),
             |mut retired| {
-                let (ending, kept) =
-                    std::mem::take(&mut *retired)
-                        .into_iter()
-                        .partition(|keeper: &Arc<Keeper>| {
-                            let unused = keeper.forks.load(Ordering::SeqCst) == 0;
-                            (unused && keeper.to(RETIRED, ENDING))
-                                || keeper.role.load(Ordering::SeqCst) == ENDING
-                        });
+                let (ending, kept) = std::mem::take(&mut *retired)
+                    .into_iter()
+                    .partition(|keeper: &Arc<Keeper>| keeper.ends());
                 *retired = kept;
                 ending
             },
@@ -313,8 +312,8 @@ impl Launcher {
     }
 }
 
-/// A worker forked from a zygote, or being forked, holds it while it lives: the zygote
-/// reaps it, so a retired zygote ends only once its last worker is dropped.
+/// A worker forked from a zygote, or being forked, holds it until it has ended and been
+/// reaped (by that zygote): a retired zygote ends once no hold on it is left.
 pub(crate) struct ForkHold(Arc<Keeper>);
 
 impl ForkHold {

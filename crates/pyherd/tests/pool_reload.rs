@@ -308,6 +308,15 @@ fn zygotes(run_id: &str) -> Vec<u32> {
     found
 }
 
+/// Waits for the zygote `old` to end, then checks that `new` is the pool's only zygote.
+async fn only_zygote_left(pool: &Pool, old: u32, new: u32) {
+    wait_until(Duration::from_secs(20), "the old zygote to end", || {
+        !running(old)
+    })
+    .await;
+    assert_eq!(zygotes(pool.run_id()), [new]);
+}
+
 /// A reload whose new zygote came up but whose first replacement failed keeps the zygote
 /// it had: failed reloads do not leave zygotes behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -386,11 +395,7 @@ def version(args, ctx):
         .find(|pid| old.contains(pid))
         .expect("a worker the reload did not replace");
     common::sigkill(still);
-    wait_until(Duration::from_secs(20), "the old zygote to end", || {
-        !running(old_zygote)
-    })
-    .await;
-    assert_eq!(zygotes(pool.run_id()), [new_zygote]);
+    only_zygote_left(&pool, old_zygote, new_zygote).await;
     all_answer(&pool, "v1").await;
     pool.shutdown().await;
 }
@@ -415,12 +420,7 @@ async fn a_parked_slot_does_not_keep_the_old_zygote_after_a_reload() {
     write_version(dir.path(), "v2-new");
     let report = pool.reload().await.unwrap();
     assert_eq!(report.workers.len(), 1, "{report:?}");
-    let new_zygote = report.zygote_pid.unwrap();
-    wait_until(Duration::from_secs(10), "the old zygote to end", || {
-        !running(old_zygote)
-    })
-    .await;
-    assert_eq!(zygotes(pool.run_id()), [new_zygote]);
+    only_zygote_left(&pool, old_zygote, report.zygote_pid.unwrap()).await;
     all_answer(&pool, "v2-new").await;
     pool.shutdown().await;
 }
